@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   installs into .venv and runs the end-to-end demo on the embedded CT sample
+#   make test   installs into .venv (with dev extras) and runs the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: venv demo test evidence clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch from the local wheel when no torch is present (an unpinned torch pulls a CUDA build)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[dev,dicom]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m pretrain.demo $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
