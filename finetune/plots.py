@@ -1,0 +1,448 @@
+"""Finetune pictures (PNG, matplotlib Agg): per-class DSC/NSD bars and image / ground-truth / prediction
+overlays.
+
+Callable from the finetune CLI (``plot_summary_bars``, ``plot_case_overlays``) and standalone::
+
+    python -m finetune.plots bars --summary out/summary.json --out out/plots/scores.png
+    python -m finetune.plots overlays --image ct.nii.gz --gt gt.nii.gz --pred pred.nii.gz --out case.png
+
+Volumes are reoriented to RAS (nibabel closest canonical); a label map whose grid differs from the image's
+is resampled onto the image grid by its affine (nearest neighbour), never matched by raw array index.
+Slices are shown in the radiological convention (patient's right on the image left, anterior at the top).
+Defaults live in the ``finetune`` block of ``configs/visualize.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
+METRIC_ALIASES = {"dice": ("dice", "dsc"), "nsd": ("nsd", "normalized_surface_dice"), "hd95": ("hd95",)}
+METRIC_LABELS = {"dice": "DSC", "nsd": "NSD", "hd95": "HD95 (mm)"}
+
+
+def load_config(path: str | Path | None = None) -> DictConfig:
+    """The ``finetune`` block of the visualisation config (``configs/visualize.yaml`` by default)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"visualisation config not found: {path} (pass --config)")
+    cfg = OmegaConf.load(path)
+    if "finetune" not in cfg:
+        raise ValueError(f"{path}: no 'finetune' block")
+    block = cfg.finetune
+    block.dpi = cfg.get("dpi", 100)
+    block.panel_size_in = cfg.get("panel_size_in", 3.2)
+    return block
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """PNG written to a temporary file in the target folder, then renamed (no half-written pictures)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# scores
+# --------------------------------------------------------------------------------------------------
+def _metric_value(scores: Mapping[str, Any], metric: str) -> float | None:
+    for key, value in scores.items():
+        if key.lower() in METRIC_ALIASES.get(metric, (metric,)) and isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def per_class_scores(summary: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{metric: {class_name: value}}`` from a finetune ``summary.json``.
+
+    Accepts per-class blocks under ``per_class`` / ``classes`` / ``mean`` (nnU-Net), each mapping a class
+    name (or label id) to ``{metric: value}``; metric names match case-insensitively (``Dice``/``dsc``).
+    """
+    block = None
+    for key in ("per_class", "classes", "class_means", "mean"):
+        candidate = summary.get(key)
+        if isinstance(candidate, Mapping) and candidate and all(isinstance(v, Mapping) for v in candidate.values()):
+            block = candidate
+            break
+    if block is None:
+        raise ValueError("summary has no per-class block (expected 'per_class': {class: {dice, nsd}})")
+    out: dict[str, dict[str, float]] = {m: {} for m in metrics}
+    for name, scores in block.items():
+        for metric in metrics:
+            value = _metric_value(scores, metric)
+            if value is not None:
+                out[metric][str(name)] = value
+    if not any(out.values()):
+        raise ValueError(f"summary per-class block has none of the metrics {list(metrics)}")
+    return out
+
+
+def per_case_spread(csv_path: str | Path, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Standard deviation over cases ``{metric: {class_name: std}}`` from the per-case CSV.
+
+    Wide layout: columns ``<class>_<metric>`` (e.g. ``spleen_dice``); long layout: columns ``class`` (or
+    ``label``) and one column per metric. Rows with empty/NaN values are ignored.
+    """
+    path = Path(csv_path)
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    values: dict[str, dict[str, list[float]]] = {m: {} for m in metrics}
+
+    def _add(metric: str, name: str, raw: str | None) -> None:
+        try:
+            value = float(raw) if raw not in (None, "") else math.nan
+        except ValueError:
+            return
+        if math.isfinite(value):
+            values[metric].setdefault(name, []).append(value)
+
+    columns = rows[0].keys()
+    class_column = next((c for c in ("class", "class_name", "label") if c in columns), None)
+    for row in rows:
+        for metric in metrics:
+            aliases = METRIC_ALIASES.get(metric, (metric,))
+            if class_column is not None:
+                column = next((c for c in columns if c.lower() in aliases), None)
+                if column is not None:
+                    _add(metric, str(row[class_column]), row[column])
+                continue
+            for column in columns:
+                for alias in aliases:
+                    suffix = "_" + alias
+                    if column.lower().endswith(suffix):
+                        _add(metric, column[: -len(suffix)], row[column])
+    return {m: {c: float(np.std(v)) for c, v in per.items() if len(v) > 1} for m, per in values.items()}
+
+
+def scores_figure(
+    scores: Mapping[str, Mapping[str, float]],
+    spread: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "",
+    panel_in: float = 3.2,
+) -> Figure:
+    """Grouped bars: one group per class, one bar per metric, value printed on top; error bars = std."""
+    metrics = [m for m in scores if scores[m]]
+    classes: list[str] = []
+    for m in metrics:
+        classes += [c for c in scores[m] if c not in classes]
+    width = 0.8 / max(1, len(metrics))
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(panel_in * 1.5, 0.9 * len(classes) + 2.0), panel_in * 1.2),
+                           layout="constrained")
+    for k, metric in enumerate(metrics):
+        heights = np.array([scores[metric].get(c, np.nan) for c in classes])
+        errors = None
+        if spread and spread.get(metric):
+            errors = np.array([spread[metric].get(c, 0.0) for c in classes])
+        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(heights), width,
+                      yerr=errors, capsize=2, label=f"{METRIC_LABELS.get(metric, metric)} "
+                      f"(mean {np.nanmean(heights):.3f})")
+        for bar, h in zip(bars, heights):
+            text = "n/a" if not np.isfinite(h) else f"{h:.2f}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, np.nan_to_num(h)), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+    ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    bounded = all(0.0 <= v <= 1.0 for m in metrics if m != "hd95" for v in scores[m].values())
+    if bounded:
+        ax.set_ylim(0, 1.08)
+    ax.set_ylabel("score")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=max(1, len(metrics)))
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_summary_bars(
+    summary_path: str | Path,
+    out_path: str | Path,
+    per_case_csv: str | Path | None = None,
+    cfg: DictConfig | None = None,
+) -> Path:
+    """Bar chart of per-class DSC/NSD from ``summary.json`` (+ std over cases from the per-case CSV)."""
+    cfg = cfg if cfg is not None else load_config()
+    summary_path = Path(summary_path)
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"summary not found: {summary_path}")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{summary_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    metrics = list(cfg.metrics)
+    try:
+        scores = per_class_scores(summary, metrics)
+    except ValueError as exc:
+        raise ValueError(f"{summary_path}: {exc}") from exc
+    spread = per_case_spread(per_case_csv, metrics) if per_case_csv is not None else None
+    title = " | ".join(str(summary[k]) for k in ("task", "head", "checkpoint") if k in summary)
+    fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in))
+    return _save(fig, out_path, int(cfg.dpi))
+
+
+# --------------------------------------------------------------------------------------------------
+# overlays
+# --------------------------------------------------------------------------------------------------
+def _load_canonical(path: str | Path, what: str) -> nib.Nifti1Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise ValueError(f"{path}: not a readable NIfTI {what} ({exc})") from exc
+    if len(image.shape) != 3 and not (len(image.shape) == 4 and image.shape[3] == 1):
+        raise ValueError(f"{path}: expected a 3-D {what}, got shape {image.shape}")
+    return image
+
+
+def _labels_on_grid(labels: nib.Nifti1Image, reference: nib.Nifti1Image, path: str | Path) -> np.ndarray:
+    """Integer label array on ``reference``'s voxel grid [X, Y, Z] (identity when the grids agree).
+
+    Otherwise nearest-neighbour by affine: each reference voxel centre is mapped into the label volume's
+    voxel coordinates and rounded (tolerant to float error at crop edges); outside -> 0. One axial slice
+    at a time keeps memory at O(X*Y).
+    """
+    shape = reference.shape[:3]
+    data = np.rint(np.asanyarray(labels.dataobj)).astype(np.int32).reshape(labels.shape[:3])
+    if labels.shape[:3] == shape and np.allclose(labels.affine, reference.affine, atol=1e-3):
+        return data
+    ref_to_label = np.linalg.inv(labels.affine) @ reference.affine
+    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    out = np.zeros(shape, dtype=np.int32)
+    for k in range(shape[2]):
+        ijk = np.stack([ii, jj, np.full_like(ii, k), np.ones_like(ii)], axis=0).reshape(4, -1)
+        src = np.rint(ref_to_label[:3] @ ijk).astype(np.int64)
+        inside = np.all((src >= 0) & (src < np.array(data.shape)[:, None]), axis=0)
+        plane = np.zeros(ii.size, dtype=np.int32)
+        plane[inside] = data[src[0, inside], src[1, inside], src[2, inside]]
+        out[:, :, k] = plane.reshape(ii.shape)
+    if data.any() and not out.any():
+        raise ValueError(f"{path}: labels do not overlap the image after alignment by affine")
+    return out
+
+
+def load_case(image_path: str | Path, gt_path: str | Path | None, pred_path: str | Path | None
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[float, float]]:
+    """(hu [X,Y,Z], gt [X,Y,Z] | None, pred [X,Y,Z] | None, in-plane (row, col) spacing of displayed slices)."""
+    image = _load_canonical(image_path, "image")
+    hu = np.asanyarray(image.dataobj).astype(np.float32).reshape(image.shape[:3])
+    gt = _labels_on_grid(_load_canonical(gt_path, "ground truth"), image, gt_path) if gt_path else None
+    pred = _labels_on_grid(_load_canonical(pred_path, "prediction"), image, pred_path) if pred_path else None
+    zooms = image.header.get_zooms()
+    return hu, gt, pred, (float(zooms[1]), float(zooms[0]))
+
+
+def to_display(plane: np.ndarray) -> np.ndarray:
+    """RAS in-plane [X, Y] -> display [Y, X] (row 0 anterior, column 0 the patient's right)."""
+    return plane[::-1, ::-1].T
+
+
+def choose_slices(gt: np.ndarray | None, pred: np.ndarray | None, n_slices: int, depth: int) -> list[int]:
+    """Up to ``n_slices`` axial indices: the foreground z-range (ground truth, else prediction, else the
+    whole volume) split into equal bins, in each the slice with the largest labelled area."""
+    source = gt if gt is not None and gt.any() else pred if pred is not None and pred.any() else None
+    if source is None:
+        return sorted({int(round(v)) for v in np.linspace(0, depth - 1, n_slices + 2)[1:-1]})
+    area = (source > 0).sum(axis=(0, 1))
+    present = np.nonzero(area)[0]
+    bins = np.array_split(present, min(n_slices, present.size))
+    return sorted(int(b[np.argmax(area[b])]) for b in bins if b.size)
+
+
+def slice_dice(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Mean Dice over the classes present in either 2-D label map (NaN when both are empty)."""
+    classes = np.union1d(np.unique(gt), np.unique(pred))
+    classes = classes[classes > 0]
+    if classes.size == 0:
+        return math.nan
+    scores = [2.0 * np.sum((gt == c) & (pred == c)) / (np.sum(gt == c) + np.sum(pred == c)) for c in classes]
+    return float(np.mean(scores))
+
+
+def label_colours(n_classes: int, colormap: str) -> np.ndarray:
+    """[n_classes + 1, 4] RGBA; row 0 (background) transparent, class c -> colour c-1 of ``colormap``."""
+    cmap = plt.get_cmap(colormap)
+    n = getattr(cmap, "N", 256)
+    colours = np.zeros((n_classes + 1, 4))
+    for c in range(1, n_classes + 1):
+        colours[c] = cmap(((c - 1) % n) / max(1, n - 1)) if n > 32 else cmap((c - 1) % n)
+    return colours
+
+
+def overlay_rgba(labels: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    """[H, W] int labels -> [H, W, 4] RGBA (transparent background)."""
+    rgba = colours[np.clip(labels, 0, colours.shape[0] - 1)].copy()
+    rgba[..., 3] = np.where(labels > 0, alpha, 0.0)
+    return rgba
+
+
+def overlays_figure(
+    display_slices: Sequence[np.ndarray],
+    gt_slices: Sequence[np.ndarray | None],
+    pred_slices: Sequence[np.ndarray | None],
+    slice_titles: Sequence[str],
+    spacing_mm: Sequence[float],
+    class_names: Mapping[int, str],
+    colormap: str = "tab20",
+    alpha: float = 0.45,
+    panel_in: float = 3.2,
+    title: str = "",
+) -> Figure:
+    """One row per slice: CT | CT + ground truth | CT + prediction (with per-slice mean Dice).
+
+    ``display_slices`` [H, W] in [0, 1]; label slices [H, W] int, already in display orientation.
+    """
+    n_rows = len(display_slices)
+    n_cols = 1 + any(g is not None for g in gt_slices) + any(p is not None for p in pred_slices)
+    n_classes = max([1, *class_names.keys()] + [int(a.max()) for a in (*gt_slices, *pred_slices) if a is not None])
+    colours = label_colours(n_classes, colormap)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(panel_in * n_cols, panel_in * n_rows + 0.6),
+                             squeeze=False, layout="constrained")
+    aspect = float(spacing_mm[0]) / float(spacing_mm[1])
+    seen: set[int] = set()
+    for row, (img, gt, pred, name) in enumerate(zip(display_slices, gt_slices, pred_slices, slice_titles)):
+        panels: list[tuple[str, np.ndarray | None]] = [(name, None)]
+        if gt is not None:
+            panels.append(("ground truth", gt))
+        if pred is not None:
+            label = "prediction"
+            if gt is not None:
+                d = slice_dice(gt, pred)
+                label += f" (slice DSC {d:.2f})" if math.isfinite(d) else " (both empty)"
+            panels.append((label, pred))
+        for col, (panel_title, labels) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, aspect=aspect)
+            if labels is not None:
+                ax.imshow(overlay_rgba(labels, colours, alpha), aspect=aspect, interpolation="nearest")
+                seen.update(int(c) for c in np.unique(labels) if c > 0)
+            ax.set_title(panel_title, fontsize=9)
+            ax.set_axis_off()
+    if seen:
+        handles = [Patch(color=colours[c][:3], label=class_names.get(c, f"label {c}")) for c in sorted(seen)]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_case_overlays(
+    image_path: str | Path,
+    gt_path: str | Path | None,
+    pred_path: str | Path | None,
+    out_path: str | Path,
+    class_names: Mapping[int, str] | None = None,
+    n_slices: int | None = None,
+    cfg: DictConfig | None = None,
+) -> Path:
+    """Overlay PNG of one case: ``n_slices`` axial slices, CT | ground truth | prediction.
+
+    At least one of ``gt_path``/``pred_path`` is required; labels are aligned to the image by affine.
+    """
+    if gt_path is None and pred_path is None:
+        raise ValueError("give a ground truth and/or a prediction to overlay")
+    cfg = cfg if cfg is not None else load_config()
+    hu, gt, pred, spacing = load_case(image_path, gt_path, pred_path)
+    n = int(n_slices if n_slices is not None else cfg.n_slices)
+    if n < 1:
+        raise ValueError(f"n_slices must be >= 1, got {n}")
+    indices = choose_slices(gt, pred, n, hu.shape[2])
+    low, high = (float(v) for v in cfg.display_window_hu)
+    displays = [np.clip((to_display(hu[:, :, z]) - low) / (high - low), 0, 1) for z in indices]
+    gts = [to_display(gt[:, :, z]) if gt is not None else None for z in indices]
+    preds = [to_display(pred[:, :, z]) if pred is not None else None for z in indices]
+    names = {int(k): str(v) for k, v in (class_names or {}).items()}
+    fig = overlays_figure(displays, gts, preds, [f"axial slice {z}" for z in indices], spacing, names,
+                          str(cfg.label_colormap), float(cfg.label_alpha), float(cfg.panel_size_in),
+                          Path(image_path).name)
+    return _save(fig, out_path, int(cfg.dpi))
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def _class_names(text: str | None) -> dict[int, str]:
+    """``--labels`` as a JSON file ({"1": "spleen"} or nnU-Net dataset.json "labels": {"spleen": 1})
+    or inline ``1=spleen,2=liver``."""
+    if not text:
+        return {}
+    path = Path(text)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data = data.get("labels", data)
+        out = {}
+        for k, v in data.items():
+            if str(k).isdigit():
+                out[int(k)] = str(v)
+            elif isinstance(v, int):
+                out[v] = str(k)
+        return {k: v for k, v in out.items() if k > 0}
+    out = {}
+    for item in text.split(","):
+        key, _, name = item.partition("=")
+        if not key.strip().isdigit() or not name:
+            raise ValueError(f"--labels expects a JSON file or 1=name,2=name, got {text!r}")
+        out[int(key)] = name.strip()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.plots", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    bars = sub.add_parser("bars", help="per-class DSC/NSD bar chart from summary.json")
+    bars.add_argument("--summary", required=True)
+    bars.add_argument("--per-case", default=None, help="per-case CSV (adds std error bars)")
+    bars.add_argument("--out", required=True)
+    over = sub.add_parser("overlays", help="CT / ground truth / prediction overlays for a few slices")
+    over.add_argument("--image", required=True)
+    over.add_argument("--gt", default=None)
+    over.add_argument("--pred", default=None)
+    over.add_argument("--labels", default=None, help="class names: JSON file or 1=spleen,2=liver")
+    over.add_argument("--slices", type=int, default=None, help="number of slices (default from config)")
+    over.add_argument("--out", required=True)
+    for p in (bars, over):
+        p.add_argument("--config", default=None, help=f"visualisation config (default {DEFAULT_CONFIG})")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.command == "bars":
+            out = plot_summary_bars(args.summary, args.out, args.per_case, cfg)
+        else:
+            out = plot_case_overlays(args.image, args.gt, args.pred, args.out, _class_names(args.labels),
+                                     args.slices, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
