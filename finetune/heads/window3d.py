@@ -1,0 +1,253 @@
+"""Frozen 2-D encoder -> 3-D window decoder (Usman, Khan & Syed 2026, ``frozen-dinov3-3d-window-decoder.md``).
+
+A frozen DINOv3 encodes every axial slice of a sub-volume; four intermediate levels are *boxed* back into
+volumetric maps ``[B, E, D, H/p, W/p]``; a learnable depth embedding (interpolated to the input depth) restores
+through-plane position; a DPT-like light 3-D decoder turns them into voxel logits.
+
+Training disassembles the crop into non-overlapping sub-cubes and uses the paper's two-pass scheme
+(:func:`two_pass_backward`): pass 1 runs every cube without autograd, reassembles the full prediction and
+computes the global loss to get ``dL/dY``; pass 2 re-runs each cube with autograd and back-propagates its slice
+of ``dL/dY``. Gradients are exactly those of the loss on the reassembled prediction, while only one cube's graph
+is ever alive (``benchmarks/window3d_memory.py`` measures it).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.heads.readout_utils import dice_ce_loss, encode_slices, freeze, resolve_layers
+
+
+@dataclass
+class Window3DConfig:
+    """Model hyperparameters (``configs/finetune/heads/window3d.yaml``, block ``model``)."""
+
+    layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    reference_depth: int = 12
+    slice_size: int | None = None
+    depth_embedding: bool = True
+    design_depth: int = 128
+    proj_channels: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
+    fusion_channels: int = 256
+    upsample_factor: int = 4
+    encoder_chunk_size: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Window3DConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
+    """3x3x3 conv -> InstanceNorm -> ReLU (the paper's decoder block)."""
+    return nn.Sequential(
+        nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False), nn.InstanceNorm3d(out_ch, affine=True),
+        nn.ReLU(inplace=True),
+    )
+
+
+class VolumetricDPTDecoder(nn.Module):
+    """DPT-like light 3-D decoder.
+
+    Per level k: 1x1x1 projection ``E -> proj_channels[k]``, 3x3x3 refinement to ``fusion_channels``, learned
+    transposed conv (kernel = stride = (1, f, f)) up to the shallowest level's target resolution; concatenation
+    (``4 * fusion_channels``), two conv blocks (conv 3x3x3, InstanceNorm, ReLU), 1x1x1 logits.
+    Input: list of ``[B, E, D, h, w]``; output ``[B, C, D, f*h, f*w]``.
+    """
+
+    def __init__(self, embed_dim: int, num_levels: int, num_classes: int, cfg: Window3DConfig):
+        super().__init__()
+        if len(cfg.proj_channels) != num_levels:
+            raise ValueError(f"proj_channels has {len(cfg.proj_channels)} entries for {num_levels} levels")
+        f, c = cfg.upsample_factor, cfg.fusion_channels
+        self.project = nn.ModuleList(nn.Conv3d(embed_dim, pc, 1) for pc in cfg.proj_channels)
+        self.refine = nn.ModuleList(nn.Conv3d(pc, c, 3, padding=1) for pc in cfg.proj_channels)
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose3d(c, c, kernel_size=(1, f, f), stride=(1, f, f)) if f > 1 else nn.Identity()
+            for _ in cfg.proj_channels
+        )
+        self.fuse = nn.Sequential(conv_block(num_levels * c, c), conv_block(c, c))
+        self.logits = nn.Conv3d(c, num_classes, 1)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        ups = [up(ref(proj(x))) for x, proj, ref, up in zip(feats, self.project, self.refine, self.upsample)]
+        target = ups[0].shape[-3:]  # shallowest level defines the resolution
+        ups = [u if u.shape[-3:] == target else F.interpolate(u, size=target, mode="trilinear") for u in ups]
+        return self.logits(self.fuse(torch.cat(ups, 1)))
+
+
+class Window3DModel(nn.Module):
+    """Frozen slice-wise encoder + depth embedding + :class:`VolumetricDPTDecoder`.
+
+    ``forward(x [B, 1, D, H, W]) -> logits [B, C, D, H, W]``. ``encode`` (frozen, no autograd) and ``decode``
+    (trainable) are separate so training can reuse a cube's encoder features between the two passes.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cfg: Window3DConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = freeze(backbone)
+        self.layers = resolve_layers(cfg.layers, len(backbone.blocks), cfg.reference_depth)
+        e = backbone.embed_dim
+        self.depth_embed = (
+            nn.Parameter(torch.zeros(len(self.layers), e, cfg.design_depth)) if cfg.depth_embedding else None
+        )
+        if self.depth_embed is not None:
+            nn.init.trunc_normal_(self.depth_embed, std=0.02)
+        self.decoder = VolumetricDPTDecoder(e, len(self.layers), num_classes, cfg)
+
+    def train(self, mode: bool = True) -> "Window3DModel":
+        super().train(mode)
+        self.backbone.eval()  # frozen: LayerScale/drop-path/dropout always in inference mode
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x ``[B, 1, D, H, W]`` -> per level ``[B, E, D, h, w]`` (each slice encoded independently, "boxing")."""
+        b, c, d, h, w = x.shape
+        slices = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+        if self.cfg.slice_size:
+            slices = F.interpolate(slices, size=(self.cfg.slice_size,) * 2, mode="bilinear", align_corners=False)
+        feats = encode_slices(self.backbone, slices, self.layers, self.cfg.encoder_chunk_size)
+        return [f.reshape(b, d, *f.shape[1:]).permute(0, 2, 1, 3, 4).contiguous() for f in feats]
+
+    def add_depth_embedding(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Add the learnable depth embedding, linearly interpolated from ``design_depth`` to the input depth."""
+        if self.depth_embed is None:
+            return feats
+        depth = feats[0].shape[2]
+        emb = self.depth_embed
+        if depth != emb.shape[-1]:
+            emb = F.interpolate(emb, size=depth, mode="linear", align_corners=True)
+        return [f + emb[i][None, :, :, None, None] for i, f in enumerate(feats)]
+
+    def decode(self, feats: list[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        """Trainable part: features -> logits ``[B, C, *out_size]``."""
+        logits = self.decoder(self.add_depth_embedding(feats))
+        if tuple(logits.shape[-3:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="trilinear", align_corners=False)
+        return logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), x.shape[-3:])
+
+
+# ---------------------------------------------------------------- sub-cube disassembly and two-pass training
+def cube_slices(shape: Sequence[int], cubes_per_axis: Sequence[int]) -> list[tuple[slice, slice, slice]]:
+    """Non-overlapping sub-cubes tiling a ``[D, H, W]`` volume, ``cubes_per_axis`` per axis (equal parts)."""
+    per_axis = []
+    for n, k in zip(shape, cubes_per_axis):
+        if k < 1 or n % k:
+            raise ValueError(f"a size of {n} cannot be split into {k} equal sub-cubes; change crop_size or cubes")
+        step = n // k
+        per_axis.append([slice(i * step, (i + 1) * step) for i in range(k)])
+    return [tuple(c) for c in itertools.product(*per_axis)]
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def two_pass_backward(
+    model: Window3DModel, volume: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
+    cubes_per_axis: Sequence[int], reuse_encoder_features: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate parameter gradients of ``loss_fn(reassembled prediction, target)`` cube by cube.
+
+    volume: ``[B, 1, D, H, W]``; target: ``[B, D, H, W]``. Pass 1 (no autograd): every cube's logits are written
+    into the full prediction ``Y``; ``L = loss_fn(Y, target)`` is differentiated w.r.t. ``Y`` only. Pass 2: each
+    cube is re-run with autograd and ``backward(dL/dY[cube])`` adds ``J_cube^T dL/dY[cube]`` to ``.grad``; the sum
+    over cubes is exactly ``dL/dtheta``. The caller takes one optimizer step. Returns (loss, detached logits).
+    With ``reuse_encoder_features`` the frozen encoder runs once per cube (its output is the same in both passes).
+    """
+    slices = cube_slices(volume.shape[-3:], cubes_per_axis)
+    feats_cache: list[list[torch.Tensor] | None] = []
+    full: torch.Tensor | None = None
+    with torch.no_grad():
+        for sl in slices:
+            cube = volume[(Ellipsis, *sl)]
+            feats = model.encode(cube)
+            logits = model.decode(feats, cube.shape[-3:])
+            if full is None:
+                full = logits.new_zeros((*logits.shape[:2], *volume.shape[-3:]))
+            full[(Ellipsis, *sl)] = logits
+            feats_cache.append(feats if reuse_encoder_features else None)
+    assert full is not None
+    full.requires_grad_(True)
+    loss = loss_fn(full, target)
+    (grad_full,) = torch.autograd.grad(loss, full)
+    for sl, feats in zip(slices, feats_cache):
+        cube = volume[(Ellipsis, *sl)]
+        if feats is None:
+            feats = model.encode(cube)
+        logits = model.decode(feats, cube.shape[-3:])
+        logits.backward(grad_full[(Ellipsis, *sl)])
+        del logits
+    return loss.detach(), full.detach()
+
+
+def single_graph_backward(
+    model: Window3DModel, volume: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
+    cubes_per_axis: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`two_pass_backward`: all cubes in one autograd graph, one ``backward`` (all cube
+    activations alive at once). Same loss, same parameter gradients, more memory."""
+    slices = cube_slices(volume.shape[-3:], cubes_per_axis)
+    parts = [(sl, model(volume[(Ellipsis, *sl)])) for sl in slices]
+    c = parts[0][1].shape[1]
+    full = parts[0][1].new_zeros((volume.shape[0], c, *volume.shape[-3:]))
+    for sl, logits in parts:
+        full = _place(full, sl, logits)
+    loss = loss_fn(full, target)
+    loss.backward()
+    return loss.detach(), full.detach()
+
+
+def _place(full: torch.Tensor, sl: tuple[slice, slice, slice], part: torch.Tensor) -> torch.Tensor:
+    """Out-of-place ``full[..., sl] = part`` that autograd tracks."""
+    full = full.clone()
+    full[(Ellipsis, *sl)] = part
+    return full
+
+
+# ---------------------------------------------------------------- inference
+def cubewise_logits(model: Window3DModel, window: torch.Tensor, cubes_per_axis: Sequence[int]) -> torch.Tensor:
+    """Logits of a window ``[B, 1, D, H, W]`` decoded cube by cube exactly as in training (reassembled)."""
+    parts = [(sl, model(window[(Ellipsis, *sl)])) for sl in cube_slices(window.shape[-3:], cubes_per_axis)]
+    out = parts[0][1].new_zeros((window.shape[0], parts[0][1].shape[1], *window.shape[-3:]))
+    for sl, logits in parts:
+        out[(Ellipsis, *sl)] = logits
+    return out
+
+
+@torch.no_grad()
+def predict_volume(
+    model: Window3DModel, volume: torch.Tensor, crop_size: Sequence[int], cubes_per_axis: Sequence[int],
+    overlap: float, gaussian: bool,
+) -> torch.Tensor:
+    """Class probabilities ``[C, Z, Y, X]`` (CPU float32) for a whole preprocessed volume ``[Z, Y, X]``.
+
+    Windows of ``crop_size`` slide over the volume with ``overlap`` (MONAI's sliding-window inferer, Gaussian
+    or constant blending of logits, zero padding for small volumes); each window is disassembled into the
+    training sub-cubes and reassembled (:func:`cubewise_logits`).
+    """
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    x = volume.float()[None, None]
+    logits = sliding_window_inference(
+        x, roi_size=tuple(int(s) for s in crop_size), sw_batch_size=1,
+        predictor=lambda w: cubewise_logits(model, w, cubes_per_axis), overlap=overlap,
+        mode="gaussian" if gaussian else "constant", padding_mode="constant")
+    return logits[0].softmax(0).float().cpu()
+
+
+def default_loss(ce_weight: float, dice_weight: float) -> LossFn:
+    """The paper's Dice-CE (equal weights by default; background excluded from Dice)."""
+    return lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight, dice_weight=dice_weight)
