@@ -147,7 +147,7 @@ def resolve_backbone(spec: str, seed: int) -> tuple[torch.nn.Module, str]:
 
     Returns the model in eval mode and a short label for figure titles.
     """
-    from pretrain.models import build_backbone, load_backbone
+    from pretrain.models import build_backbone
 
     if spec.startswith(RANDOM_PREFIX):
         arch = spec[len(RANDOM_PREFIX):]
@@ -162,6 +162,8 @@ def resolve_backbone(spec: str, seed: int) -> tuple[torch.nn.Module, str]:
             raise FileNotFoundError(
                 f"checkpoint not found: {path} (or use random:<arch> for a randomly initialised backbone)"
             )
+        from pretrain.models import load_backbone
+
         model = load_backbone(str(path))
         label = path.parent.name + "/" + path.name if path.is_file() else path.name
     return model.eval(), label

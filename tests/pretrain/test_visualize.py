@@ -1,0 +1,237 @@
+"""pretrain.visualize on real CT: orientation, HU transform, foreground masking, PCA, similarity, curves, CLI."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain import visualize as vis
+from pretrain.models import build_backbone
+
+LIVER, SPLEEN, VERTEBRA_L1 = 5, 1, 31  # TotalSegmentator "total" class ids (class_map_total.json)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return vis.load_config()
+
+
+@pytest.fixture(scope="module")
+def ct_path(real_data: Path) -> Path:
+    return real_data / "totalsegmentator" / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def ct_slice(ct_path: Path, cfg) -> vis.AxialSlice:
+    return vis.load_axial_slice(ct_path, None, cfg.foreground.body_threshold_hu)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(golden_dir: Path) -> torch.nn.Module:
+    """The golden tiny DINOv3 ViT (embed 64, depth 4, official ViT-B/16 settings, random non-trivial weights)."""
+    model = build_backbone("vitb16", embed_dim=64, depth=4, num_heads=4)
+    state = torch.load(golden_dir / "tiny_vit_official.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float32)
+
+
+def test_axial_slice_is_radiological_convention(real_data: Path, cfg) -> None:
+    """Liver on the image left (patient's right), spleen on the right, spine at the bottom (posterior)."""
+    seg_path = real_data / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"
+    seg = np.asanyarray(nib.as_closest_canonical(nib.load(seg_path)).dataobj)
+    z = int(np.argmax(np.minimum((seg == LIVER).sum((0, 1)), (seg == SPLEEN).sum((0, 1)))))
+    labels = vis.load_axial_slice(seg_path, z, cfg.foreground.body_threshold_hu).hu
+    width, height = labels.shape[1], labels.shape[0]
+    assert np.nonzero(labels == LIVER)[1].mean() < width / 2 < np.nonzero(labels == SPLEEN)[1].mean()
+    z_spine = int(np.argmax((seg == VERTEBRA_L1).sum((0, 1))))
+    spine_rows = np.nonzero(vis.load_axial_slice(seg_path, z_spine, 0).hu == VERTEBRA_L1)[0]
+    assert spine_rows.mean() > height / 2
+
+
+def test_load_axial_slice_defaults_to_body_and_rejects_bad_index(ct_path: Path, ct_slice, cfg) -> None:
+    assert ct_slice.hu.shape == (101, 122) and ct_slice.spacing_mm == (3.0, 3.0)
+    assert ct_slice.hu.min() < -900 and ct_slice.hu.max() > 300  # air and bone: real HU
+    with pytest.raises(ValueError, match="outside the 112 axial slices"):
+        vis.load_axial_slice(ct_path, 500, cfg.foreground.body_threshold_hu)
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        vis.load_axial_slice(ct_path.parent / "missing.nii.gz", None, -500)
+
+
+def test_hu_transform_is_meddinov3_default() -> None:
+    hu = torch.tensor([[-3000.0, -1000.0], [65.1084, 4000.0]])
+    x = vis.hu_to_model_input(hu)
+    assert x.shape == (3, 2, 2)
+    expected = (torch.tensor([[-1000.0, -1000.0], [65.1084, 1000.0]]) - 65.1084) / 178.0166
+    for c in range(3):
+        torch.testing.assert_close(x[c], expected)
+
+
+def test_body_mask_excludes_air_and_table(ct_slice, cfg) -> None:
+    mask = vis.body_mask(ct_slice.hu, cfg.foreground.body_threshold_hu)
+    h, w = mask.shape
+    assert mask[h // 2, w // 2] and not mask[0, 0] and not mask[-1, -1]
+    assert 0.3 < mask.mean() < 0.9
+    from scipy import ndimage
+
+    assert ndimage.label(mask)[1] == 1  # one component: table and outside air removed, holes filled
+    # the table: dense pixels below the body that are not in the mask
+    assert ((ct_slice.hu > cfg.foreground.body_threshold_hu) & ~mask).any()
+
+
+def test_input_size_keeps_physical_aspect() -> None:
+    assert vis.input_size((101, 122), (3.0, 3.0), 224, 16) == (192, 224)
+    assert vis.input_size((100, 100), (2.0, 1.0), 128, 16) == (128, 64)
+    assert vis.input_size((101, 122), (3.0, 3.0), 100, 16, keep_aspect=False) == (96, 96)
+
+
+def test_pca_rgb_is_masked_to_foreground(tiny_model, ct_slice, cfg) -> None:
+    resolutions = [64, 128]
+    for fit in ("joint", "separate"):
+        run_cfg = cfg.copy()
+        run_cfg.pca.fit = fit
+        rgbs, masks = vis.pca_maps(tiny_model, ct_slice, resolutions, run_cfg)
+        for r, rgb, fg in zip(resolutions, rgbs, masks):
+            h, w = vis.input_size(ct_slice.hu.shape, ct_slice.spacing_mm, r, 16)
+            assert rgb.shape == (h // 16, w // 16, 3) and fg.shape == (h // 16, w // 16)
+            assert 0 < fg.sum() < fg.size
+            assert np.all(rgb[~fg] == 0.0)
+            assert rgb.min() >= 0.0 and rgb.max() <= 1.0
+            assert rgb[fg].std(axis=0).min() > 0.05  # three informative channels, not a flat colour
+    # the body-mask foreground agrees with the body: the centre patch is in, the corners are out
+    assert masks[1][masks[1].shape[0] // 2, masks[1].shape[1] // 2] and not masks[1][0, 0]
+
+
+def test_first_component_foreground_oriented_low_at_border(tiny_model, ct_slice) -> None:
+    feats = vis.slice_features(tiny_model, ct_slice, 128)
+    fg = vis.first_component_foreground(feats, 0.0)
+    border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+    assert fg.any() and border.mean() < fg.mean()
+
+
+def test_fit_pca_matches_covariance_eigenvectors() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8)) * np.array([5, 3, 2, 1, 1, 1, 1, 1])
+    basis = vis.fit_pca(x, 3)
+    eigval, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))
+    top = eigvec[:, ::-1][:, :3].T
+    assert np.allclose(np.abs(np.sum(basis.components * top, axis=1)), 1.0, atol=1e-8)
+    assert np.allclose(basis.components @ basis.components.T, np.eye(3), atol=1e-10)
+
+
+def test_similarity_is_one_at_reference_patch(tiny_model, ct_slice, cfg) -> None:
+    point = (50.0, 40.0)
+    sim, ref = vis.similarity_map(tiny_model, ct_slice, point, 128, cfg)
+    assert math.isclose(float(sim[ref]), 1.0, abs_tol=1e-5)
+    assert sim.max() <= 1.0 + 1e-5 and sim.min() >= -1.0 - 1e-5
+    assert (sim < 0.99).mean() > 0.5  # other patches differ from the reference
+    # the reference pixel falls inside the chosen patch of the resized image
+    h, w = sim.shape
+    assert ref == (int((point[0] + 0.5) / 101 * h), int((point[1] + 0.5) / 122 * w))
+    with pytest.raises(ValueError, match="outside"):
+        vis.pixel_to_patch((101, 0), (101, 122), (6, 8))
+
+
+def test_pca_cli_writes_png(tmp_path: Path, ct_path: Path, cfg) -> None:
+    out = tmp_path / "pca.png"
+    rc = vis.main(["pca", "--checkpoint", "random:vitt16", "--image", str(ct_path), "--resolutions", "64,96,128",
+                   "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    panel, dpi = cfg.panel_size_in, cfg.dpi
+    assert _png_size(out) == (round(panel * 4 * dpi), round((panel + 0.4) * dpi))
+    pixels = _png_pixels(out)
+    assert pixels.std() > 20  # CT and colour maps, not a blank page
+    assert len(list(tmp_path.iterdir())) == 1  # no temporary file left behind
+
+
+def test_similarity_cli_several_checkpoints(tmp_path: Path, ct_path: Path, golden_dir: Path, cfg) -> None:
+    out = tmp_path / "sub" / "sim.png"
+    specs = ["random:vitt16", "random:vits16"]
+    rc = vis.main(["similarity", "--checkpoint", *specs, "--image", str(ct_path), "--slice", "60",
+                   "--point", "50,40", "--resolution", "96", "--out", str(out)])
+    assert rc == 0
+    panel, dpi = cfg.panel_size_in, cfg.dpi
+    assert _png_size(out) == (round(panel * 3 * dpi), round((panel + 0.4) * dpi))
+    assert _png_pixels(out).std() > 20
+
+
+def test_cli_reports_bad_input(tmp_path: Path, ct_path: Path, capsys) -> None:
+    rc = vis.main(["similarity", "--checkpoint", "random:vitt16", "--image", str(ct_path),
+                   "--point", "500,0", "--resolution", "64", "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "outside the 101x122 slice" in capsys.readouterr().err
+    rc = vis.main(["pca", "--checkpoint", str(tmp_path / "nope.pth"), "--image", str(ct_path),
+                   "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "nope.pth" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def _write_metrics(path: Path, n: int = 30, stage2_from: int = 15, truncated_tail: bool = True) -> None:
+    """Records as the trainer logs them: losses, schedules, gram_loss only from stage 2, one NaN."""
+    lines = []
+    for it in range(0, n, 3):
+        record = {
+            "iteration": it, "total_loss": 20.0 - 0.3 * it, "dino_local_crops_loss": 10.0 - 0.1 * it,
+            "dino_global_crops_loss": 9.5 - 0.1 * it, "ibot_loss": 9.0 - 0.05 * it, "koleo_loss": -0.1 * it,
+            "lr": 1e-4 * min(1.0, it / 10), "wd": 0.04 + 0.001 * it, "mom": 0.992 + 1e-4 * it,
+            "teacher_temp": 0.04 + 0.001 * it,
+        }
+        if it >= stage2_from:
+            record["gram_loss"] = 1.0 / (1 + it)
+        if it == 9:
+            record["total_loss"] = float("nan")
+        lines.append(json.dumps(record))
+    text = "\n".join(lines) + "\n"
+    if truncated_tail:
+        text += '{"iteration": 99, "total_lo'
+    path.write_text(text)
+
+
+def test_read_metrics_tolerates_missing_keys_and_truncated_tail(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    _write_metrics(path)
+    records = vis.read_metrics(path)
+    assert [r["iteration"] for r in records] == list(range(0, 30, 3))
+    iters, gram = vis.metric_series(records, "gram_loss")
+    assert iters.tolist() == [15, 18, 21, 24, 27]
+    _, total = vis.metric_series(records, "total_loss")
+    assert np.isnan(total[3]) and np.isfinite(np.delete(total, 3)).all()
+    keys = vis.curve_keys([records], ["total_loss", "ibot_loss"], ["lr", "teacher_temp"])
+    assert keys[:2] == ["total_loss", "ibot_loss"] and keys[-2:] == ["lr", "teacher_temp"]
+    assert "gram_loss" in keys and "koleo_loss" in keys and "wd" not in keys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"iteration": 0, "total_loss": 1}\nnot json\n{"iteration": 1, "total_loss": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        vis.read_metrics(bad)
+
+
+def test_curves_cli_writes_png(tmp_path: Path, cfg) -> None:
+    run1, run2 = tmp_path / "stage1", tmp_path / "stage2"
+    run1.mkdir(), run2.mkdir()
+    _write_metrics(run1 / "metrics.jsonl", stage2_from=1000)
+    _write_metrics(run2 / "metrics.jsonl", truncated_tail=False)
+    out = tmp_path / "curves.png"
+    rc = vis.main(["curves", "--metrics", str(run1 / "metrics.jsonl"), str(run2 / "metrics.jsonl"),
+                   "--smoothing", "3", "--out", str(out)])
+    assert rc == 0
+    # 6 losses + 4 schedules = 10 panels in 3 columns -> 4 rows
+    panel, dpi = cfg.panel_size_in, cfg.dpi
+    assert _png_size(out) == (round(panel * 1.3 * 3 * dpi), round(panel * 4 * dpi))
+    assert _png_pixels(out).std() > 10
