@@ -185,6 +185,8 @@ cmd_start() {
     write_config
     write_hosts
 
+    setpriv --reuid=munge --regid=munge --init-groups test -x "$MUNGE_DIR" \
+        || die "the munge user cannot reach $MUNGE_DIR: choose a MEDDINO_SLURM_DIR whose parents are searchable by all"
     if ! pid_alive "$MUNGE_DIR/munged.pid" munged >/dev/null; then
         # a private munged on its own socket: leaves any system munged alone
         setpriv --reuid=munge --regid=munge --init-groups \
