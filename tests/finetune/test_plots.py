@@ -1,0 +1,150 @@
+"""finetune.plots on real CT: affine alignment, slice choice, overlays, per-class score bars, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from finetune import plots
+
+
+@pytest.fixture(scope="module")
+def spleen(real_data: Path) -> dict[str, Path]:
+    folder = real_data / "ivadomed_msd_spleen"
+    return {"image": folder / "sub-spleen2_ct.nii.gz", "gt": folder / "sub-spleen2_ct_seg-manual.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return plots.load_config()
+
+
+def _png(path: Path) -> tuple[tuple[int, int], np.ndarray]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size, np.asarray(im.convert("RGB"), dtype=np.float32)
+
+
+def _cropped_flipped_prediction(gt_path: Path, out: Path) -> np.ndarray:
+    """A 'prediction' (dilated manual mask) stored cropped and in LAS orientation: same anatomy, other grid.
+
+    Returns the expected prediction on the image grid (zero outside the crop).
+    """
+    gt = nib.load(gt_path)
+    mask = ndimage.binary_dilation(np.asanyarray(gt.dataobj) > 0, iterations=2).astype(np.uint8)
+    lo, hi = np.array([20, 10, 3]), np.array([150, 160, 24])
+    crop = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    affine = gt.affine.copy()
+    affine[:3, 3] = gt.affine[:3, :3] @ lo + gt.affine[:3, 3]
+    flipped = affine.copy()
+    flipped[:3, 0] *= -1
+    flipped[:3, 3] = affine[:3, :3] @ np.array([crop.shape[0] - 1, 0, 0]) + affine[:3, 3]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(crop[::-1]), flipped), out)
+    expected = np.zeros_like(mask)
+    expected[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = crop
+    return expected
+
+
+def test_labels_are_aligned_by_affine_not_by_array(tmp_path: Path, spleen) -> None:
+    pred_path = tmp_path / "pred_las.nii.gz"
+    expected = _cropped_flipped_prediction(spleen["gt"], pred_path)
+    assert nib.aff2axcodes(nib.load(pred_path).affine) == ("L", "A", "S")
+    hu, gt, pred, spacing = plots.load_case(spleen["image"], spleen["gt"], pred_path)
+    assert hu.shape == gt.shape == pred.shape == (164, 166, 26)
+    assert np.array_equal(gt, np.asanyarray(nib.load(spleen["gt"]).dataobj))
+    assert np.array_equal(pred, expected)
+    assert spacing == pytest.approx((0.794922, 0.794922), abs=1e-5)
+
+
+def test_labels_outside_the_image_are_rejected(tmp_path: Path, spleen) -> None:
+    gt = nib.load(spleen["gt"])
+    far = gt.affine.copy()
+    far[:3, 3] += 1000.0
+    path = tmp_path / "far.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(gt.dataobj)[:, :, :5], far), path)
+    with pytest.raises(ValueError, match="far.nii.gz: labels do not overlap"):
+        plots.load_case(spleen["image"], path, None)
+
+
+def test_choose_slices_spreads_over_labelled_range(spleen) -> None:
+    _, gt, _, _ = plots.load_case(spleen["image"], spleen["gt"], None)
+    area = (gt > 0).sum(axis=(0, 1))
+    chosen = plots.choose_slices(gt, None, 3, gt.shape[2])
+    assert len(chosen) == 3 and chosen == sorted(set(chosen))
+    assert all(area[z] > 0 for z in chosen)
+    assert int(np.argmax(area)) in chosen
+    assert plots.choose_slices(None, None, 2, 30) == [10, 19]
+
+
+def test_slice_dice() -> None:
+    a = np.zeros((10, 10), int)
+    b = np.zeros((10, 10), int)
+    a[2:6, 2:6] = 1
+    b[2:6, 4:8] = 1
+    assert plots.slice_dice(a, b) == pytest.approx(0.5)
+    assert np.isnan(plots.slice_dice(a * 0, b * 0))
+
+
+def test_overlays_png(tmp_path: Path, spleen, cfg) -> None:
+    pred_path = tmp_path / "pred.nii.gz"
+    _cropped_flipped_prediction(spleen["gt"], pred_path)
+    out = tmp_path / "overlay.png"
+    plots.plot_case_overlays(spleen["image"], spleen["gt"], pred_path, out, {1: "spleen"}, n_slices=2, cfg=cfg)
+    size, pixels = _png(out)
+    panel, dpi = cfg.panel_size_in, cfg.dpi
+    assert size == (round(panel * 3 * dpi), round((panel * 2 + 0.6) * dpi))
+    assert pixels.std() > 20
+    # the label colour (tab20 class 1, blue) is present: the overlay was drawn
+    blueish = (pixels[..., 2] > pixels[..., 0] + 40) & (pixels[..., 2] > 100)
+    assert blueish.mean() > 0.02
+
+
+def _summary(path: Path) -> None:
+    path.write_text(json.dumps({
+        "task": "msd_spleen", "head": "primus",
+        "per_class": {"spleen": {"dice": 0.91, "nsd": 0.83, "hd95": 4.0}, "liver": {"Dice": 0.95, "NSD": 0.7}},
+    }))
+
+
+def test_per_class_scores_and_spread(tmp_path: Path) -> None:
+    _summary(tmp_path / "summary.json")
+    scores = plots.per_class_scores(json.loads((tmp_path / "summary.json").read_text()), ["dice", "nsd"])
+    assert scores == {"dice": {"spleen": 0.91, "liver": 0.95}, "nsd": {"spleen": 0.83, "liver": 0.7}}
+    nnunet_style = {"mean": {"1": {"Dice": 0.8, "IoU": 0.7}}, "foreground_mean": {"Dice": 0.8}}
+    assert plots.per_class_scores(nnunet_style, ["dice"]) == {"dice": {"1": 0.8}}
+    with pytest.raises(ValueError, match="per-class"):
+        plots.per_class_scores({"mean_dice": 0.9}, ["dice"])
+    (tmp_path / "wide.csv").write_text("case,spleen_dice,spleen_nsd\na,0.8,0.7\nb,1.0,0.9\nc,,0.8\n")
+    spread = plots.per_case_spread(tmp_path / "wide.csv", ["dice", "nsd"])
+    assert spread["dice"]["spleen"] == pytest.approx(0.1) and spread["nsd"]["spleen"] == pytest.approx(np.std([0.7, 0.9, 0.8]))
+    (tmp_path / "long.csv").write_text("case,class,dice,nsd\na,spleen,0.8,0.7\nb,spleen,1.0,0.9\n")
+    assert plots.per_case_spread(tmp_path / "long.csv", ["dice"])["dice"]["spleen"] == pytest.approx(0.1)
+
+
+def test_bars_cli(tmp_path: Path, cfg, capsys) -> None:
+    _summary(tmp_path / "summary.json")
+    (tmp_path / "cases.csv").write_text("case,spleen_dice,liver_dice\na,0.8,0.9\nb,1.0,1.0\n")
+    out = tmp_path / "plots" / "scores.png"
+    assert plots.main(["bars", "--summary", str(tmp_path / "summary.json"), "--per-case",
+                       str(tmp_path / "cases.csv"), "--out", str(out)]) == 0
+    size, pixels = _png(out)
+    assert size == (round(cfg.panel_size_in * 1.5 * cfg.dpi), round(cfg.panel_size_in * 1.2 * cfg.dpi))
+    assert pixels.std() > 20
+    (tmp_path / "broken.json").write_text("{")
+    assert plots.main(["bars", "--summary", str(tmp_path / "broken.json"), "--out", str(out)]) == 2
+    assert "broken.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_overlays_cli(tmp_path: Path, spleen, capsys) -> None:
+    out = tmp_path / "gt_only.png"
+    assert plots.main(["overlays", "--image", str(spleen["image"]), "--gt", str(spleen["gt"]),
+                       "--labels", "1=spleen", "--slices", "1", "--out", str(out)]) == 0
+    assert out.is_file() and _png(out)[1].std() > 20
+    assert plots.main(["overlays", "--image", str(tmp_path / "none.nii.gz"), "--gt", str(spleen["gt"]),
+                       "--out", str(out)]) == 2
+    assert "none.nii.gz" in capsys.readouterr().err
