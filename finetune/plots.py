@@ -161,14 +161,16 @@ def scores_figure(
         heights = np.array([scores[metric].get(c, np.nan) for c in classes])
         errors = None
         if spread and spread.get(metric):
-            errors = np.array([spread[metric].get(c, 0.0) for c in classes])
+            errors = np.array([spread[metric].get(c, np.nan) for c in classes])
         bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(heights), width,
                       yerr=errors, capsize=2, label=f"{METRIC_LABELS.get(metric, metric)} "
                       f"(mean {np.nanmean(heights):.3f})")
         for bar, h in zip(bars, heights):
+            # value printed inside the bar's base so it never collides with the error bar
             text = "n/a" if not np.isfinite(h) else f"{h:.2f}"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, np.nan_to_num(h)), ha="center",
-                        va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, 0.0), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points", rotation=90,
+                        color="white" if np.isfinite(h) and h > 0.15 else "black")
     ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
     bounded = all(0.0 <= v <= 1.0 for m in metrics if m != "hd95" for v in scores[m].values())
     if bounded:
