@@ -4,6 +4,17 @@
 checkpoint format (official DINOv3, MedDINOv3 release, training checkpoints, Hugging Face directory,
 our safetensors export); ``save_backbone(model, path)`` writes safetensors with the architecture.
 """
+from .checkpoint import CheckpointError, detect_format, infer_arch, load_backbone, save_backbone
 from .vision_transformer import ARCH_PRESETS, DinoVisionTransformer, ViTConfig, build_backbone
 
-__all__ = ["ARCH_PRESETS", "DinoVisionTransformer", "ViTConfig", "build_backbone"]
+__all__ = [
+    "ARCH_PRESETS",
+    "CheckpointError",
+    "DinoVisionTransformer",
+    "ViTConfig",
+    "build_backbone",
+    "detect_format",
+    "infer_arch",
+    "load_backbone",
+    "save_backbone",
+]

@@ -1,0 +1,279 @@
+"""Checkpoint I/O: golden numerical compatibility with the official DINOv3 code, every input format,
+round trips through our export and the Hugging Face layout, and clear errors on bad input."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.models import CheckpointError, build_backbone, detect_format, infer_arch, load_backbone, save_backbone
+from pretrain.models.checkpoint import save_hf_dir, to_hf
+
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir: Path):
+    spec = json.loads((golden_dir / "tiny_vit_io.json").read_text())
+    arrays = dict(np.load(golden_dir / "tiny_vit_io.npz"))
+    return golden_dir / spec["checkpoint"], spec, arrays
+
+
+@pytest.fixture(scope="module")
+def official_sd(golden) -> dict[str, torch.Tensor]:
+    return torch.load(golden[0], map_location="cpu", weights_only=True)
+
+
+def _outputs(model, x: torch.Tensor, mask: torch.Tensor, grid_hw) -> dict[str, np.ndarray]:
+    """Every array of tiny_vit_io.npz, produced by the calls described in tiny_vit_io.json."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        ff = model.forward_features(x)
+        for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens", "x_prenorm"):
+            out[key] = ff[key]
+        out["forward"] = model(x)
+        for i, (patch, cls) in enumerate(
+            model.get_intermediate_layers(x, n=[0, 1, 2, 3], reshape=True, return_class_token=True, norm=True)
+        ):
+            out[f"inter_patch_{i}"], out[f"inter_cls_{i}"] = patch, cls
+        for j, (patch, cls, storage) in enumerate(
+            model.get_intermediate_layers(x, n=2, reshape=False, return_class_token=True,
+                                          return_extra_tokens=True, norm=False)
+        ):
+            out[f"last2_raw_patch_{j}"], out[f"last2_raw_cls_{j}"], out[f"last2_raw_storage_{j}"] = patch, cls, storage
+        masked = model.forward_features(x, masks=mask)
+        for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
+            out[f"masked_{key}"] = masked[key]
+        out["rope_sin"], out["rope_cos"] = model.rope_embed(H=grid_hw[0], W=grid_hw[1])
+        out["rope_periods"] = model.rope_embed.periods
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_golden_official_checkpoint_reproduces_every_array(golden):
+    path, spec, arrays = golden
+    assert detect_format(path) == "official"
+    model = load_backbone(path)
+    assert not model.training
+    assert (model.embed_dim, model.n_blocks, model.num_heads, model.n_storage_tokens) == (64, 4, 4, 4)
+    x, mask = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["mask"])
+    ours = _outputs(model, x, mask, spec["patch_grid_hw"])
+    checked = 0
+    for name, expected in arrays.items():
+        if name in ("x", "mask"):
+            continue
+        assert name in ours, f"golden array {name} is not produced by the test"
+        assert ours[name].shape == expected.shape, name
+        diff = float(np.abs(ours[name] - expected).max())
+        assert diff <= TOL, f"{name}: max abs diff {diff:.3g} > {TOL}"
+        checked += 1
+    assert checked == len(arrays) - 2 >= 24
+    # forward() is the normed class token in eval (head = Identity)
+    np.testing.assert_array_equal(ours["forward"], ours["x_norm_clstoken"])
+
+
+def test_state_dict_keys_are_exactly_official(official_sd):
+    model = build_backbone("vitb16", embed_dim=64, depth=4, num_heads=4)
+    ours = model.state_dict()
+    assert list(ours) == list(official_sd)  # same names, same order
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in official_sd.items()}
+
+
+def test_infer_arch_from_official_weights(official_sd):
+    arch = infer_arch(official_sd)
+    assert arch["embed_dim"] == 64 and arch["depth"] == 4 and arch["num_heads"] == 4
+    assert arch["n_storage_tokens"] == 4 and arch["qkv_bias"] and arch["mask_k_bias"]
+    assert arch["ffn_layer"] == "mlp" and arch["ffn_ratio"] == 4.0 and arch["patch_size"] == 16
+    assert arch["pos_embed_rope_base"] == 100.0 and arch["pos_embed_rope_dtype"] == "fp32"
+
+
+def test_round_trip_official_export_hf_back(golden, tmp_path):
+    path, _, arrays = golden
+    x = torch.from_numpy(arrays["x"])
+    official = load_backbone(path)
+    export = tmp_path / "backbone.safetensors"
+    save_backbone(official, export)
+    assert detect_format(export) == "export"
+    from_export = load_backbone(export)
+    assert from_export.config == official.config
+    hf_dir = save_hf_dir(from_export, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["model_type"] == "dinov3_vit" and config["num_register_tokens"] == 4
+    assert detect_format(hf_dir) == "hf"
+    from_hf = load_backbone(hf_dir)
+    export2 = tmp_path / "again.safetensors"
+    save_backbone(from_hf, export2)
+    back = load_backbone(export2)
+    with torch.no_grad():
+        ref = official.forward_features(x)
+        for model in (from_export, from_hf, back):
+            out = model.forward_features(x)
+            for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens", "x_prenorm"):
+                torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
+    # every official tensor survives except the K bias, which is masked to zero in the official model
+    sd_ref, sd_back = official.state_dict(), back.state_dict()
+    assert list(sd_back) == list(sd_ref)
+    for key in sd_ref:
+        if key.endswith("attn.qkv.bias"):
+            d = sd_ref[key].shape[0] // 3
+            keep = torch.ones(3 * d, dtype=torch.bool)
+            keep[d: 2 * d] = False
+            torch.testing.assert_close(sd_back[key][keep], sd_ref[key][keep], rtol=0, atol=0)
+            assert not sd_back[key][~keep].any()
+        else:
+            torch.testing.assert_close(sd_back[key], sd_ref[key], rtol=0, atol=0)
+
+
+def test_hf_layout_names_and_qkv_split(official_sd):
+    model = build_backbone("vitb16", embed_dim=64, depth=4, num_heads=4)
+    model.load_state_dict(official_sd)
+    hf, config = to_hf(model)
+    assert hf["embeddings.mask_token"].shape == (1, 1, 64)
+    assert hf["embeddings.register_tokens"].shape == (1, 4, 64)
+    assert hf["embeddings.patch_embeddings.weight"].shape == (64, 3, 16, 16)
+    qkv = official_sd["blocks.2.attn.qkv.weight"]
+    torch.testing.assert_close(hf["layer.2.attention.q_proj.weight"], qkv[:64], rtol=0, atol=0)
+    torch.testing.assert_close(hf["layer.2.attention.k_proj.weight"], qkv[64:128], rtol=0, atol=0)
+    torch.testing.assert_close(hf["layer.2.attention.v_proj.weight"], qkv[128:], rtol=0, atol=0)
+    assert "layer.2.attention.k_proj.bias" not in hf and not config["key_bias"]
+    torch.testing.assert_close(hf["layer.0.layer_scale2.lambda1"], official_sd["blocks.0.ls2.gamma"], rtol=0, atol=0)
+    torch.testing.assert_close(hf["layer.3.mlp.down_proj.weight"], official_sd["blocks.3.mlp.fc2.weight"], rtol=0, atol=0)
+    assert config["intermediate_size"] == 256 and config["hidden_act"] == "gelu"
+
+
+def _wrap(sd: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def test_meddinov3_release_wrapper_without_qkv_bias(tmp_path):
+    torch.manual_seed(0)
+    src = build_backbone("meddinov3_vitb16", embed_dim=64, depth=2, num_heads=4).eval()
+    assert "blocks.0.attn.qkv.bias" not in src.state_dict()
+    heads = {"dino_head.mlp.0.weight": torch.randn(8, 64), "ibot_head.mlp.0.weight": torch.randn(8, 64)}
+    path = tmp_path / "meddinov3_release.pth"
+    torch.save({"teacher": {**_wrap(src.state_dict(), "backbone."), **heads}}, path)
+    assert detect_format(path) == "meddinov3_release"
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        ref = src(x)
+        # qkv bias absence is inferred from the weights; eps is not inferable and comes from the preset/override
+        for model in (load_backbone(path, norm_eps=1e-6), load_backbone(path, arch="meddinov3_vitb16",
+                                                                            embed_dim=64, depth=2, num_heads=4)):
+            assert not model.config.qkv_bias and model.config.norm_eps == 1e-6
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+        inferred_default_eps = load_backbone(path)
+        assert inferred_default_eps.config.norm_eps == 1e-5 and not inferred_default_eps.config.qkv_bias
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"model": {**_wrap(sd, "teacher.backbone."), **_wrap({k: v + 1 for k, v in sd.items()},
+                                                                         "student.backbone.")}, "iteration": 7},
+        lambda sd: {"teacher": _wrap(sd, "module.backbone._checkpoint_wrapped_module.")},
+        lambda sd: {"state_dict": _wrap(sd, "_orig_mod.module.")},
+        lambda sd: _wrap({k.replace("blocks.1.", "blocks.1._checkpoint_wrapped_module."): v for k, v in sd.items()},
+                         "backbone._orig_mod."),
+    ],
+    ids=["teacher+student", "module+ckptwrap", "orig_mod+module", "inner-ckptwrap"],
+)
+def test_training_checkpoint_wrappers_and_prefixes(wrap, official_sd, golden, tmp_path):
+    path = tmp_path / "train.pth"
+    torch.save(wrap(official_sd), path)
+    assert detect_format(path) == "training"
+    model = load_backbone(path)
+    x = torch.from_numpy(golden[2]["x"])
+    with torch.no_grad():
+        np.testing.assert_allclose(model.forward_features(x)["x_norm_clstoken"].numpy(),
+                                   golden[2]["x_norm_clstoken"], atol=TOL, rtol=0)
+
+
+def test_prefer_student(official_sd, tmp_path):
+    student = {k: (v * 2 if v.is_floating_point() and k != "rope_embed.periods" and "bias_mask" not in k else v)
+               for k, v in official_sd.items()}
+    path = tmp_path / "both.pth"
+    torch.save({"teacher": _wrap(official_sd, "backbone."), "student": _wrap(student, "backbone.")}, path)
+    t, s = load_backbone(path), load_backbone(path, prefer="student")
+    torch.testing.assert_close(t.cls_token, official_sd["cls_token"])
+    torch.testing.assert_close(s.cls_token, student["cls_token"])
+
+
+def test_truncated_file_is_a_clear_error(golden, tmp_path):
+    data = golden[0].read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pth.*(truncated|corrupt)"):
+        load_backbone(bad)
+    export = tmp_path / "e.safetensors"
+    save_backbone(load_backbone(golden[0]), export)
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(export.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"half\.safetensors"):
+        load_backbone(half)
+
+
+class _Payload:
+    """An arbitrary pickled object: must never be unpickled."""
+
+    def __reduce__(self):
+        return (print, ("this must not run",))
+
+
+def test_pickled_object_is_refused_by_weights_only(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 8), "payload": _Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load.*weights_only"):
+        load_backbone(path)
+    assert "this must not run" not in capsys.readouterr().out
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(_Payload(), protocol=2))
+    with pytest.raises(CheckpointError, match=r"raw\.pkl"):
+        load_backbone(raw)
+
+
+def test_mismatched_architecture_lists_keys(golden, official_sd, tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(golden[0], arch="vits16")
+    msg = str(err.value)
+    assert "tiny_vit_official.pth" in msg and "shape mismatch" in msg and "missing from checkpoint" in msg
+    assert "blocks.{0-3}.attn.qkv.weight: checkpoint (192, 64) vs model (1152, 384)" in msg
+    # a dropped key (e.g. storage tokens) or an extra key can never be ignored silently
+    sd = dict(official_sd)
+    sd.pop("storage_tokens")
+    sd["blocks.0.attn.extra"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(path, arch="vitb16", embed_dim=64, depth=4, num_heads=4)
+    msg = str(err.value)
+    assert "broken.pth" in msg and "storage_tokens" in msg and "blocks.{0}.attn.extra" in msg
+
+
+def test_not_a_backbone_and_missing_file(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match=r"other\.pth: no ViT backbone found"):
+        load_backbone(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_backbone(tmp_path / "nope.pth")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_backbone(tmp_path / "dir")
+
+
+def test_swiglu_no_storage_export_and_hf_round_trip(tmp_path):
+    torch.manual_seed(1)
+    src = build_backbone("vits16", embed_dim=96, depth=2, num_heads=2, ffn_layer="swiglu", ffn_ratio=6.0,
+                         n_storage_tokens=0, layerscale_init=None).eval()
+    assert infer_arch(src.state_dict())["ffn_layer"] == "swiglu"
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        ref = src.forward_features(x)["x_prenorm"]
+        flat = tmp_path / "flat.pth"
+        torch.save(src.state_dict(), flat)
+        for path in (flat, save_backbone(src, tmp_path / "s.safetensors"), save_hf_dir(src, tmp_path / "hf")):
+            out = load_backbone(path).forward_features(x)["x_prenorm"]
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
