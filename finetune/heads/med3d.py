@@ -394,3 +394,103 @@ def predict_volume(model: nn.Module, volume: torch.Tensor, slab_depth: int, patc
     logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model, overlap=overlap,
                                       mode="gaussian" if gaussian else "constant", padding_mode="constant")
     return logits[0].softmax(0).float().cpu()
+
+
+# ---------------------------------------------------------------- recipe for the common finetune pipeline
+STAGE1_WEIGHTS = "stage1_backbone.pt"
+
+
+def _head_cfg(cfg) -> Med3DConfig:
+    from omegaconf import OmegaConf
+
+    return Med3DConfig.from_cfg(OmegaConf.to_container(cfg.head, resolve=True), str(cfg.model.arch))
+
+
+def build_stage1_model(cfg, n_classes: int) -> Med3DStage1Model:
+    """Stage I: backbone from ``cfg.model`` (``--checkpoint``) with ICE + proxy MLP head, all trainable."""
+    from finetune.heads.common import build_backbone_from_cfg
+
+    return Med3DStage1Model(build_backbone_from_cfg(cfg), n_classes, _head_cfg(cfg))
+
+
+def build_model(cfg, n_classes: int) -> Med3DModel:
+    """Stage II network. When ``head.stage1_weights`` names a file (set by :func:`fit`) and the backbone is not
+    being rebuilt for a saved model (``model.init != none``), the stage-I backbone + ICE weights are loaded."""
+    from finetune.heads.common import build_backbone_from_cfg
+
+    head = _head_cfg(cfg)
+    backbone = install_inter_slice_embedding(build_backbone_from_cfg(cfg), head.context_slices, head.embedding)
+    weights = cfg.head.get("stage1_weights")
+    if weights and str(cfg.model.init) != "none":
+        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state, strict=True)
+    return Med3DModel(backbone, n_classes, head, install_embedding=False)
+
+
+def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
+    return predict_volume(getattr(model, "module", model), volume, int(cfg.data.slab_depth),
+                          [int(s) for s in cfg.data.patch_size], float(cfg.head.infer_overlap),
+                          bool(cfg.head.infer_gaussian))
+
+
+def stage_configs(cfg, output_dir):
+    """(stage I config, stage II config) derived from the merged config: per-stage epochs, batch size and lrs."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    k = int(cfg.head.context_slices)
+    s1, s2 = cfg.head.stage1, cfg.head.stage2
+    cfg1 = OmegaConf.merge(cfg, {
+        "output_dir": str(Path(output_dir) / "stage1"),
+        "data": {"context_slices": k // 2, "batch_size": int(s1.batch_size)},
+        "train": {"epochs": int(s1.epochs), "iters_per_epoch": int(s1.iters_per_epoch)},
+        "optim": {"encoder_lr": float(s1.encoder_lr), "decoder_lr": float(s1.decoder_lr)},
+        "model": {"freeze_encoder": False},
+    })
+    cfg2 = OmegaConf.merge(cfg, {
+        "data": {"slab_depth": int(s2.slab_depth), "batch_size": int(s2.batch_size)},
+        "train": {"epochs": int(s2.epochs), "iters_per_epoch": int(s2.iters_per_epoch)},
+        "optim": {"encoder_lr": float(s2.lr), "decoder_lr": float(s2.lr)},  # LoRA lives under model.backbone
+    })
+    return cfg1, cfg2
+
+
+def fit(cfg, recipe, train_cases, val_cases, output_dir):
+    """Stage I (ICE + proxy task, whole backbone trainable) then stage II (frozen + LoRA dual-stream network).
+
+    The stage-I backbone (with its ICE) is saved to ``<output_dir>/stage1/stage1_backbone.pt`` and stage II
+    starts from it; ``head.stage1.enabled=false`` skips stage I (the paper's ablation).
+    """
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from finetune.heads import HeadRecipe
+    from finetune.train import fit as common_fit
+
+    cfg1, cfg2 = stage_configs(cfg, output_dir)
+    if bool(cfg.head.stage1.enabled):
+        stage1_recipe = HeadRecipe(name="med3d_stage1", build_model=build_stage1_model, sampling="slice2d")
+        stage1_dir = Path(cfg1.output_dir)
+        stage1 = common_fit(cfg1, stage1_recipe, train_cases, val_cases, stage1_dir)
+        stage1 = getattr(stage1, "module", stage1)
+        weights = stage1_dir / STAGE1_WEIGHTS
+        tmp = weights.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in stage1.backbone.state_dict().items()}, tmp)
+        tmp.replace(weights)
+        cfg2 = OmegaConf.merge(cfg2, {"head": {"stage1_weights": str(weights)}})
+    stage2_recipe = HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d",
+                               predict_volume=recipe_predict_volume)
+    return common_fit(cfg2, stage2_recipe, train_cases, val_cases, output_dir)
+
+
+def _recipe():
+    from finetune.heads import HeadRecipe
+
+    return HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d", predict_volume=recipe_predict_volume,
+                      fit=fit, description="DINO-Med3D: ICE + proxy task (stage I), frozen+LoRA dual-stream 3-D "
+                                           "network (stage II)")
+
+
+RECIPE = _recipe()

@@ -246,3 +246,43 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- recipe for the common finetune pipeline
+def _head_cfg(cfg) -> MVRConfig:
+    from omegaconf import OmegaConf
+
+    return MVRConfig.from_cfg(OmegaConf.to_container(cfg.head, resolve=True))
+
+
+def build_model(cfg, n_classes: int) -> MVRProbeModel:
+    """Frozen backbone from ``cfg.model`` (``--checkpoint``) + MLP probes."""
+    from finetune.heads.common import build_backbone_from_cfg
+
+    return MVRProbeModel(build_backbone_from_cfg(cfg), n_classes, _head_cfg(cfg))
+
+
+def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
+    return predict_volume(getattr(model, "module", model), volume, _head_cfg(cfg))
+
+
+def fit(cfg, recipe, train_cases, val_cases, output_dir):
+    """Common training loop; with ``head.few_shot_k`` only k seeded training cases are used."""
+    from finetune.train import fit as common_fit
+
+    k = cfg.head.get("few_shot_k")
+    if k is not None:
+        keep = set(few_shot_subset([c.case_id for c in train_cases], int(k), int(cfg.head.few_shot_seed)))
+        train_cases = [c for c in train_cases if c.case_id in keep]
+    return common_fit(cfg, recipe, train_cases, val_cases, output_dir)
+
+
+def _recipe():
+    from finetune.heads import HeadRecipe
+
+    return HeadRecipe(name="mvr", build_model=build_model, sampling="slice2d", predict_volume=recipe_predict_volume,
+                      fit=fit, description="DINO-MVR: frozen DINOv3, MLP probes on the last 3 blocks, "
+                                           "entropy-weighted multi-view inference")
+
+
+RECIPE = _recipe()

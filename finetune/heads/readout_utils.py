@@ -1,15 +1,13 @@
 """Small pieces shared by the companion readouts (``mvr``, ``med3d``, ``window3d``).
 
-Everything here is a plain function on tensors/arrays: which backbone blocks to read, freezing, slice-wise
-encoding through ``get_intermediate_layers``, the soft-Dice + cross-entropy loss used by all three papers, and
-foreground-aware cropping / padding of volumes. Arrays are ``[D, H, W]`` (axial slices first), as produced by
-the finetune preprocessing.
+Plain functions on tensors: which backbone blocks to read, freezing, slice-wise encoding through
+``get_intermediate_layers``, and padding to patch multiples. (Losses, sampling and foreground-aware crops
+are the common ones in ``finetune.losses`` / ``finetune.data``.)
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,38 +70,6 @@ def encode_slices(
     return [torch.cat([o[i] for o in outs]) for i in range(len(layers))]
 
 
-def soft_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, include_background: bool = False, batch_dice: bool = True,
-    smooth: float = 1e-5,
-) -> torch.Tensor:
-    """1 - mean soft Dice over classes.
-
-    logits: ``[B, C, *S]``; target: ``[B, *S]`` integer labels. Softmax probabilities; ``batch_dice`` pools the
-    batch into one Dice per class (nnU-Net's choice); background (class 0) excluded by default. ``smooth`` is
-    added to numerator and denominator so an absent class predicted absent scores 1.
-    """
-    num_classes = logits.shape[1]
-    probs = logits.float().softmax(1)
-    onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
-    start = 0 if include_background or num_classes == 1 else 1
-    probs, onehot = probs[:, start:], onehot[:, start:]
-    dims = (0, *range(2, probs.ndim)) if batch_dice else tuple(range(2, probs.ndim))
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    dice = (2 * inter + smooth) / (denom + smooth)
-    return 1 - dice.mean()
-
-
-def dice_ce_loss(
-    logits: torch.Tensor, target: torch.Tensor, ce_weight: float = 1.0, dice_weight: float = 1.0,
-    include_background: bool = False, batch_dice: bool = True,
-) -> torch.Tensor:
-    """``ce_weight * CE + dice_weight * soft Dice`` (logits ``[B, C, *S]``, target ``[B, *S]``)."""
-    ce = F.cross_entropy(logits.float(), target.long())
-    dice = soft_dice_loss(logits, target, include_background=include_background, batch_dice=batch_dice)
-    return ce_weight * ce + dice_weight * dice
-
-
 def pad_to_multiple(x: torch.Tensor, multiples: Sequence[int], value: float = 0.0) -> tuple[torch.Tensor, list[int]]:
     """Pad the trailing ``len(multiples)`` dims of ``x`` at the end up to multiples; returns (padded, original sizes)."""
     sizes = list(x.shape[-len(multiples):])
@@ -119,40 +85,3 @@ def crop_to(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Undo :func:`pad_to_multiple` on the trailing dims."""
     idx = (Ellipsis, *[slice(0, s) for s in sizes])
     return x[idx]
-
-
-def foreground_crop_start(
-    label: np.ndarray, crop_size: Sequence[int], rng: np.random.Generator | None, fg_probability: float,
-) -> list[int]:
-    """Start corner of a crop of ``crop_size`` inside a volume of ``label.shape``.
-
-    With probability ``fg_probability`` (always when ``rng`` is None: deterministic validation crops) the crop is
-    centred on the foreground: on the centre of the foreground bounding box without ``rng``, on a random
-    foreground voxel with it. Otherwise a uniformly random crop. The start may be negative or exceed the volume
-    (the caller pads), so small volumes are centred instead of failing.
-    """
-    shape = label.shape
-    fg = np.argwhere(label > 0)
-    use_fg = len(fg) > 0 and (rng is None or rng.random() < fg_probability)
-    if use_fg:
-        centre = (fg.min(0) + fg.max(0)) // 2 if rng is None else fg[rng.integers(len(fg))]
-        start = [int(c) - s // 2 for c, s in zip(centre, crop_size)]
-    elif rng is None:
-        start = [(n - s) // 2 for n, s in zip(shape, crop_size)]
-    else:
-        start = [int(rng.integers(min(0, n - s), max(0, n - s) + 1)) for n, s in zip(shape, crop_size)]
-    # keep the crop inside the volume whenever the volume is large enough
-    return [min(max(st, min(0, n - s)), max(0, n - s)) if n >= s else (n - s) // 2
-            for st, n, s in zip(start, shape, crop_size)]
-
-
-def extract_crop(array: np.ndarray, start: Sequence[int], crop_size: Sequence[int], pad_value: float) -> np.ndarray:
-    """``array[start:start+crop_size]`` on the leading dims, padded with ``pad_value`` where it leaves the array."""
-    out = np.full(tuple(crop_size) + array.shape[len(crop_size):], pad_value, dtype=array.dtype)
-    src, dst = [], []
-    for st, s, n in zip(start, crop_size, array.shape):
-        a, b = max(st, 0), min(st + s, n)
-        src.append(slice(a, b))
-        dst.append(slice(a - st, b - st))
-    out[tuple(dst)] = array[tuple(src)]
-    return out

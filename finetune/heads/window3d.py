@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.heads.readout_utils import dice_ce_loss, encode_slices, freeze, resolve_layers
+from finetune.heads.readout_utils import encode_slices, freeze, resolve_layers
 
 
 @dataclass
@@ -154,6 +154,57 @@ def cube_slices(shape: Sequence[int], cubes_per_axis: Sequence[int]) -> list[tup
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class PassOne:
+    """Result of pass 1: the global loss, the reassembled logits and ``dL/dY`` (all detached)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    grad_logits: torch.Tensor
+    cubes: list[tuple[slice, slice, slice]]
+    features: list[list[torch.Tensor] | None]
+
+
+def two_pass_first(
+    model: Window3DModel, volume: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
+    cubes_per_axis: Sequence[int], reuse_encoder_features: bool = True,
+) -> PassOne:
+    """Pass 1: every cube without autograd through the network, reassembled into ``Y [B, C, D, H, W]``;
+    ``L = loss_fn(Y, target)`` and ``dL/dY`` (autograd on the loss only)."""
+    cubes = cube_slices(volume.shape[-3:], cubes_per_axis)
+    features: list[list[torch.Tensor] | None] = []
+    full: torch.Tensor | None = None
+    with torch.no_grad():
+        for sl in cubes:
+            cube = volume[(Ellipsis, *sl)]
+            feats = model.encode(cube)
+            logits = model.decode(feats, cube.shape[-3:])
+            if full is None:
+                full = logits.new_zeros((*logits.shape[:2], *volume.shape[-3:]))
+            full[(Ellipsis, *sl)] = logits
+            features.append(feats if reuse_encoder_features else None)
+    assert full is not None
+    with torch.enable_grad():
+        full.requires_grad_(True)
+        loss = loss_fn(full, target)
+        (grad_full,) = torch.autograd.grad(loss, full)
+    return PassOne(loss.detach(), full.detach(), grad_full, cubes, features)
+
+
+def two_pass_second(model: Window3DModel, volume: torch.Tensor, first: PassOne, grad_scale: torch.Tensor | float = 1.0
+                    ) -> None:
+    """Pass 2: re-run each cube with autograd and back-propagate ``grad_scale * dL/dY[cube]``; gradients
+    accumulate in ``.grad`` (only one cube's graph is alive at a time)."""
+    with torch.enable_grad():
+        for sl, feats in zip(first.cubes, first.features):
+            cube = volume[(Ellipsis, *sl)]
+            if feats is None:
+                feats = model.encode(cube)
+            logits = model.decode(feats, cube.shape[-3:])
+            logits.backward(first.grad_logits[(Ellipsis, *sl)] * grad_scale)
+            del logits
+
+
 def two_pass_backward(
     model: Window3DModel, volume: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
     cubes_per_axis: Sequence[int], reuse_encoder_features: bool = True,
@@ -166,30 +217,40 @@ def two_pass_backward(
     over cubes is exactly ``dL/dtheta``. The caller takes one optimizer step. Returns (loss, detached logits).
     With ``reuse_encoder_features`` the frozen encoder runs once per cube (its output is the same in both passes).
     """
-    slices = cube_slices(volume.shape[-3:], cubes_per_axis)
-    feats_cache: list[list[torch.Tensor] | None] = []
-    full: torch.Tensor | None = None
-    with torch.no_grad():
-        for sl in slices:
-            cube = volume[(Ellipsis, *sl)]
-            feats = model.encode(cube)
-            logits = model.decode(feats, cube.shape[-3:])
-            if full is None:
-                full = logits.new_zeros((*logits.shape[:2], *volume.shape[-3:]))
-            full[(Ellipsis, *sl)] = logits
-            feats_cache.append(feats if reuse_encoder_features else None)
-    assert full is not None
-    full.requires_grad_(True)
-    loss = loss_fn(full, target)
-    (grad_full,) = torch.autograd.grad(loss, full)
-    for sl, feats in zip(slices, feats_cache):
-        cube = volume[(Ellipsis, *sl)]
-        if feats is None:
-            feats = model.encode(cube)
-        logits = model.decode(feats, cube.shape[-3:])
-        logits.backward(grad_full[(Ellipsis, *sl)])
-        del logits
-    return loss.detach(), full.detach()
+    first = two_pass_first(model, volume, target, loss_fn, cubes_per_axis, reuse_encoder_features)
+    two_pass_second(model, volume, first)
+    return first.loss, first.logits
+
+
+class _TwoPassLoss(torch.autograd.Function):
+    """A scalar equal to the pass-1 loss whose ``backward`` runs pass 2.
+
+    Lets the common training loop (``loss.backward()``, AMP loss scaling, clipping, one optimizer step) drive the
+    two-pass scheme unchanged: the incoming gradient (the AMP scale, or 1) multiplies ``dL/dY``. The ``anchor``
+    (any trainable parameter) only makes the output part of the autograd graph; it receives no gradient here.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, loss: torch.Tensor, run_second_pass) -> torch.Tensor:  # noqa: ANN001
+        ctx.run_second_pass = run_second_pass
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # noqa: ANN001
+        ctx.run_second_pass(grad_output)
+        return None, None, None
+
+
+def two_pass_loss(model: Window3DModel, volume: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
+                  cubes_per_axis: Sequence[int], reuse_encoder_features: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) for a training loop that calls ``loss.backward()``: pass 1 now, pass 2 inside backward."""
+    first = two_pass_first(model, volume, target, loss_fn, cubes_per_axis, reuse_encoder_features)
+    if not torch.is_grad_enabled():
+        return first.loss, first.logits
+    anchor = next(p for p in model.parameters() if p.requires_grad)
+    loss = _TwoPassLoss.apply(anchor, first.loss, lambda scale: two_pass_second(model, volume, first, scale))
+    return loss, first.logits
 
 
 def single_graph_backward(
@@ -248,6 +309,43 @@ def predict_volume(
     return logits[0].softmax(0).float().cpu()
 
 
-def default_loss(ce_weight: float, dice_weight: float) -> LossFn:
-    """The paper's Dice-CE (equal weights by default; background excluded from Dice)."""
-    return lambda logits, target: dice_ce_loss(logits, target, ce_weight=ce_weight, dice_weight=dice_weight)
+# ---------------------------------------------------------------- recipe for the common finetune pipeline
+def _head_cfg(cfg) -> Window3DConfig:
+    from omegaconf import OmegaConf
+
+    return Window3DConfig.from_dict(OmegaConf.to_container(cfg.head, resolve=True))
+
+
+def build_model(cfg, n_classes: int) -> Window3DModel:
+    """Frozen backbone from ``cfg.model`` (``--checkpoint``) + depth embedding + 3-D decoder."""
+    from finetune.heads.common import build_backbone_from_cfg
+
+    return Window3DModel(build_backbone_from_cfg(cfg), n_classes, _head_cfg(cfg))
+
+
+def training_step(model: nn.Module, batch: dict, loss_fn: LossFn, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-pass step on a ``slab3d`` batch (``image [B, 1, D, H, W]``, ``label [B, D, H, W]``).
+
+    The returned loss's ``backward()`` runs pass 2 (see :class:`_TwoPassLoss`). Under DDP every cube's backward
+    would trigger an all-reduce; wrap the model with ``no_sync`` or use ``cubes_per_axis: [1, 1, 1]`` there.
+    """
+    net = getattr(model, "module", model)
+    return two_pass_loss(net, batch["image"], batch["label"], loss_fn, list(cfg.head.cubes_per_axis),
+                         bool(cfg.head.reuse_encoder_features))
+
+
+def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
+    crop = (int(cfg.data.slab_depth), *[int(s) for s in cfg.data.patch_size])
+    return predict_volume(getattr(model, "module", model), volume, crop, list(cfg.head.cubes_per_axis),
+                          float(cfg.head.infer_overlap), bool(cfg.head.infer_gaussian))
+
+
+def _recipe():
+    from finetune.heads import HeadRecipe
+
+    return HeadRecipe(name="window3d", build_model=build_model, sampling="slab3d",
+                      training_step=training_step, predict_volume=recipe_predict_volume,
+                      description="frozen 2-D DINOv3 slice encoder -> 3-D window decoder, two-pass sub-cube training")
+
+
+RECIPE = _recipe()
