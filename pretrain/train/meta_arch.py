@@ -1,0 +1,385 @@
+"""Student / teacher / Gram teacher and what happens in one SSL step (DINOv3 recipe, MedDINOv3 stages 1-3).
+
+- ``student`` and ``teacher``: ``nn.ModuleDict(backbone, dino_head, ibot_head)``; the teacher is an EMA of the
+  student, gets no gradients, and sees only the global crops.
+- Teacher targets: Sinkhorn-Knopp centring (``dino.sinkhorn_iterations``, 3) of the DINO-head logits of the class
+  tokens and of the iBOT-head logits of the patches the student sees masked (rows spread over all ranks).
+- Losses (:meth:`SSLMetaArch.compute_losses`): DINO over crop pairs, the global and local terms weighted by their
+  share of pairs; iBOT on masked patches; KoLeo on the student's pre-head class tokens, per global crop over the
+  per-rank batch and summed over crops; optional Gram anchoring against a frozen Gram teacher that sees the same
+  global crops at a higher resolution. Total = eq. (1) (stage 1) or eq. (3) (stages 2-3) with config weights.
+
+The student's forward is one ``nn.Module.forward`` (:class:`StudentForward`) so it can be wrapped by DDP or
+FSDP2 without touching this file's logic.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.losses import dino_loss, gram_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from pretrain.models import build_backbone
+from pretrain.models.heads import DINOHead
+
+
+def backbone_kwargs(student_cfg) -> dict:
+    """``build_backbone`` overrides from the ``student`` config block (``overrides`` + ``drop_path_rate``)."""
+    kwargs = dict(student_cfg.get("overrides", None) or {})
+    if student_cfg.get("drop_path_rate", None) is not None:
+        kwargs["drop_path_rate"] = float(student_cfg.drop_path_rate)
+    return kwargs
+
+
+def build_heads(cfg, embed_dim: int) -> tuple[DINOHead, DINOHead]:
+    """Separate DINO and iBOT heads (``dino.head_*``, ``ibot.head_*``)."""
+    dino_head = DINOHead(
+        embed_dim,
+        out_dim=int(cfg.dino.head_n_prototypes),
+        hidden_dim=int(cfg.dino.head_hidden_dim),
+        bottleneck_dim=int(cfg.dino.head_bottleneck_dim),
+        n_layers=int(cfg.dino.head_nlayers),
+    )
+    ibot_head = DINOHead(
+        embed_dim,
+        out_dim=int(cfg.ibot.head_n_prototypes),
+        hidden_dim=int(cfg.ibot.head_hidden_dim),
+        bottleneck_dim=int(cfg.ibot.head_bottleneck_dim),
+        n_layers=int(cfg.ibot.head_nlayers),
+    )
+    return dino_head, ibot_head
+
+
+class StudentForward(nn.Module):
+    """The student's whole forward as one module (the unit that DDP / FSDP2 wrap).
+
+    ``forward(global_crops[n_g*B,3,G,G], local_crops[n_l*B,3,L,L] | None, masks[n_g*B,N], mask_indices[M])``
+    returns a dict: ``global_cls [n_g*B,D]``, ``global_patches [n_g*B,N,D]``, ``global_logits [n_g*B,K]``,
+    ``local_logits [n_l*B,K]`` (or None), ``masked_patch_logits [M,K_ibot]``.
+    """
+
+    def __init__(self, student: nn.ModuleDict) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor, mask_indices: Tensor) -> dict:
+        backbone = self.student["backbone"]
+        crops, crop_masks = [global_crops], [masks]
+        if local_crops is not None and local_crops.shape[0] > 0:
+            crops.append(local_crops)
+            crop_masks.append(None)
+        outs = backbone.forward_features_list(crops, crop_masks)
+        g_cls = outs[0]["x_norm_clstoken"]
+        g_patch = outs[0]["x_norm_patchtokens"]
+        cls_tokens = [g_cls] + ([outs[1]["x_norm_clstoken"]] if len(outs) > 1 else [])
+        logits = self.student["dino_head"](torch.cat(cls_tokens, dim=0))
+        n_global = g_cls.shape[0]
+        masked = g_patch.flatten(0, 1).index_select(0, mask_indices)  # [M, D]; may be empty, stays in the graph
+        return {
+            "global_cls": g_cls,
+            "global_patches": g_patch,
+            "global_logits": logits[:n_global],
+            "local_logits": logits[n_global:] if len(outs) > 1 else None,
+            "masked_patch_logits": self.student["ibot_head"](masked),
+        }
+
+
+class TeacherForward(nn.Module):
+    """Teacher (EMA) forward on the global crops: class-token and masked-patch logits, no gradients.
+
+    Returns ``cls_logits [n_g*B,K]``, ``masked_patch_logits [M,K_ibot]``.
+    """
+
+    def __init__(self, teacher: nn.ModuleDict) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def forward(self, global_crops: Tensor, mask_indices: Tensor) -> dict:
+        out = self.teacher["backbone"].forward_features(global_crops)
+        masked = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        return {
+            "cls_logits": self.teacher["dino_head"](out["x_norm_clstoken"]),
+            "masked_patch_logits": self.teacher["ibot_head"](masked),
+        }
+
+
+def resize_patch_tokens(patches: Tensor, grid_out: int, mode: str = "bicubic", antialias: bool = False) -> Tensor:
+    """``patches [B, g_in*g_in, D]`` of a square grid -> ``[B, grid_out*grid_out, D]`` (align_corners=False)."""
+    g_in = int(round(patches.shape[1] ** 0.5))
+    if g_in * g_in != patches.shape[1]:
+        raise ValueError(f"Gram teacher patch tokens do not form a square grid: {patches.shape[1]} tokens")
+    if g_in == grid_out:
+        return patches
+    grid = patches.transpose(1, 2).unflatten(-1, (g_in, g_in))  # [B, D, g, g]
+    align = False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
+    grid = F.interpolate(grid.float(), size=(grid_out, grid_out), mode=mode, align_corners=align, antialias=antialias)
+    return grid.flatten(-2).transpose(1, 2).to(patches.dtype)
+
+
+@dataclass
+class StepOutput:
+    """Total loss (with graph) and detached per-term values for logging."""
+
+    loss: Tensor
+    logs: dict[str, float]
+
+
+class SSLMetaArch(nn.Module):
+    """Holds ``student``, ``teacher`` and (stages 2-3) ``gram_teacher``; computes one step's losses.
+
+    The distributed wrappers are attached with :meth:`set_forward_modules` by ``loop.py``; without it the plain
+    modules are used (one process).
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kwargs = backbone_kwargs(cfg.student)
+        backbone = build_backbone(cfg.student.arch, **kwargs)
+        self.embed_dim = backbone.embed_dim
+        self.patch_size = backbone.patch_size
+        self.n_blocks = backbone.n_blocks
+        dino_head, ibot_head = build_heads(cfg, self.embed_dim)
+        self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head, "ibot_head": ibot_head})
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+
+        self.use_gram = bool(cfg.gram.use_loss)
+        if self.use_gram:
+            self.gram_teacher = build_backbone(cfg.student.arch, **{**kwargs, "drop_path_rate": 0.0})
+            self.gram_teacher.requires_grad_(False)
+        else:
+            self.gram_teacher = None
+        self.gram_teacher_initialized = False
+        self.gram_refreshes_done = 0
+
+        # not registered as submodules (no duplicate state-dict entries): they only wrap the modules above
+        self.set_forward_modules(StudentForward(self.student), TeacherForward(self.teacher))
+
+    # ------------------------------------------------------------------ set-up
+    def set_forward_modules(self, student_forward: nn.Module, teacher_forward: nn.Module) -> None:
+        """Install the (possibly DDP / FSDP / compiled) forward modules."""
+        object.__setattr__(self, "_student_forward", student_forward)
+        object.__setattr__(self, "_teacher_forward", teacher_forward)
+
+    @property
+    def student_forward(self) -> nn.Module:
+        return self._student_forward
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def sync_teacher_from_student(self) -> None:
+        """Teacher := student (start of a run, after loading initial weights)."""
+        self.teacher.load_state_dict(self.student.state_dict())
+
+    @torch.no_grad()
+    def load_backbone_weights(self, state_dict: dict[str, Tensor], source: str) -> None:
+        """Load a flat official-layout backbone state dict into student and teacher backbones (strict)."""
+        try:
+            self.student["backbone"].load_state_dict(state_dict, strict=True)
+            self.teacher["backbone"].load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{source}: backbone weights do not fit the configured architecture "
+                f"(student.arch={self.cfg.student.arch}, overrides={dict(self.cfg.student.get('overrides') or {})}): "
+                f"{err}"
+            ) from err
+
+    @torch.no_grad()
+    def load_gram_teacher(self, state_dict: dict[str, Tensor], source: str) -> None:
+        if self.gram_teacher is None:
+            raise RuntimeError("gram.use_loss is false: there is no Gram teacher to load")
+        try:
+            self.gram_teacher.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            raise RuntimeError(f"{source}: Gram-teacher weights do not fit the configured backbone: {err}") from err
+        self.gram_teacher_initialized = True
+
+    @torch.no_grad()
+    def refresh_gram_teacher_from_ema(self) -> None:
+        """Gram teacher := current EMA teacher backbone (DINOv3's repeated Gram-teacher update)."""
+        if self.gram_teacher is None:
+            return
+        self.gram_teacher.load_state_dict(self.teacher["backbone"].state_dict())
+        self.gram_teacher_initialized = True
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: ``teacher = momentum * teacher + (1 - momentum) * student`` over all parameters."""
+        student_params = [p for p in self.student.parameters()]
+        teacher_params = [p for p in self.teacher.parameters()]
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+    # ------------------------------------------------------------------ one step
+    def gram_teacher_patches(self, gram_crops: Tensor, student_grid: int) -> Tensor:
+        """Gram-teacher final-normed patch tokens of the (higher-resolution) global crops, resized to the student
+        grid: ``[n_g*B, student_grid**2, D]``."""
+        if not self.gram_teacher_initialized:
+            raise RuntimeError(
+                "Gram loss is on but the Gram teacher was never loaded: set gram.teacher.source "
+                "(checkpoint / stage1_iteration / ema) in the config"
+            )
+        with torch.no_grad():
+            fsdp_forward = getattr(self, "_gram_forward", None)  # set by loop.wrap_model under FSDP2
+            if fsdp_forward is not None:
+                patches = fsdp_forward(gram_crops)
+            else:
+                patches = self.gram_teacher.forward_features(gram_crops)["x_norm_patchtokens"]
+        return resize_patch_tokens(
+            patches,
+            student_grid,
+            mode=str(self.cfg.gram.resize_method),
+            antialias=bool(self.cfg.gram.resize_antialias),
+        )
+
+    def forward_backward(
+        self,
+        batch: dict,
+        *,
+        teacher_temp: float,
+        gram_weight: float | None = None,
+        loss_scale: float = 1.0,
+        device: torch.device | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> StepOutput:
+        """Forward student/teacher(/Gram teacher) on one (micro-)batch, compute the losses and backpropagate
+        ``loss * loss_scale`` (``1 / grad_accum_steps``)."""
+        device = device or next(self.student.parameters()).device
+        n_global = int(self.cfg.crops.global_crops_number) if "global_crops_number" in self.cfg.crops else 2
+        global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
+        local = batch.get("collated_local_crops", None)
+        local_crops = local.to(device, non_blocking=True) if local is not None and local.numel() > 0 else None
+        masks = batch["collated_masks"].to(device, non_blocking=True).bool()
+        mask_indices = batch["mask_indices_list"].to(device, non_blocking=True).long()
+        masks_weight = batch["masks_weight"].to(device, non_blocking=True)
+        if global_crops.shape[0] % n_global:
+            raise ValueError(f"{global_crops.shape[0]} global crops are not a multiple of {n_global} crops per image")
+        B = global_crops.shape[0] // n_global
+        n_local = 0 if local_crops is None else local_crops.shape[0] // B
+
+        use_autocast = autocast_dtype is not None and device.type == "cuda"
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
+            teacher_out = self._teacher_forward(global_crops, mask_indices)
+            student_out = self._student_forward(global_crops, local_crops, masks, mask_indices)
+            gram_patches = None
+            if self.use_gram:
+                gram_crops = batch.get("collated_gram_teacher_crops", None)
+                if gram_crops is None:
+                    raise ValueError(
+                        "gram.use_loss is true but the batch has no collated_gram_teacher_crops: "
+                        "set crops.gram_teacher_crops_size"
+                    )
+                grid = global_crops.shape[-1] // self.patch_size
+                gram_patches = self.gram_teacher_patches(gram_crops.to(device, non_blocking=True), grid)
+
+        n_iter = int(self.cfg.dino.sinkhorn_iterations)
+        teacher_cls_probs = sinkhorn_knopp(teacher_out["cls_logits"].float(), teacher_temp, n_iter)
+        teacher_cls_probs = teacher_cls_probs.unflatten(0, (n_global, B))  # [n_g, B, K]
+        teacher_patch_probs = sinkhorn_knopp(teacher_out["masked_patch_logits"].float(), teacher_temp, n_iter)
+
+        total, logs = self.compute_losses(
+            student_out=student_out,
+            teacher_cls_probs=teacher_cls_probs,
+            teacher_patch_probs=teacher_patch_probs,
+            masks_weight=masks_weight,
+            n_global=n_global,
+            n_local=n_local,
+            batch_size=B,
+            gram_patches=gram_patches,
+            gram_weight=gram_weight,
+        )
+        (total * loss_scale).backward()
+        return StepOutput(loss=total.detach(), logs=logs)
+
+    def compute_losses(
+        self,
+        *,
+        student_out: dict,
+        teacher_cls_probs: Tensor,
+        teacher_patch_probs: Tensor,
+        masks_weight: Tensor,
+        n_global: int,
+        n_local: int,
+        batch_size: int,
+        gram_patches: Tensor | None,
+        gram_weight: float | None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Weighted sum of the loss terms (eq. 1 / eq. 3) and their detached values."""
+        cfg = self.cfg
+        B = batch_size
+        student_temp = float(cfg.dino.student_temp)
+        ignore_diag = bool(cfg.dino.global_ignore_diagonal)
+        global_terms = n_global * (n_global - 1) if ignore_diag else n_global * n_global
+        local_terms = n_global * n_local
+        global_scale = global_terms / (global_terms + local_terms)
+        local_scale = local_terms / (global_terms + local_terms)
+        w_dino = float(cfg.dino.loss_weight)
+        logs: dict[str, float] = {}
+
+        student_global_logits = student_out["global_logits"].unflatten(0, (n_global, B))  # [n_g, B, K]
+        dino_global = dino_loss(student_global_logits, teacher_cls_probs, student_temp, ignore_diagonal=ignore_diag)
+        total = w_dino * global_scale * dino_global
+        logs["dino_global_loss"] = float(dino_global.detach())
+        if n_local > 0:
+            student_local_logits = student_out["local_logits"].unflatten(0, (n_local, B))  # [n_l, B, K]
+            dino_local = dino_loss(student_local_logits, teacher_cls_probs, student_temp)
+            total = total + w_dino * local_scale * dino_local
+            logs["dino_local_loss"] = float(dino_local.detach())
+
+        w_koleo = float(cfg.dino.koleo_loss_weight)
+        if w_koleo > 0:
+            cls = student_out["global_cls"].unflatten(0, (n_global, B))  # [n_g, B, D]
+            koleo = sum(koleo_loss(cls[i]) for i in range(n_global))
+            total = total + w_koleo * koleo
+            logs["koleo_loss"] = float(koleo.detach())
+
+        w_ibot = float(cfg.ibot.loss_weight)
+        student_patch_logits = student_out["masked_patch_logits"]
+        if student_patch_logits.shape[0] > 0:
+            ibot = ibot_loss(
+                student_patch_logits,
+                teacher_patch_probs,
+                masks_weight,
+                n_images=n_global * B,
+                student_temp=float(cfg.ibot.student_temp),
+            )
+        else:  # no masked patch in this batch: keep the head in the graph for DDP
+            ibot = student_patch_logits.sum() * 0.0
+        total = total + w_ibot * ibot
+        logs["ibot_loss"] = float(ibot.detach())
+
+        if gram_patches is not None:
+            w_gram = float(cfg.gram.loss_weight) if gram_weight is None else float(gram_weight)
+            gram = gram_loss(
+                student_out["global_patches"],
+                gram_patches,
+                img_level=bool(cfg.gram.img_level),
+                normalize=bool(cfg.gram.normalized),
+                remove_neg=bool(cfg.gram.remove_neg),
+            )
+            total = total + w_gram * gram
+            logs["gram_loss"] = float(gram.detach())
+            logs["gram_weight"] = w_gram
+        logs["total_loss"] = float(total.detach())
+        return total, logs
+
+
+def checkpoint_teacher_backbone(path: str | Path) -> dict[str, Tensor]:
+    """Flat backbone state dict from one of our training checkpoints (``teacher`` entry, ``backbone.`` keys)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    teacher = state.get("teacher") if isinstance(state, dict) else None
+    if teacher is None:
+        raise ValueError(f"{path}: not a pretrain.train checkpoint (no 'teacher' entry)")
+    return {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
