@@ -1,0 +1,502 @@
+"""Build CT-3M: public CT (NIfTI, DICOM) -> axial-slice webdataset shards + manifest.csv + stats.json.
+
+    python data_curation/build_ct3m.py --out DIR [--config configs/data/ct3m.yaml] [--root NAME=PATH ...]
+        [--sources a,b] [--workers N] [--list-sources] [--dry-run] [--exclude LIST] [--holdout-finetune]
+        [--allow-failures] [key=value ...]
+
+Stages (state in ``DIR/.state``; a rerun after a crash or ``kill -9`` continues where it stopped and produces the
+same samples, byte-identical shards included):
+
+1. discover cases with the source adapters; drop ``--exclude`` / ``--holdout-finetune`` cases;
+2. curate every case in a worker process (one volume in memory per worker) into a staging file; the finished case
+   is appended to ``volumes.jsonl`` (fsync) -- that line is what makes a case "done";
+3. de-duplicate across sources (fingerprints), order volumes with the seed, cut them into groups of
+   ``output.volumes_per_group`` (the shuffle buffer), shuffle each group's slices and write its shards (temp name
+   + rename); a finished group is appended to ``groups.jsonl``;
+4. write manifest.csv, stats.json, failures.jsonl (bad input), rejections.jsonl (filtered by design),
+   duplicates.csv; print a summary table. Exit code 1 when any input failed, unless ``--allow-failures``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # run as a script: use the package (pip install -e .), not the sibling modules of this file
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from data_curation.dedup import Fingerprint, find_duplicates
+from data_curation.process import process_case
+from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, encode_image, sample_json
+from data_curation.sources import REGISTRY, Case
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+def load_config(path: str | Path, roots: list[str] | None = None, dotlist: list[str] | None = None) -> dict:
+    """YAML defaults + ``key=value`` overrides + ``--root NAME=PATH`` -> plain dict."""
+    cfg = OmegaConf.load(path)
+    if dotlist:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for item in roots or []:
+        if "=" not in item:
+            raise SystemExit(f"--root expects NAME=PATH, got {item!r}")
+        name, path_ = item.split("=", 1)
+        if name not in REGISTRY:
+            raise SystemExit(f"--root {name}: unknown source; known: {', '.join(REGISTRY)}")
+        out["sources"].setdefault(name, {})["root"] = path_
+    return out
+
+
+def source_root(cfg: dict, name: str) -> Path | None:
+    root = (cfg["sources"].get(name) or {}).get("root")
+    return Path(root).expanduser() if root else None
+
+
+def discover(cfg: dict, names: list[str]) -> dict[str, list[Case]]:
+    found = {}
+    for name in names:
+        root = source_root(cfg, name)
+        if root is None or not root.exists():
+            continue
+        found[name] = REGISTRY[name].find(root, cfg["sources"].get(name) or {})
+    return found
+
+
+def selected_sources(cfg: dict, arg: str | None) -> list[str]:
+    if arg:
+        names = [s.strip() for s in arg.split(",") if s.strip()]
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise SystemExit(f"--sources: unknown source(s) {unknown}; known: {', '.join(REGISTRY)}")
+        missing = [n for n in names if not (source_root(cfg, n) and source_root(cfg, n).exists())]
+        if missing:
+            raise SystemExit(f"--sources: no existing root for {missing}; set it with --root NAME=PATH or in the config")
+        return names
+    return [n for n in REGISTRY if source_root(cfg, n) and source_root(cfg, n).exists()]
+
+
+# ----------------------------------------------------------------------------------------------- leakage control
+def read_exclusions(items: list[str]) -> set[str]:
+    """``--exclude`` values: files with one case per line, or comma lists; entries ``source/case`` or ``case``."""
+    out: set[str] = set()
+    for item in items or []:
+        entries = Path(item).read_text().split() if Path(item).is_file() else item.split(",")
+        out.update(e.strip() for e in entries if e.strip() and not e.strip().startswith("#"))
+    return out
+
+
+def holdout_cases(cfg: dict, found: dict[str, list[Case]]) -> dict[str, list[str]]:
+    """Fold-``holdout.fold`` validation cases of each finetune task, split with ``finetune.splits.fold_split``
+    over the task's labelled (training) cases as named by the source adapter."""
+    from finetune.splits import fold_split
+
+    held: dict[str, list[str]] = {}
+    for task, source in cfg["holdout"]["tasks"].items():
+        cases = [c.case_id for c in found.get(source, []) if c.split in ("train", "")]
+        if len(cases) < 5:
+            continue
+        split = fold_split(sorted(cases), fold=int(cfg["holdout"]["fold"]))
+        held[task] = [f"{source}/{c}" for c in split["val"]]
+    return held
+
+
+def is_excluded(case: Case, excluded: set[str]) -> bool:
+    return case.uid in excluded or case.case_id in excluded
+
+
+# ----------------------------------------------------------------------------------------------- state
+class State:
+    """Append-only JSONL state under ``out/.state``; a line is written (and fsynced) only after its work is durable."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / ".state"
+        self.staging = self.dir / "staging"
+        self.parts = self.dir / "manifest_parts"
+        for d in (self.dir, self.staging, self.parts):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def read(self, name: str) -> list[dict]:
+        path = self.dir / name
+        if not path.exists():
+            return []
+        records = []
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # torn last line from a kill: that record was never committed
+                    break
+        return records
+
+    def append(self, name: str, record: dict) -> None:
+        with open(self.dir / name, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def truncate_torn(self, name: str) -> None:
+        """Rewrite a JSONL file with only its complete lines (a kill can leave a partial last line)."""
+        path = self.dir / name
+        if path.exists():
+            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.read(name)))
+
+
+def plan_hash(cfg: dict, cases: list[Case]) -> str:
+    frozen = {k: v for k, v in cfg.items() if k not in ("run",)}
+    frozen = json.loads(json.dumps(frozen, sort_keys=True, default=str))
+    for name in frozen.get("sources", {}):
+        frozen["sources"][name] = {k: v for k, v in (frozen["sources"][name] or {}).items() if k != "root"}
+    h = hashlib.sha256(json.dumps(frozen, sort_keys=True).encode())
+    for c in cases:
+        h.update(f"{c.uid}|{c.kind}|{len(c.paths)}\n".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- stage 2: curate
+_WORKER_CFG: dict = {}
+
+
+def _init_worker(cfg: dict, staging: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER_CFG["cfg"] = cfg
+    _WORKER_CFG["staging"] = staging
+
+
+def _work(case: Case) -> dict:
+    return process_case(case, _WORKER_CFG["cfg"], _WORKER_CFG["staging"])
+
+
+def curate(cases: list[Case], cfg: dict, state: State, workers: int, progress: bool) -> None:
+    done = {r["case"] for r in state.read("volumes.jsonl")}
+    pending = [c for c in cases if c.uid not in done]
+    for tmp in state.staging.glob("*.tmp"):
+        tmp.unlink()
+    if not pending:
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(cases), initial=len(cases) - len(pending), unit="vol", desc="curate", disable=not progress, dynamic_ncols=True)
+    n_slices, t0 = 0, time.perf_counter()
+
+    def record(result: dict) -> None:
+        nonlocal n_slices
+        state.append("volumes.jsonl", result)
+        n_slices += sum(v["n_slices"] for v in result["volumes"])
+        bar.update(1)
+        bar.set_postfix(slices=n_slices, slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+    try:
+        if workers <= 1:
+            _init_worker(cfg, str(state.staging))
+            for case in pending:
+                record(_work(case))
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, str(state.staging)),
+                          maxtasksperchild=int(cfg["run"]["maxtasksperchild"])) as pool:
+                for result in pool.imap_unordered(_work, pending, chunksize=1):
+                    record(result)
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------- stage 3: pack
+def volume_groups(kept: list[dict], cfg: dict) -> list[list[dict]]:
+    """Seeded volume order cut into groups of ``output.volumes_per_group`` (the cross-volume shuffle buffer)."""
+    ordered = sorted(kept, key=lambda v: v["uid"])
+    perm = np.random.default_rng(int(cfg["seed"])).permutation(len(ordered))
+    ordered = [ordered[i] for i in perm]
+    size = max(1, int(cfg["output"]["volumes_per_group"]))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def sample_key(source: str, case: str, slice_index: int) -> str:
+    return f"{source}-{case}-{slice_index:05d}"
+
+
+def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress: bool) -> None:
+    done = {r["group"]: r for r in state.read("groups.jsonl")}
+    next_shard = 0
+    per_shard = int(cfg["output"]["samples_per_shard"])
+    fmt = cfg["output"]["image_format"]
+    level = int(cfg["output"].get("png_compress_level", 1))
+    from tqdm import tqdm
+
+    for g, vols in enumerate(tqdm(groups, desc="pack", unit="group", disable=not progress, dynamic_ncols=True)):
+        if g in done:
+            next_shard = done[g]["first_shard"] + done[g]["n_shards"]
+            continue
+        for stale in list(out.glob("ct3m-*.tar")) + list(out.glob("ct3m-*.tar.tmp")):
+            if int(stale.name[5:11]) >= next_shard:
+                stale.unlink()
+        items = [(vi, si) for vi, v in enumerate(vols) for si in range(v["n_slices"])]
+        order = np.random.default_rng([int(cfg["seed"]), g]).permutation(len(items))
+        arrays = [np.load(state.staging / v["staging"], mmap_mode="r") for v in vols]
+        rows = []
+        n_shards = 0
+        for s0 in range(0, len(order), per_shard):
+            shard_name = SHARD_PATTERN % (next_shard + n_shards)
+            with ShardWriter(out / shard_name) as writer:
+                for idx in order[s0:s0 + per_shard]:
+                    vi, si = items[idx]
+                    v = vols[vi]
+                    meta = dict(v["common"], **v["slices"][si])
+                    key = sample_key(v["common"]["source"], v["case"], meta["slice_index"])
+                    meta["key"] = key
+                    meta["image_format"] = fmt
+                    ext, data = encode_image(np.asarray(arrays[vi][si]), fmt, level)
+                    writer.add(key, {ext: data, "json": sample_json(meta)})
+                    rows.append((key, shard_name, v["common"]["source"], v["case"], meta["slice_index"]))
+            n_shards += 1
+        del arrays
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        atomic_write_text(state.parts / f"group-{g:06d}.csv", buf.getvalue())
+        state.append("groups.jsonl", {"group": g, "first_shard": next_shard, "n_shards": n_shards, "n_samples": len(rows),
+                                      "volumes": [v["uid"] for v in vols]})
+        for v in vols:
+            (state.staging / v["staging"]).unlink(missing_ok=True)
+        next_shard += n_shards
+    for stale in list(out.glob("ct3m-*.tar")) + list(out.glob("ct3m-*.tar.tmp")):
+        if int(stale.name[5:11]) >= next_shard:
+            stale.unlink()
+
+
+# ----------------------------------------------------------------------------------------------- stage 4: report
+def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records: list[dict], duplicates: list[dict],
+                  excluded: list[str], n_groups: int) -> tuple[dict, int]:
+    parts = sorted(state.parts.glob("group-*.csv"))
+    parts = [p for p in parts if int(p.stem.split("-")[1]) < n_groups]
+    header = "key,shard,source,case,slice_index\n"
+    atomic_write_text(out / "manifest.csv", header + "".join(p.read_text() for p in parts))
+    failures, rejections = [], []
+    dropped = {d["dropped"] for d in duplicates}
+    hist_cfg = cfg["stats"]["hu_histogram"]
+    edges = np.arange(hist_cfg["min"], hist_cfg["max"] + hist_cfg["bin"], hist_cfg["bin"])
+    hist = np.zeros(len(edges) - 1, dtype=np.int64)
+    per_source: dict[str, dict] = {}
+    n_cases = {}
+    for c in cases:
+        n_cases[c.source] = n_cases.get(c.source, 0) + 1
+    for rec in records:
+        s = per_source.setdefault(rec["source"], {"cases": n_cases.get(rec["source"], 0), "volumes": 0, "slices": 0, "native_slices": 0,
+                                                  "empty_skipped": 0, "subsampled_out": 0, "duplicates_dropped": 0,
+                                                  "failed": 0, "filtered": 0, "reasons": {}, "seconds": 0.0})
+        s["seconds"] = round(s["seconds"] + rec["seconds"], 3)
+        for r in rec["rejections"]:
+            entry = dict(r, source=rec["source"], case=rec["case"])
+            (rejections if r["filtered"] else failures).append(entry)
+            s["filtered" if r["filtered"] else "failed"] += 1
+            s["reasons"][r["reason"]] = s["reasons"].get(r["reason"], 0) + 1
+        for v in rec["volumes"]:
+            if v["uid"] in dropped:
+                s["duplicates_dropped"] += 1
+                continue
+            s["volumes"] += 1
+            s["slices"] += v["n_slices"]
+            s["native_slices"] += v["n_native_slices"]
+            s["empty_skipped"] += v["n_empty_skipped"]
+            s["subsampled_out"] += v["n_subsampled_out"]
+            hist += np.asarray(v["hu_histogram"], dtype=np.int64)
+    atomic_write_text(out / "failures.jsonl", "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+    atomic_write_text(out / "rejections.jsonl", "".join(json.dumps(f, sort_keys=True) + "\n" for f in rejections))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["dropped", "kept", "mean_abs_diff_hu", "reason"])
+    w.writerows([[d["dropped"], d["kept"], d["mean_abs_diff_hu"], d["reason"]] for d in duplicates])
+    atomic_write_text(out / "duplicates.csv", buf.getvalue())
+    groups = state.read("groups.jsonl")
+    stats = {
+        "version": STATE_VERSION,
+        "n_samples": int(sum(s["slices"] for s in per_source.values())),
+        "n_shards": int(sum(g["n_shards"] for g in groups if g["group"] < n_groups)),
+        "n_volumes": int(sum(s["volumes"] for s in per_source.values())),
+        "n_failures": len(failures),
+        "n_filtered": len(rejections),
+        "n_duplicates_dropped": len(duplicates),
+        "n_excluded_cases": len(excluded),
+        "excluded_cases": sorted(excluded),
+        "image_format": cfg["output"]["image_format"],
+        "geometry": cfg["geometry"],
+        "seed": cfg["seed"],
+        "per_source": per_source,
+        "hu_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+    }
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1, sort_keys=True) + "\n")
+    return stats, len(failures)
+
+
+def print_summary(stats: dict, file=sys.stdout) -> None:
+    cols = ["source", "cases", "volumes", "slices", "dupes", "filtered", "failed", "s/vol"]
+    rows = []
+    for name, s in stats["per_source"].items():
+        n = max(s["volumes"] + s["duplicates_dropped"], 1)
+        rows.append([name, s["cases"], s["volumes"], s["slices"], s["duplicates_dropped"], s["filtered"], s["failed"], f"{s['seconds'] / n:.2f}"])
+    rows.append(["TOTAL", sum(r[1] for r in rows), stats["n_volumes"], stats["n_samples"], stats["n_duplicates_dropped"],
+                 stats["n_filtered"], stats["n_failures"], ""])
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    line = "  ".join(f"{{:>{w}}}" for w in widths)
+    print(line.format(*cols), file=file)
+    for r in rows:
+        print(line.format(*r), file=file)
+    print(f"{stats['n_shards']} shards, {stats['n_excluded_cases']} cases excluded", file=file)
+    reasons: dict[str, int] = {}
+    for s in stats["per_source"].values():
+        for k, v in s["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    if reasons:
+        print("rejections: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())), file=file)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="output directory (shards, manifest.csv, stats.json, state)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="curation config (default: configs/data/ct3m.yaml)")
+    p.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="root folder of a source (repeatable)")
+    p.add_argument("--sources", help="comma list of sources to run (default: every source whose root exists)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: run.workers in the config)")
+    p.add_argument("--list-sources", action="store_true", help="print each source, its root and its case count")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (cases, estimated slices and bytes), write nothing")
+    p.add_argument("--exclude", action="append", default=[], metavar="LIST", help="case list file or comma list (source/case or case)")
+    p.add_argument("--holdout-finetune", action="store_true", help="exclude fold-0 validation cases of amos22/btcv/kits23/lits")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even if some inputs failed")
+    p.add_argument("--restart", action="store_true", help="discard the state of a previous build in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output.samples_per_shard=500")
+    return p.parse_args(argv)
+
+
+def list_sources(cfg: dict) -> None:
+    print(f"{'source':<18} {'cases':>6}  root / layout")
+    for name, adapter in REGISTRY.items():
+        root = source_root(cfg, name)
+        if root is None:
+            n = "-"
+        elif not root.exists():
+            n = "missing"
+        else:
+            n = str(len(adapter.find(root, cfg["sources"].get(name) or {})))
+        print(f"{name:<18} {n:>6}  {root or '(not set)'}  [{adapter.layout}]")
+
+
+def dry_run(cfg: dict, found: dict[str, list[Case]], cases: list[Case], excluded: list[str]) -> None:
+    import nibabel as nib
+
+    size = cfg["geometry"].get("output_size")
+    print(f"{'source':<18} {'cases':>6} {'est. slices':>12} {'est. GiB':>9}")
+    total_slices = total_bytes = 0
+    for name in found:
+        n_slices = n_bytes = 0
+        for c in (c for c in cases if c.source == name):
+            if c.kind == "nifti":
+                try:
+                    shp = nib.load(c.paths[0]).shape
+                except Exception:
+                    continue
+                z, hw = shp[2], (shp[1], shp[0])
+            else:
+                z, hw = len(c.paths), (512, 512)
+            h, w = size if size else hw
+            n_slices += z
+            n_bytes += z * (h * w * 2 + 1024 + 128)  # image + json + tar headers
+        total_slices += n_slices
+        total_bytes += n_bytes
+        print(f"{name:<18} {sum(1 for c in cases if c.source == name):>6} {n_slices:>12} {n_bytes / 2**30:>9.2f}")
+    print(f"{'TOTAL':<18} {len(cases):>6} {total_slices:>12} {total_bytes / 2**30:>9.2f}   ({len(excluded)} cases excluded; "
+          "estimate before near-empty slices are skipped)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.root, args.overrides)
+    if args.workers is not None:
+        cfg["run"]["workers"] = args.workers
+    if args.list_sources:
+        list_sources(cfg)
+        return 0
+    names = selected_sources(cfg, args.sources)
+    if not names:
+        print("no source has an existing root: set one with --root NAME=PATH (see --list-sources)", file=sys.stderr)
+        return 2
+    found = discover(cfg, names)
+    excluded_ids = read_exclusions(args.exclude)
+    if args.holdout_finetune:
+        for task, uids in holdout_cases(cfg, found).items():
+            excluded_ids.update(uids)
+    all_cases = [c for name in names for c in found.get(name, [])]
+    cases = [c for c in all_cases if not is_excluded(c, excluded_ids)]
+    excluded = sorted(c.uid for c in all_cases if is_excluded(c, excluded_ids))
+    if args.dry_run:
+        dry_run(cfg, found, cases, excluded)
+        return 0
+    if not args.out:
+        print("--out is required (except with --list-sources / --dry-run)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.restart and (out / ".state").exists():
+        shutil.rmtree(out / ".state")
+        for old in out.glob("ct3m-*.tar*"):
+            old.unlink()
+    state = State(out)
+    digest = plan_hash(cfg, cases)
+    plan_file = state.dir / "plan.json"
+    if plan_file.exists():
+        previous = json.loads(plan_file.read_text())
+        if previous.get("plan_hash") != digest:
+            print(f"{out} holds a build with a different config or input list; use a new --out or --restart", file=sys.stderr)
+            return 2
+    else:
+        atomic_write_text(plan_file, json.dumps({"plan_hash": digest, "version": STATE_VERSION, "n_cases": len(cases)}) + "\n")
+    state.truncate_torn("volumes.jsonl")
+    state.truncate_torn("groups.jsonl")
+    progress = not args.no_progress
+    curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)
+
+    by_case = {r["case"]: r for r in state.read("volumes.jsonl")}
+    records = [by_case[c.uid] for c in cases if c.uid in by_case]
+    volumes = [v for r in records for v in r["volumes"] if v["n_slices"] > 0]
+    uids = [v["uid"] for v in volumes]
+    if len(set(uids)) != len(uids):
+        raise SystemExit("two volumes share a uid (case ids collide after sanitising); rename the inputs")
+    duplicates = []
+    if cfg["dedup"]["enabled"]:
+        fps = [Fingerprint.from_dict(v["fingerprint"]) for r in records for v in r["volumes"]]
+        duplicates = find_duplicates(fps, list(cfg["sources"]), float(cfg["dedup"]["max_mean_abs_diff_hu"]), float(cfg["dedup"]["extent_rel_tol"]))
+    dropped = {d["dropped"] for d in duplicates}
+    kept = [v for v in volumes if v["uid"] not in dropped]
+    groups = volume_groups(kept, cfg)
+    pack(groups, cfg, out, state, progress)
+    for leftover in state.staging.glob("*"):
+        leftover.unlink()
+    stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups))
+    print_summary(stats)
+    if n_failed:
+        print(f"{n_failed} input(s) failed: see {out / 'failures.jsonl'}", file=sys.stderr)
+        if not args.allow_failures:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Cross-source de-duplication: the same scan is redistributed by several datasets (LiTS ~ MSD Liver;
+AbdomenCT-1K and AbdomenAtlas contain MSD/KiTS/NIH cases), in different dtypes, orientations and compressions.
+
+A fingerprint is computed on the canonical LPS HU volume (so orientation and storage dtype no longer matter):
+the canonical shape, the physical extent in mm, and a coarse descriptor -- HU clipped to ``[-1024, 2000]``,
+block-averaged to ``grid`` (default 16x16x16). Two volumes are duplicates when their shapes and extents match and
+the descriptors differ by less than ``max_mean_abs_diff_hu`` on average (lossy re-compression and float/int
+rounding move block means by far less than 1 HU; different patients differ by tens of HU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Fingerprint:
+    uid: str
+    shape: tuple[int, int, int]
+    extent_mm: tuple[float, float, float]
+    descriptor: np.ndarray  # float32 [gz, gy, gx]
+
+    def as_dict(self) -> dict:
+        return {"uid": self.uid, "shape": list(self.shape), "extent_mm": [round(e, 3) for e in self.extent_mm],
+                "descriptor": np.round(self.descriptor, 2).ravel().tolist(), "grid": list(self.descriptor.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fingerprint":
+        return cls(d["uid"], tuple(d["shape"]), tuple(d["extent_mm"]), np.asarray(d["descriptor"], np.float32).reshape(d["grid"]))
+
+
+def slice_descriptors(slices: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """``[N, H, W]`` int16 HU -> ``[N, gh, gw]`` float32 block means of HU clipped to [-1024, 2000]."""
+    x = torch.from_numpy(np.ascontiguousarray(slices)).to(torch.float32).clamp_(-1024, 2000).unsqueeze(1)
+    return F.adaptive_avg_pool2d(x, grid_hw).squeeze(1).numpy()
+
+
+def volume_fingerprint(uid: str, per_slice: np.ndarray, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float], grid_z: int) -> Fingerprint:
+    """Combine per-slice descriptors ``[Z, gh, gw]`` (all slices, canonical order) into a volume fingerprint."""
+    z = per_slice.shape[0]
+    bins = np.array_split(np.arange(z), min(grid_z, z))
+    desc = np.stack([per_slice[b].mean(axis=0) for b in bins]).astype(np.float32)
+    if desc.shape[0] < grid_z:  # very short volumes: pad the grid so every descriptor has one shape
+        desc = np.concatenate([desc, np.repeat(desc[-1:], grid_z - desc.shape[0], axis=0)])
+    extent = tuple(float(n * s) for n, s in zip(shape, spacing_zyx))
+    return Fingerprint(uid, tuple(int(s) for s in shape), extent, desc)
+
+
+def find_duplicates(fingerprints: list[Fingerprint], priority: list[str], max_mean_abs_diff_hu: float, extent_rel_tol: float) -> list[dict]:
+    """Return one record per dropped volume: ``{dropped, kept, mean_abs_diff_hu, reason}``.
+
+    Candidates are bucketed by canonical shape (reorientation only permutes axes, so shapes match). The copy kept
+    is the one whose source comes first in ``priority`` (ties: smallest uid), which makes the result independent of
+    processing order.
+    """
+    rank = {name: i for i, name in enumerate(priority)}
+
+    def order(fp: Fingerprint):
+        return (rank.get(fp.uid.split("/", 1)[0], len(rank)), fp.uid)
+
+    buckets: dict[tuple, list[Fingerprint]] = {}
+    for fp in sorted(fingerprints, key=order):
+        buckets.setdefault(fp.shape, []).append(fp)
+    dropped: list[dict] = []
+    for members in buckets.values():
+        kept: list[Fingerprint] = []
+        for fp in members:
+            match = None
+            for k in kept:
+                if all(abs(a - b) <= extent_rel_tol * max(a, b) for a, b in zip(fp.extent_mm, k.extent_mm)):
+                    diff = float(np.abs(fp.descriptor - k.descriptor).mean())
+                    if diff < max_mean_abs_diff_hu:
+                        match = (k, diff)
+                        break
+            if match is None:
+                kept.append(fp)
+            else:
+                dropped.append({"dropped": fp.uid, "kept": match[0].uid, "mean_abs_diff_hu": round(match[1], 3),
+                                "reason": "same scan (shape, extent and HU fingerprint match)"})
+    return sorted(dropped, key=lambda d: d["dropped"])

@@ -1,0 +1,146 @@
+"""Canonical axial orientation, slice selection and in-plane resampling.
+
+Canonical orientation (``"LPS"``): a volume ``[Z, H, W]`` whose column index increases towards the patient's Left,
+row index towards Posterior and slice index towards Superior. Displayed with row 0 at the top this is the
+radiological convention (anterior up, patient right on the image left), for NIfTI and DICOM alike.
+
+In-plane geometry is driven by three config keys (``configs/data/ct3m.yaml``, block ``geometry``):
+``inplane_spacing_mm`` (null = keep native), ``output_size`` ([H, W] or null = keep) and ``fit``:
+``resize`` rescales the whole field of view to ``output_size`` (a spacing step before it would only change the
+interpolation path, so the two are composed into one interpolation; with ``keep_aspect`` the pixels stay square and
+the physically shorter side is padded with ``pad_value_hu``); ``pad_crop`` first resamples to
+``inplane_spacing_mm`` and then centre-crops/pads (with ``pad_value_hu``) to ``output_size``, keeping physical
+scale uniform across volumes. ``interpolation`` is ``linear`` | ``cubic`` | ``nearest`` | ``area``; downsampling
+is anti-aliased for linear/cubic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_curation.readers.common import RawVolume
+
+CANONICAL_AXCODES = ("L", "P", "S")
+
+
+@dataclass
+class AxialVolume:
+    """``array`` int16 HU ``[Z, H, W]`` in canonical LPS order; ``spacing_mm`` (row, col); ``positions_mm`` [Z]
+    slice positions along S relative to slice 0 (exact even when the spacing varies); ``affine`` maps
+    (col, row, slice) indices to RAS mm (slice column = median spacing)."""
+
+    array: np.ndarray
+    spacing_mm: tuple[float, float]
+    positions_mm: np.ndarray
+    affine: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    @property
+    def slice_spacing_mm(self) -> float:
+        return float(np.median(np.diff(self.positions_mm))) if len(self.positions_mm) > 1 else float(np.linalg.norm(self.affine[:3, 2]))
+
+
+def to_canonical_axial(raw: RawVolume) -> AxialVolume:
+    """Reorient (flips and axis permutations only, no interpolation) to canonical LPS ``[Z, H, W]``.
+
+    Oblique affines are mapped to the closest axes; the residual angle is recorded as ``obliquity_deg``.
+    """
+    ornt = nib.orientations.io_orientation(raw.affine)
+    transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(CANONICAL_AXCODES))
+    data = nib.orientations.apply_orientation(raw.data, transform)
+    affine = raw.affine @ nib.orientations.inv_ornt_aff(transform, raw.data.shape)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)  # (col, row, slice)
+    k_src = int(np.flatnonzero(transform[:, 0] == 2)[0])  # source axis that became the slice axis
+    n_slices = data.shape[2]
+    if raw.k_offsets_mm is not None and k_src == 2:
+        offsets = np.asarray(raw.k_offsets_mm, dtype=np.float64)
+        positions = offsets if transform[k_src, 1] > 0 else (offsets[-1] - offsets)[::-1]
+    else:
+        positions = np.arange(n_slices, dtype=np.float64) * spacing[2]
+    cosines = np.abs(affine[:3, :3] / spacing)
+    obliquity = float(np.degrees(np.arccos(np.clip(cosines.max(axis=0).min(), -1, 1))))
+    info = dict(raw.info)
+    if obliquity > 0.01:
+        info["obliquity_deg"] = round(obliquity, 3)
+    return AxialVolume(data.transpose(2, 1, 0), (float(spacing[1]), float(spacing[0])), np.ascontiguousarray(positions), affine, info)
+
+
+def select_slices(positions_mm: np.ndarray, min_step_mm: float | None) -> np.ndarray:
+    """Indices of the slices to keep. ``min_step_mm`` (config ``slices.min_slice_step_mm``) sub-samples thin-slice
+    volumes greedily so consecutive kept slices are at least that far apart; ``None`` keeps every slice."""
+    if not min_step_mm or len(positions_mm) == 0:
+        return np.arange(len(positions_mm))
+    keep = [0]
+    for i in range(1, len(positions_mm)):
+        if positions_mm[i] - positions_mm[keep[-1]] >= min_step_mm - 1e-6:
+            keep.append(i)
+    return np.asarray(keep)
+
+
+def output_geometry(shape_hw: tuple[int, int], spacing_mm: tuple[float, float], cfg: dict) -> tuple[tuple[int, int], tuple[float, float], tuple[int, int] | None]:
+    """Plan the in-plane transform: (interpolated shape, its spacing (row, col) mm, crop/pad target or None)."""
+    h, w = shape_hw
+    size = cfg.get("output_size")
+    target = cfg.get("inplane_spacing_mm")
+    fit = cfg.get("fit", "resize")
+    if fit not in ("resize", "pad_crop"):
+        raise ValueError(f"geometry.fit must be 'resize' or 'pad_crop', got {fit!r}")
+    if size is not None and fit == "resize":
+        oh, ow = int(size[0]), int(size[1])
+        if not cfg.get("keep_aspect", True):
+            return (oh, ow), (h * spacing_mm[0] / oh, w * spacing_mm[1] / ow), None
+        # square output pixels: the physically longer side fills the output, the other is padded
+        s = max(h * spacing_mm[0] / oh, w * spacing_mm[1] / ow)
+        ih, iw = min(oh, max(1, round(h * spacing_mm[0] / s))), min(ow, max(1, round(w * spacing_mm[1] / s)))
+        return (ih, iw), (h * spacing_mm[0] / ih, w * spacing_mm[1] / iw), ((oh, ow) if (ih, iw) != (oh, ow) else None)
+    if target:
+        oh, ow = max(1, round(h * spacing_mm[0] / target)), max(1, round(w * spacing_mm[1] / target))
+        interp = ((oh, ow), (h * spacing_mm[0] / oh, w * spacing_mm[1] / ow))
+    else:
+        interp = ((h, w), spacing_mm)
+    return interp[0], interp[1], (tuple(int(s) for s in size) if size is not None else None)
+
+
+def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[int, int] | None, cfg: dict) -> np.ndarray:
+    """In-plane resample a batch ``[N, H, W]`` int16 HU -> ``[N, h, w]`` int16 HU (then centre crop/pad if asked)."""
+    n, h, w = slices.shape
+    out = slices
+    if (h, w) != tuple(out_hw):
+        mode = cfg.get("interpolation", "linear")
+        x = torch.from_numpy(np.ascontiguousarray(slices)).to(torch.float32).unsqueeze(1)
+        if mode == "nearest":
+            y = F.interpolate(x, size=out_hw, mode="nearest-exact")
+        elif mode == "area":
+            y = F.interpolate(x, size=out_hw, mode="area")
+        elif mode in ("linear", "cubic"):
+            tmode = "bilinear" if mode == "linear" else "bicubic"
+            down = out_hw[0] < h or out_hw[1] < w
+            y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=bool(cfg.get("antialias", True)) and down)
+        else:
+            raise ValueError(f"geometry.interpolation must be linear|cubic|nearest|area, got {mode!r}")
+        out = y.squeeze(1).round_().clamp_(-32768, 32767).to(torch.int16).numpy()
+    if crop_to is not None:
+        out = center_crop_pad(out, crop_to, int(cfg.get("pad_value_hu", -1024)))
+    return out
+
+
+def center_crop_pad(slices: np.ndarray, size: tuple[int, int], pad_value: int) -> np.ndarray:
+    """Centre crop and/or pad ``[N, H, W]`` to ``[N, *size]`` with ``pad_value``."""
+    n, h, w = slices.shape
+    th, tw = size
+    out = np.full((n, th, tw), pad_value, dtype=slices.dtype)
+    sy, sx = max(0, (h - th) // 2), max(0, (w - tw) // 2)
+    dy, dx = max(0, (th - h) // 2), max(0, (tw - w) // 2)
+    ch, cw = min(h, th), min(w, tw)
+    out[:, dy:dy + ch, dx:dx + cw] = slices[:, sy:sy + ch, sx:sx + cw]
+    return out
+
+
+def is_near_empty(slices: np.ndarray, body_threshold_hu: float, min_body_fraction: float) -> np.ndarray:
+    """``[N]`` bool: slices where less than ``min_body_fraction`` of pixels exceed ``body_threshold_hu`` (air only)."""
+    frac = (slices > body_threshold_hu).reshape(len(slices), -1).mean(axis=1)
+    return frac < min_body_fraction

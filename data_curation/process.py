@@ -1,0 +1,138 @@
+"""One case -> staged slices: read, canonicalise, select, resample, drop near-empty slices, fingerprint.
+
+Runs inside a worker process and holds at most one volume in memory. Output per accepted volume:
+``<staging>/<source>__<case>.npy`` (int16 ``[N, h, w]``, the slices that will become samples, in slice order) and a
+record (returned to the parent, which appends it to the state file) with per-slice metadata, the dedup
+fingerprint and an HU histogram. Files are written under a temp name and renamed, so a kill never leaves a
+half-written staging file that looks complete.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_curation.dedup import slice_descriptors, volume_fingerprint
+from data_curation.geometry import is_near_empty, output_geometry, resample_slices, select_slices, to_canonical_axial
+from data_curation.readers.common import CurationError, RawVolume
+from data_curation.readers.dicom import read_dicom_series
+from data_curation.readers.nifti import read_nifti
+from data_curation.sources.base import Case
+
+_INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")
+
+
+def staging_name(uid: str) -> str:
+    return uid.replace("/", "__")
+
+
+def read_case(case: Case, cfg: dict) -> tuple[list[RawVolume], list[dict]]:
+    """Reader dispatch -> (volumes, rejection dicts)."""
+    if case.kind == "nifti":
+        try:
+            return [read_nifti(case.paths[0], cfg["reading"])], []
+        except CurationError as err:
+            return [], [err.rejection.as_dict()]
+    if case.kind == "dicom":
+        volumes, rejections = read_dicom_series(list(case.paths), cfg["dicom"], cfg["reading"])
+        return volumes, [r.as_dict() for r in rejections]
+    raise ValueError(f"unknown case kind {case.kind!r}")
+
+
+def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
+    """Curate one case. Never raises for bad input: problems come back in ``rejections``."""
+    t0 = time.perf_counter()
+    try:
+        raws, rejections = read_case(case, cfg)
+    except Exception as exc:  # a reader bug must not stop the run; it is reported as a failure of this case
+        raws, rejections = [], [{"file": case.paths[0] if case.paths else case.uid, "reason": "internal_error",
+                                 "detail": f"{type(exc).__name__}: {exc}", "filtered": False}]
+    t_read = time.perf_counter() - t0
+    volumes = []
+    for raw in raws:
+        case_name = f"{case.case_id}_{raw.volume_suffix}" if raw.volume_suffix else case.case_id
+        try:
+            volumes.append(_stage_volume(case, case_name, raw, cfg, Path(staging_dir)))
+        except Exception as exc:
+            rejections.append({"file": case.paths[0], "reason": "internal_error", "detail": f"{type(exc).__name__}: {exc}", "filtered": False})
+    if not raws and not rejections:
+        rejections.append({"file": case.paths[0] if case.paths else case.uid, "reason": "no_slices_kept", "detail": "no image found", "filtered": True})
+    return {"case": case.uid, "source": case.source, "volumes": volumes, "rejections": rejections,
+            "seconds": round(time.perf_counter() - t0, 3), "read_seconds": round(t_read, 3)}
+
+
+def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging: Path) -> dict:
+    vol = to_canonical_axial(raw)
+    del raw
+    z, h, w = vol.array.shape
+    geo = cfg["geometry"]
+    sl_cfg = cfg["slices"]
+    out_hw, out_spacing, crop_to = output_geometry((h, w), vol.spacing_mm, geo)
+    selected = set(select_slices(vol.positions_mm, sl_cfg.get("min_slice_step_mm")).tolist())
+    fp_cfg = cfg["dedup"]
+    grid = tuple(fp_cfg["grid"])
+    batch = int(cfg["run"]["slice_batch"])
+    hist_cfg = cfg["stats"]["hu_histogram"]
+    edges = np.arange(hist_cfg["min"], hist_cfg["max"] + hist_cfg["bin"], hist_cfg["bin"])
+    hist = np.zeros(len(edges) - 1, dtype=np.int64)
+    descriptors, kept_imgs, kept_idx = [], [], []
+    n_empty = 0
+    for b0 in range(0, z, batch):
+        native = vol.array[b0:b0 + batch]
+        descriptors.append(slice_descriptors(native, grid[1:]))
+        idx = [i for i in range(b0, b0 + len(native)) if i in selected]
+        if not idx:
+            continue
+        out = resample_slices(np.ascontiguousarray(vol.array[idx]), out_hw, crop_to, geo)
+        empty = is_near_empty(out, float(sl_cfg["body_threshold_hu"]), float(sl_cfg["min_body_fraction"])) if sl_cfg.get("skip_empty", True) else np.zeros(len(out), bool)
+        n_empty += int(empty.sum())
+        for j, i in enumerate(idx):
+            if not empty[j]:
+                kept_imgs.append(out[j])
+                kept_idx.append(i)
+    uid = f"{case.source}/{case_name}"
+    fp = volume_fingerprint(uid, np.concatenate(descriptors), (z, h, w), (vol.slice_spacing_mm, *vol.spacing_mm), grid[0])
+    stack = np.stack(kept_imgs) if kept_imgs else np.zeros((0, *(crop_to or out_hw)), np.int16)
+    if len(stack):
+        hist += np.histogram(np.clip(stack, edges[0], edges[-1] - 1), bins=edges)[0]
+    name = staging_name(uid)
+    tmp = staging / f"{name}.npy.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, stack, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, staging / f"{name}.npy")
+    pos = vol.positions_mm
+    gaps = np.diff(pos)
+
+    def local_gap(i: int) -> float:
+        near = [gaps[j] for j in (i - 1, i) if 0 <= j < len(gaps)]
+        return round(float(min(near)), 4) if near else round(vol.slice_spacing_mm, 4)
+
+    common = {
+        "source": case.source,
+        "case": case_name,
+        "spacing_mm": [round(out_spacing[0], 5), round(out_spacing[1], 5)],
+        "original_spacing_mm": [round(vol.spacing_mm[0], 5), round(vol.spacing_mm[1], 5)],
+        "original_shape": [h, w],
+        "volume_shape": [z, h, w],
+        "orientation": "LPS",
+        "dtype": "int16",
+        "units": "HU",
+    }
+    common.update({k: vol.info[k] for k in _INFO_KEYS if k in vol.info})
+    return {
+        "uid": uid,
+        "case": case_name,
+        "staging": f"{name}.npy",
+        "n_slices": int(len(stack)),
+        "n_native_slices": int(z),
+        "n_empty_skipped": n_empty,
+        "n_subsampled_out": int(z - len(selected)),
+        "common": common,
+        "slices": [{"slice_index": int(i), "slice_position_mm": round(float(pos[i]), 4), "slice_spacing_mm": local_gap(i)} for i in kept_idx],
+        "fingerprint": fp.as_dict(),
+        "hu_histogram": hist.tolist(),
+    }

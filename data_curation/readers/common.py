@@ -1,0 +1,128 @@
+"""Types shared by the NIfTI and DICOM readers: the raw volume they return and the structured rejection they raise.
+
+A reader's job ends at "HU as int16 in voxel order plus a voxel->RAS affine"; orientation, resampling and slicing
+are :mod:`data_curation.geometry`'s job, so both formats go through the same canonicalisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: rejections that are expected filtering (not an error in the input): counted in stats, never fail the run
+FILTERED_REASONS = frozenset(
+    {
+        "not_ct",
+        "seg_object",
+        "rt_object",
+        "not_image",
+        "localizer",
+        "not_grayscale",
+        "derived_map",
+        "secondary_capture",
+        "not_axial",
+        "duplicate_slice",
+        "too_few_slices",
+        "no_slices_kept",
+        "gantry_tilt",
+    }
+)
+
+
+@dataclass
+class RawVolume:
+    """HU volume as read from disk, before canonicalisation.
+
+    ``data``: int16 HU, shape ``[I, J, K]`` in the file's voxel order (nibabel convention; for DICOM
+    ``I`` = columns, ``J`` = rows, ``K`` = slices sorted along the slice normal).
+    ``affine``: 4x4 voxel index -> RAS millimetres.
+    ``k_offsets_mm``: position of every ``K`` index along the ``K`` axis relative to index 0 when the spacing is
+    irregular (DICOM with variable spacing or missing slices); ``None`` when ``affine`` describes it exactly.
+    ``info``: flags worth keeping with the slices (gantry tilt, variable spacing, NaN count...), never PHI.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    k_offsets_mm: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+    volume_suffix: str = ""  # distinguishes several accepted series of one DICOM case (hash of the series UID)
+
+
+@dataclass
+class Rejection:
+    """Why a file (or a whole volume) was not used. ``filtered`` = by design; otherwise the input is bad."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+    @property
+    def filtered(self) -> bool:
+        return self.reason in FILTERED_REASONS
+
+    def as_dict(self) -> dict:
+        return {"file": self.path, "reason": self.reason, "detail": self.detail, "filtered": self.filtered}
+
+
+class CurationError(Exception):
+    """A volume cannot be curated; carries a :class:`Rejection` naming the file and the problem."""
+
+    def __init__(self, path: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"{path}: {reason}: {detail}")
+        self.rejection = Rejection(str(path), reason, detail)
+
+
+@dataclass
+class HuCheck:
+    """Running HU sanity check over chunks of a volume: values must look like HU.
+
+    A corrupt decode (wrong sign, wrong bit depth) puts a large fraction of voxels far outside
+    ``[low - slack, high + slack]``; a few metal voxels above ``high`` or out-of-field fill values such as -3024 do
+    not. The volume is rejected (never clipped) when the outside fraction exceeds ``max_outside_fraction``.
+    """
+
+    low: float
+    high: float
+    slack: float
+    max_outside_fraction: float
+    n_total: int = 0
+    n_outside: int = 0
+    vmin: float = np.inf
+    vmax: float = -np.inf
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "HuCheck":
+        return cls(float(cfg["low"]), float(cfg["high"]), float(cfg["slack"]), float(cfg["max_outside_fraction"]))
+
+    def update(self, hu: np.ndarray) -> None:
+        if hu.size == 0:
+            return
+        self.n_total += hu.size
+        self.n_outside += int(np.count_nonzero((hu < self.low - self.slack) | (hu > self.high + self.slack)))
+        self.vmin = min(self.vmin, float(hu.min()))
+        self.vmax = max(self.vmax, float(hu.max()))
+
+    def verify(self, path: str) -> None:
+        frac = self.n_outside / max(self.n_total, 1)
+        if frac > self.max_outside_fraction or self.vmin < -32768 or self.vmax > 32767:
+            raise CurationError(
+                path,
+                "hu_out_of_range",
+                f"{frac:.1%} of voxels outside [{self.low - self.slack:g}, {self.high + self.slack:g}] HU "
+                f"(range {self.vmin:g}..{self.vmax:g}): corrupt decode or not a CT in HU",
+            )
+
+
+def to_int16_hu(values: np.ndarray, fill_hu: int) -> tuple[np.ndarray, int]:
+    """Round HU values to int16; NaN/inf become ``fill_hu``. Returns (array, number of non-finite voxels).
+
+    The caller must have run :class:`HuCheck` first, so the final clip only guards int16 overflow of voxels
+    that the check already accepted as a tiny outlier fraction.
+    """
+    if np.issubdtype(values.dtype, np.integer):
+        return np.clip(values, -32768, 32767).astype(np.int16, copy=False), 0
+    bad = ~np.isfinite(values)
+    n_bad = int(bad.sum())
+    if n_bad:
+        values = np.where(bad, fill_hu, values)
+    return np.clip(np.rint(values), -32768, 32767).astype(np.int16), n_bad

@@ -1,0 +1,368 @@
+"""DICOM reader: files of one folder -> accepted axial CT series as :class:`RawVolume` + logged rejections.
+
+Pipeline (each step names its rejection reason, see ``FILTERED_REASONS`` for the ones that are by design):
+
+1. Header of every file (``stop_before_pixels``). Not a DICOM -> ``unreadable``; SEG / RT objects ->
+   ``seg_object`` / ``rt_object``; modality other than CT -> ``not_ct``; colour (RGB screenshots, dose pages) ->
+   ``not_grayscale``; localizer / scout / surview -> ``localizer``; derived maps (perfusion, MIP...) ->
+   ``derived_map``; CT-labelled secondary captures -> ``secondary_capture``; missing geometry -> ``no_geometry``.
+   Enhanced (multi-frame) CT is read frame by frame from the functional groups (position, orientation,
+   spacing, rescale found only there).
+2. Group by SeriesInstanceUID + matrix size + orientation; each group is one candidate volume.
+3. Orientation: the slice normal must be within ``max_tilt_deg`` of the patient z axis, else ``not_axial``.
+4. Decode pixels (compressed syntaxes through pylibjpeg/gdcm; a missing decoder -> ``no_decoder`` with the pip
+   command), apply RescaleSlope/Intercept, mask PixelPaddingValue (and PixelPaddingRangeLimit) to
+   ``padding_fill_hu``, HU sanity check -> ``hu_out_of_range`` for the file.
+5. Sort along the normal; identical duplicate positions are dropped (``duplicate_slice``), conflicting ones
+   reject the series (``duplicate_position_conflict``); missing slices and variable spacing are detected and
+   recorded (policy ``keep``/``reject``), per-slice positions are kept so the spacing stays exact.
+6. Gantry tilt (slice stack sheared relative to its own normal): policy ``resample`` (default) shifts each slice
+   in-plane so the stack becomes an orthogonal grid in the tilted frame -- the acquired slice is only moved,
+   never re-sliced, so its pixels stay the scanner's; or ``reject`` (``gantry_tilt``).
+
+No patient-identifying attribute is read into anything that is returned or logged: only geometry, pixel
+encoding, ImageType and SOP class.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+from data_curation.readers.common import CurationError, HuCheck, RawVolume, Rejection
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RT_PREFIX = "1.2.840.10008.5.1.4.1.1.481"
+_DECODER_HINT = (
+    "install a decoder: pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (JPEG, JPEG-LS, JPEG 2000) "
+    "or pip install python-gdcm"
+)
+
+
+@dataclass
+class Frame:
+    """One 2-D CT image: a classic single-frame file or one frame of an enhanced multi-frame file."""
+
+    path: str
+    frame: int | None
+    series_key: str
+    rows: int
+    cols: int
+    iop: np.ndarray  # (6,) row direction (along columns index), column direction (along rows index), LPS
+    ipp: np.ndarray  # (3,) LPS mm
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    slope: float
+    intercept: float
+
+
+def _tokens(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [t.strip().upper() for t in value.split("\\")]
+    return [str(t).strip().upper() for t in value]
+
+
+def _first(seq_owner, *names):
+    """Walk nested single-item sequences, e.g. ``_first(fg, "PlanePositionSequence", "ImagePositionPatient")``."""
+    obj = seq_owner
+    for name in names:
+        if obj is None or name not in obj:
+            return None
+        obj = obj[name].value
+        if isinstance(obj, pydicom.Sequence):
+            if len(obj) == 0:
+                return None
+            obj = obj[0]
+    return obj
+
+
+def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        return Rejection(path, "unreadable", f"not a readable DICOM file ({type(exc).__name__})")
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).upper()
+    image_type = _tokens(ds.get("ImageType"))
+    if sop == SEG_STORAGE or modality == "SEG":
+        return Rejection(path, "seg_object", "DICOM-SEG segmentation, not an image")
+    if sop.startswith(RT_PREFIX) or modality.startswith("RT"):
+        return Rejection(path, "rt_object", f"radiotherapy object (Modality={modality})")
+    if modality != "CT":
+        return Rejection(path, "not_ct", f"Modality={modality or 'missing'}")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
+        return Rejection(path, "not_grayscale", f"SamplesPerPixel={ds.get('SamplesPerPixel')}, "
+                         f"PhotometricInterpretation={ds.get('PhotometricInterpretation')} (screenshot / dose page)")
+    localizer = [t for t in image_type if any(k in t for k in cfg["localizer_tokens"])]
+    if localizer:
+        return Rejection(path, "localizer", f"ImageType={'/'.join(image_type)}")
+    derived = [t for t in image_type if t in set(cfg["reject_image_type_tokens"])]
+    if derived:
+        return Rejection(path, "derived_map", f"ImageType={'/'.join(image_type)}: derived map, values are not HU")
+    if sop.startswith(SECONDARY_CAPTURE_PREFIX):
+        return Rejection(path, "secondary_capture", "Secondary Capture labelled CT: no reliable geometry or HU")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and ds.get("NumberOfFrames") is None and "Rows" not in ds:
+        return Rejection(path, "not_image", "no pixel data")
+    series = str(ds.get("SeriesInstanceUID", "")) or "no-series-uid"
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if sop in (ENHANCED_CT, LEGACY_ENHANCED_CT) or "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_frames(ds, path, series, rows, cols, cfg)
+    try:
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        ps = ds.PixelSpacing
+        spacing = (float(ps[0]), float(ps[1]))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return Rejection(path, "no_geometry", "ImageOrientationPatient, ImagePositionPatient or PixelSpacing missing")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return [Frame(path, None, series, rows, cols, iop, ipp, spacing, slope, intercept)]
+
+
+def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict) -> list[Frame] | Rejection:
+    """Per-frame geometry and rescale of an enhanced CT file; values absent from a frame come from the shared groups."""
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    n = int(ds.get("NumberOfFrames", len(per_frame) or 1))
+    frames: list[Frame] = []
+    for i in range(n):
+        fg = per_frame[i] if i < len(per_frame) else None
+
+        def look(*names):
+            val = _first(fg, *names) if fg is not None else None
+            return val if val is not None else _first(shared, *names)
+
+        frame_type = _tokens(look("CTImageFrameTypeSequence", "FrameType"))
+        if [t for t in frame_type if any(k in t for k in cfg["localizer_tokens"])]:
+            return Rejection(path, "localizer", f"FrameType={'/'.join(frame_type)}")
+        if [t for t in frame_type if t in set(cfg["reject_image_type_tokens"])]:
+            return Rejection(path, "derived_map", f"FrameType={'/'.join(frame_type)}: values are not HU")
+        iop, ipp, ps = look("PlaneOrientationSequence", "ImageOrientationPatient"), look("PlanePositionSequence", "ImagePositionPatient"), look("PixelMeasuresSequence", "PixelSpacing")
+        if iop is None or ipp is None or ps is None:
+            return Rejection(path, "no_geometry", f"frame {i}: plane position/orientation or pixel spacing missing from functional groups")
+        slope = look("PixelValueTransformationSequence", "RescaleSlope")
+        intercept = look("PixelValueTransformationSequence", "RescaleIntercept")
+        slope = float(slope if slope is not None else ds.get("RescaleSlope", 1.0))
+        intercept = float(intercept if intercept is not None else ds.get("RescaleIntercept", 0.0))
+        frames.append(Frame(path, i, series, rows, cols, np.asarray([float(v) for v in iop]), np.asarray([float(v) for v in ipp]),
+                            (float(ps[0]), float(ps[1])), slope, intercept))
+    return frames
+
+
+def _decode_file(path: str) -> tuple[np.ndarray, "pydicom.Dataset"]:
+    """Pixel array of one file (``[rows, cols]`` or ``[frames, rows, cols]``), raw stored values."""
+    ds = pydicom.dcmread(path)
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    if ts.is_compressed:
+        from pydicom.pixels import get_decoder
+
+        try:
+            decoder = get_decoder(ts)
+        except Exception:
+            decoder = None
+        if decoder is None or not decoder.is_available:
+            raise CurationError(path, "no_decoder", f"transfer syntax {ts.name} ({ts}) is compressed and no decoder is installed; {_DECODER_HINT}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as exc:
+        raise CurationError(path, "decode_error", f"{ts.name}: {type(exc).__name__}: {exc}") from None
+    return arr, ds
+
+
+def _padding_mask(raw: np.ndarray, ds) -> np.ndarray | None:
+    """Voxels equal to PixelPaddingValue (or inside [PixelPaddingValue, PixelPaddingRangeLimit]), in stored units.
+
+    The padding value is compared in the stored (raw) domain; when its VR disagrees with PixelRepresentation
+    (e.g. -2000 stored as US) it is reinterpreted with the data's bit width.
+    """
+    if "PixelPaddingValue" not in ds:
+        return None
+    pad = int(ds.PixelPaddingValue)
+    limit = ds.get("PixelPaddingRangeLimit")
+    bits = raw.dtype.itemsize * 8
+    if np.issubdtype(raw.dtype, np.unsignedinteger) and pad < 0:
+        pad += 1 << bits
+    elif np.issubdtype(raw.dtype, np.signedinteger) and pad >= 1 << (bits - 1):
+        pad -= 1 << bits
+    if limit is None:
+        return raw == pad
+    lim = int(limit)
+    lo, hi = min(pad, lim), max(pad, lim)
+    return (raw >= lo) & (raw <= hi)
+
+
+def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> np.ndarray:
+    """Stored values -> HU (float64 only when the slope or intercept is not integral)."""
+    if frame.slope == 1.0 and float(frame.intercept).is_integer():
+        hu = raw.astype(np.int32) + int(frame.intercept)
+    else:
+        hu = raw.astype(np.float64) * frame.slope + frame.intercept
+    mask = _padding_mask(raw, ds)
+    if mask is not None and mask.any():
+        hu = np.where(mask, fill_hu, hu)
+    return hu
+
+
+def _series_id(uid: str) -> str:
+    """Short one-way tag of a SeriesInstanceUID (the UID itself never leaves the reader)."""
+    return hashlib.sha1(uid.encode()).hexdigest()[:8]
+
+
+def read_dicom_series(paths: list[str], dicom_cfg: dict, reading_cfg: dict) -> tuple[list[RawVolume], list[Rejection]]:
+    """Every accepted axial CT series among ``paths`` -> :class:`RawVolume` (``volume_suffix`` = series tag when
+    several series are accepted), plus one :class:`Rejection` per rejected file or series."""
+    rejections: list[Rejection] = []
+    frames: list[Frame] = []
+    for path in sorted(map(str, paths)):
+        got = _headers(path, dicom_cfg)
+        if isinstance(got, Rejection):
+            rejections.append(got)
+        else:
+            frames.extend(got)
+    groups: dict[tuple, list[Frame]] = {}
+    for f in frames:
+        key = (f.series_key, f.rows, f.cols, tuple(np.round(f.iop, 3)))
+        groups.setdefault(key, []).append(f)
+    volumes: list[RawVolume] = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
+        try:
+            vol = _assemble(groups[key], dicom_cfg, reading_cfg, rejections)
+        except CurationError as err:
+            rejections.append(err.rejection)
+            continue
+        if vol is not None:
+            vol.volume_suffix = _series_id(f"{key[0]}|{key[1]}|{key[2]}|{key[3]}")
+            volumes.append(vol)
+    if len(volumes) == 1:
+        volumes[0].volume_suffix = ""
+    return volumes, rejections
+
+
+def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejections: list[Rejection]) -> RawVolume | None:
+    first = frames[0]
+    row_dir, col_dir = first.iop[:3], first.iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    norm = np.linalg.norm(normal)
+    where = first.path if len(frames) == 1 else f"{Path(first.path).parent} ({len(frames)} images)"
+    if norm < 1e-6:
+        raise CurationError(where, "no_geometry", "ImageOrientationPatient rows and columns are parallel")
+    normal = normal / norm
+    tilt_deg = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+    if tilt_deg > float(dicom_cfg["max_tilt_deg"]):
+        raise CurationError(where, "not_axial", f"slice normal is {tilt_deg:.1f} deg from the patient z axis (sagittal/coronal/oblique series)")
+
+    # decode, rescale, mask padding, HU-check per file (a corrupt file is dropped, the series survives)
+    fill = int(reading_cfg["padding_fill_hu"])
+    decoded: list[tuple[Frame, np.ndarray]] = []
+    cache: dict[str, tuple[np.ndarray, object]] = {}
+    for f in sorted(frames, key=lambda f: (f.path, f.frame or 0)):
+        try:
+            if f.path not in cache:
+                cache.clear()
+                cache[f.path] = _decode_file(f.path)
+            arr, ds = cache[f.path]
+            raw = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr
+            if raw.shape != (f.rows, f.cols):
+                raise CurationError(f.path, "decode_error", f"decoded shape {raw.shape} != Rows x Columns {(f.rows, f.cols)}")
+            hu = _to_hu(raw, f, ds, fill)
+            check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
+            check.update(hu)
+            check.verify(f.path if f.frame is None else f"{f.path} [frame {f.frame}]")
+            decoded.append((f, np.clip(np.rint(hu), -32768, 32767).astype(np.int16)))
+        except CurationError as err:
+            rejections.append(err.rejection)
+    cache.clear()
+    if not decoded:
+        return None
+
+    # sort along the normal, drop or reject duplicate positions
+    decoded.sort(key=lambda item: float(item[0].ipp @ normal))
+    tol = float(dicom_cfg["duplicate_tol_mm"])
+    kept: list[tuple[Frame, np.ndarray]] = []
+    for f, img in decoded:
+        if kept and abs(float(f.ipp @ normal) - float(kept[-1][0].ipp @ normal)) < tol:
+            if np.array_equal(img, kept[-1][1]):
+                rejections.append(Rejection(f.path, "duplicate_slice", f"same position and pixels as {Path(kept[-1][0].path).name}"))
+                continue
+            raise CurationError(where, "duplicate_position_conflict",
+                                f"{Path(f.path).name} and {Path(kept[-1][0].path).name} share a slice position but differ in pixels")
+        kept.append((f, img))
+    if len(kept) < int(dicom_cfg["min_slices"]):
+        raise CurationError(where, "too_few_slices", f"{len(kept)} slice(s) left, min_slices={dicom_cfg['min_slices']}")
+
+    positions = np.asarray([float(f.ipp @ normal) for f, _ in kept])
+    offsets = positions - positions[0]
+    info: dict = {"format": "dicom", "n_files": len({f.path for f, _ in kept}), "gantry_tilt_deg": round(tilt_deg, 3)}
+    gaps = np.diff(offsets)
+    spacing_k = float(np.median(gaps)) if len(gaps) else 1.0
+    irregular = None
+    if len(gaps):
+        rel = float(dicom_cfg["spacing_rel_tol"])
+        if np.max(np.abs(gaps - spacing_k)) > rel * spacing_k:
+            irregular = offsets
+            info["variable_spacing"] = True
+            info["slice_gaps_mm"] = sorted({round(float(g), 3) for g in gaps})
+            missing = _missing_slices(gaps, rel)
+            if missing:
+                info["missing_slices"] = missing
+                if dicom_cfg["on_missing_slices"] == "reject":
+                    raise CurationError(where, "missing_slices", f"{missing} slice(s) missing (gaps {info['slice_gaps_mm']} mm)")
+            if dicom_cfg["on_variable_spacing"] == "reject":
+                raise CurationError(where, "variable_spacing", f"slice gaps {info['slice_gaps_mm']} mm")
+
+    stack = np.stack([img for _, img in kept])  # [K, rows, cols]
+    # shear (gantry tilt): in-plane drift of each slice origin relative to slice 0
+    drift = np.asarray([f.ipp - kept[0][0].ipp for f, _ in kept])
+    shift_cols = drift @ row_dir / first.pixel_spacing[1]
+    shift_rows = drift @ col_dir / first.pixel_spacing[0]
+    if len(kept) > 1 and max(np.abs(shift_cols).max(), np.abs(shift_rows).max()) > float(dicom_cfg["shear_tol_px"]):
+        if dicom_cfg["gantry_tilt"] == "reject":
+            raise CurationError(where, "gantry_tilt", f"stack sheared by gantry tilt {tilt_deg:.1f} deg (policy: reject)")
+        stack = _deshear(stack, shift_rows, shift_cols, fill)
+        info["resampled"] = "gantry_tilt_deshear"
+        info["max_shear_px"] = round(float(max(np.abs(shift_cols).max(), np.abs(shift_rows).max())), 2)
+
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * first.pixel_spacing[1]
+    affine_lps[:3, 1] = col_dir * first.pixel_spacing[0]
+    affine_lps[:3, 2] = normal * (spacing_k if spacing_k > 0 else 1.0)
+    affine_lps[:3, 3] = kept[0][0].ipp
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    return RawVolume(np.ascontiguousarray(stack.transpose(2, 1, 0)), affine_ras, irregular, info)
+
+
+def _missing_slices(gaps: np.ndarray, rel: float) -> int:
+    """Gaps that are a whole multiple (>=2) of the typical gap around them: slices lost from the series."""
+    typical = float(np.median(gaps))
+    n = 0
+    for g in gaps:
+        ratio = g / typical
+        if ratio > 1.5 and abs(ratio - round(ratio)) < rel * round(ratio):
+            n += int(round(ratio)) - 1
+    return n
+
+
+def _deshear(stack: np.ndarray, shift_rows: np.ndarray, shift_cols: np.ndarray, fill: int) -> np.ndarray:
+    """Shift slice ``k`` by ``(-shift_rows[k], -shift_cols[k])`` pixels (linear) so the stack is orthogonal."""
+    from scipy.ndimage import shift as nd_shift
+
+    out = np.empty_like(stack)
+    for k in range(stack.shape[0]):
+        if abs(shift_rows[k]) < 1e-6 and abs(shift_cols[k]) < 1e-6:
+            out[k] = stack[k]
+            continue
+        moved = nd_shift(stack[k].astype(np.float32), (-shift_rows[k], -shift_cols[k]), order=1, mode="constant", cval=fill)
+        out[k] = np.rint(moved).astype(np.int16)
+    return out

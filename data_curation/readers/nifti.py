@@ -1,0 +1,63 @@
+"""NIfTI reader: nibabel, affine kept as-is, HU as int16, read slab by slab so a float64 copy never exists.
+
+``nib.load`` already picks the sform/qform the way the NIfTI standard says; we only reject what cannot be a CT
+volume (not 3-D, singular affine) and convert intensities (int or float, scaled or not; NaN/inf -> fill value).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from data_curation.readers.common import CurationError, HuCheck, RawVolume, to_int16_hu
+
+
+def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
+    """Read one NIfTI CT volume -> :class:`RawVolume` (``data`` int16 ``[I,J,K]``, voxel->RAS ``affine``).
+
+    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``hu_out_of_range``).
+    """
+    path = str(path)
+    try:
+        img = nib.load(path, keep_file_open=True)
+    except Exception as exc:  # nibabel raises many types for broken headers
+        raise CurationError(path, "unreadable", f"nibabel cannot open it ({type(exc).__name__}: {exc})") from None
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3 or min(shape) < 1:
+        raise CurationError(path, "not_3d", f"shape {tuple(img.shape)}; expected a 3-D CT volume")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise CurationError(path, "bad_affine", "affine is singular or not finite")
+
+    check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
+    fill = int(reading_cfg["nan_fill_hu"])
+    out = np.empty(shape, dtype=np.int16)
+    slab = max(1, int(reading_cfg.get("nifti_slab_slices", 32)))
+    n_nonfinite = 0
+    proxy = img.dataobj
+    try:
+        for k0 in range(0, shape[2], slab):
+            k1 = min(shape[2], k0 + slab)
+            chunk = np.asanyarray(proxy[:, :, k0:k1] if len(img.shape) == 3 else proxy[:, :, k0:k1, 0])
+            if np.issubdtype(chunk.dtype, np.floating):
+                finite = np.isfinite(chunk)
+                check.update(chunk[finite] if not finite.all() else chunk)
+            else:
+                check.update(chunk)
+            out[:, :, k0:k1], n_bad = to_int16_hu(chunk, fill)
+            n_nonfinite += n_bad
+    except CurationError:
+        raise
+    except Exception as exc:  # truncated gzip, short file...
+        raise CurationError(path, "unreadable", f"voxel data cannot be read ({type(exc).__name__}: {exc})") from None
+    finally:
+        img.uncache()
+        del proxy
+    check.verify(path)
+    info = {"format": "nifti", "source_dtype": str(img.get_data_dtype())}
+    if n_nonfinite:
+        info["nonfinite_voxels"] = n_nonfinite
+    return RawVolume(out, affine, None, info)

@@ -1,0 +1,125 @@
+"""What every source adapter returns, plus the file-discovery helpers they share.
+
+An adapter knows how one dataset's owners lay out their release (folders, file names, which files are images and
+which are labels, modality filters) and turns a root folder into a sorted list of :class:`Case` objects. It never
+opens image data: reading happens in :mod:`data_curation.readers`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One volume to curate.
+
+    ``kind`` is ``"nifti"`` (``paths`` holds one file) or ``"dicom"`` (``paths`` holds every candidate file of one
+    folder; the DICOM reader groups them into series and may emit several volumes, one per accepted series).
+    ``case_id`` is the dataset's own case name, made safe for webdataset keys (no dots, no slashes).
+    """
+
+    source: str
+    case_id: str
+    kind: str
+    paths: tuple[str, ...]
+    split: str = ""  # "train"/"val"/"test" where the owners say so (used by the finetune holdout)
+
+    @property
+    def uid(self) -> str:
+        return f"{self.source}/{self.case_id}"
+
+
+@dataclass(frozen=True)
+class SourceAdapter:
+    """A dataset adapter: ``find(root, options) -> list[Case]`` plus a one-line description of the layout."""
+
+    name: str
+    layout: str
+    find: Callable[[Path, dict], list[Case]]
+    url: str = ""
+    default_subdirs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def safe_id(text: str) -> str:
+    """Case ids go into sample keys: keep ``[A-Za-z0-9_-]``, map everything else (dots, slashes) to ``_``."""
+    out = _UNSAFE.sub("_", text).strip("_")
+    if not out:
+        raise ValueError(f"cannot make a case id from {text!r}")
+    return out
+
+
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_hidden(path: Path) -> bool:
+    """macOS resource forks (``._liver_0.nii.gz``, shipped inside the MSD tarballs) and dot-files are not data."""
+    return any(part.startswith(".") for part in path.parts)
+
+
+def walk_files(root: Path) -> Iterable[Path]:
+    """Every regular file under ``root`` (following symlinks), in sorted order, hidden files skipped."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def find_nifti(root: Path, pattern: str) -> list[Path]:
+    """NIfTI files under ``root`` whose file name fully matches the regex ``pattern`` (sorted, hidden skipped)."""
+    rx = re.compile(pattern)
+    return [p for p in walk_files(root) if p.name.endswith(NIFTI_SUFFIXES) and rx.fullmatch(p.name)]
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """DICOM Part 10 files carry ``DICM`` at byte 128; many releases have no ``.dcm`` extension."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_dirs(root: Path) -> dict[Path, list[Path]]:
+    """Folders under ``root`` that directly contain DICOM files -> those files (sorted). DICOMDIR is skipped."""
+    out: dict[Path, list[Path]] = {}
+    for path in walk_files(root):
+        if path.name.upper() == "DICOMDIR" or path.name.endswith(NIFTI_SUFFIXES):
+            continue
+        if path.suffix.lower() in (".dcm", ".ima") or looks_like_dicom(path):
+            out.setdefault(path.parent, []).append(path)
+    return out
+
+
+def nifti_cases(source: str, files: Iterable[Path], case_id: Callable[[Path], str], split: Callable[[Path], str] | None = None) -> list[Case]:
+    cases = [Case(source, safe_id(case_id(p)), "nifti", (str(p),), split(p) if split else "") for p in files]
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def split_from_path(path: Path) -> str:
+    """Owners' split folder names (nnU-Net/MSD ``imagesTr``/``imagesVa``/``imagesTs``, BTCV ``Training``/``Testing``)."""
+    for part in reversed(path.parts):
+        low = part.lower()
+        if low in ("imagestr", "training", "train", "train_sets"):
+            return "train"
+        if low in ("imagesva", "imagesval", "validation", "val"):
+            return "val"
+        if low in ("imagests", "testing", "test", "test_sets"):
+            return "test"
+    return ""
+
+
+def dicom_case(source: str, case_id: str, folder_files: list[Path], split: str = "") -> Case:
+    return Case(source, safe_id(case_id), "dicom", tuple(str(p) for p in sorted(folder_files)), split)
