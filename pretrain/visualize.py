@@ -33,7 +33,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -49,6 +49,7 @@ from scipy import ndimage  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
 RANDOM_PREFIX = "random:"
+InputTransform = Callable[[torch.Tensor], torch.Tensor]  # [H, W] HU -> [C, H, W] model input
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,8 +143,9 @@ def load_axial_slice(
     return AxialSlice(hu=hu, spacing_mm=(spacing_y, spacing_x), index=slice_index, source=str(path))
 
 
-def resolve_backbone(spec: str, seed: int) -> tuple[torch.nn.Module, str]:
-    """``random:<arch>`` -> a freshly initialised ``build_backbone(arch)``; anything else -> ``load_backbone``.
+def resolve_backbone(spec: str, seed: int, arch: str | None = None) -> tuple[torch.nn.Module, str]:
+    """``random:<arch>`` -> a freshly initialised ``build_backbone(arch)``; anything else -> ``load_backbone``
+    (``arch`` is passed through, e.g. ``meddinov3_vitb16`` for the MedDINOv3 release; None infers it).
 
     Returns the model in eval mode and a short label for figure titles.
     """
@@ -164,7 +166,7 @@ def resolve_backbone(spec: str, seed: int) -> tuple[torch.nn.Module, str]:
             )
         from pretrain.models import load_backbone
 
-        model = load_backbone(str(path))
+        model = load_backbone(str(path), arch=arch)
         label = path.parent.name + "/" + path.name if path.is_file() else path.name
     return model.eval(), label
 
@@ -172,21 +174,53 @@ def resolve_backbone(spec: str, seed: int) -> tuple[torch.nn.Module, str]:
 # --------------------------------------------------------------------------------------------------
 # pure array helpers
 # --------------------------------------------------------------------------------------------------
-def hu_to_model_input(hu: torch.Tensor) -> torch.Tensor:
-    """MedDINOv3 default CT transform: [H, W] HU -> [3, H, W] float32.
+def load_input_transform(pretrain_config: str | Path) -> InputTransform:
+    """The training-time HU -> input mapping of a pretrain config: [H, W] HU -> [C, H, W] float32.
 
-    Clamp to [-1000, 1000] HU, then (x - 65.1084) / 178.0166, repeated over 3 channels.
+    Built by ``pretrain.data.transforms.HUTransform`` from the config's ``data.transform`` block (MedDINOv3
+    default: clamp [-1000, 1000] HU, (x - 65.1084) / 178.0166, 3 channels), deterministic (no window jitter).
     """
-    return ct_input_transform(hu)
+    from pretrain.data.transforms import HUTransform
+
+    path = Path(pretrain_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrain config not found: {path} (needed for the HU -> input transform)")
+    cfg = OmegaConf.load(path)
+    block = OmegaConf.select(cfg, "data.transform")
+    if block is None:
+        raise ValueError(f"{path}: no data.transform block (expected a pretrain config or a run's config.yaml)")
+    transform = HUTransform.from_config(block)
+
+    def apply(hu: torch.Tensor) -> torch.Tensor:
+        return transform.expand_channels(transform(hu.float())).contiguous()
+
+    return apply
 
 
-def _local_ct_transform(hu: torch.Tensor) -> torch.Tensor:
-    clamped = hu.float().clamp(-1000.0, 1000.0)
-    normed = (clamped - 65.1084) / 178.0166
-    return normed.unsqueeze(0).expand(3, *normed.shape).contiguous()
+def transform_config_for(checkpoint: str, cfg: DictConfig) -> Path:
+    """Which pretrain config defines the input transform of ``checkpoint``.
+
+    ``transform_config`` in the visualisation config wins when set; otherwise the run's resolved
+    ``config.yaml`` next to the checkpoint (or one folder up, for ``checkpoints/``); otherwise the
+    default pretrain config (``configs/pretrain/base.yaml``).
+    """
+    if cfg.get("transform_config"):
+        return _repo_path(cfg.transform_config)
+    if not checkpoint.startswith(RANDOM_PREFIX):
+        here = Path(checkpoint)
+        folder = here if here.is_dir() else here.parent
+        for candidate in (folder / "config.yaml", folder.parent / "config.yaml"):
+            if candidate.is_file() and OmegaConf.select(OmegaConf.load(candidate), "data.transform") is not None:
+                return candidate
+    return _repo_path(cfg.default_pretrain_config)
 
 
-ct_input_transform = _local_ct_transform
+def _repo_path(path: str | Path) -> Path:
+    """A relative path is taken from the working directory when it exists there, else from the repository root."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    return path.resolve() if path.exists() else DEFAULT_CONFIG.parents[1] / path
 
 
 def window_for_display(hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
@@ -575,6 +609,7 @@ def slice_features(
     model: torch.nn.Module,
     ct: AxialSlice,
     resolution: int,
+    transform: InputTransform,
     keep_aspect: bool = True,
     layer: int | None = None,
 ) -> np.ndarray:
@@ -582,7 +617,7 @@ def slice_features(
     p = int(model.patch_size)
     size = input_size(ct.hu.shape, ct.spacing_mm, resolution, p, keep_aspect)
     # Transform at native resolution (clamp before interpolation), then resize the normalised channels.
-    x = hu_to_model_input(torch.from_numpy(ct.hu))[None]
+    x = transform(torch.from_numpy(ct.hu))[None]
     shrinking = size[0] < ct.hu.shape[0] or size[1] < ct.hu.shape[1]
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
     return dense_features(model, x, layer)
@@ -593,9 +628,10 @@ def pca_maps(
     ct: AxialSlice,
     resolutions: Sequence[int],
     cfg: DictConfig,
+    transform: InputTransform,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """RGB PCA maps [h_r, w_r, 3] and foreground masks [h_r, w_r] for each input resolution."""
-    feats = [slice_features(model, ct, r, cfg.image.keep_aspect, cfg.pca.layer) for r in resolutions]
+    feats = [slice_features(model, ct, r, transform, cfg.image.keep_aspect, cfg.pca.layer) for r in resolutions]
     masks = [patch_foreground_mask(ct.hu, f, cfg.foreground) for f in feats]
     for r, m in zip(resolutions, masks):
         if m.sum() < 3:
@@ -621,10 +657,15 @@ def pca_maps(
 
 
 def similarity_map(
-    model: torch.nn.Module, ct: AxialSlice, point_yx: Sequence[float], resolution: int, cfg: DictConfig
+    model: torch.nn.Module,
+    ct: AxialSlice,
+    point_yx: Sequence[float],
+    resolution: int,
+    cfg: DictConfig,
+    transform: InputTransform,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """[h, w] cosine similarity with the patch under ``point_yx`` and that patch's (i, j)."""
-    feats = slice_features(model, ct, resolution, cfg.image.keep_aspect, cfg.pca.layer)
+    feats = slice_features(model, ct, resolution, transform, cfg.image.keep_aspect, cfg.pca.layer)
     ref = pixel_to_patch(point_yx, ct.hu.shape, feats.shape[:2])
     return cosine_similarity_map(feats, ref), ref
 
@@ -683,12 +724,21 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--smoothing", type=int, default=None, help="moving-average window (points)")
     cur.add_argument("--out", required=True, help="output PNG")
 
+    for p in (pca, sim):
+        p.add_argument("--arch", default=None,
+                       help="architecture for checkpoint files (default: inferred from the weights; "
+                            "meddinov3_vitb16 for the MedDINOv3 release)")
+        p.add_argument("--transform-config", default=None,
+                       help="pretrain config whose data.transform maps HU to the input (default: the run's "
+                            "config.yaml next to the checkpoint, else configs/pretrain/base.yaml)")
     for p in (pca, sim, cur):
         p.add_argument("--config", default=None, help=f"visualisation config (default {DEFAULT_CONFIG})")
     return parser
 
 
 def _apply_image_overrides(cfg: DictConfig, args: argparse.Namespace) -> None:
+    if args.transform_config is not None:
+        cfg.transform_config = args.transform_config
     if args.slice is not None:
         cfg.image.slice = args.slice
     if args.foreground is not None:
@@ -703,10 +753,11 @@ def run_pca(args: argparse.Namespace, cfg: DictConfig) -> Path:
         cfg.pca.resolutions = args.resolutions
     if args.pca_fit is not None:
         cfg.pca.fit = args.pca_fit
-    model, label = resolve_backbone(args.checkpoint, int(cfg.seed))
+    model, label = resolve_backbone(args.checkpoint, int(cfg.seed), args.arch)
     ct = load_axial_slice(args.image, cfg.image.slice, cfg.foreground.body_threshold_hu)
     resolutions = [int(r) for r in cfg.pca.resolutions]
-    rgbs, _ = pca_maps(model, ct, resolutions, cfg)
+    transform = load_input_transform(transform_config_for(args.checkpoint, cfg))
+    rgbs, _ = pca_maps(model, ct, resolutions, cfg, transform)
     titles = [f"{r}px input, {m.shape[0]}x{m.shape[1]} patches" for r, m in zip(resolutions, rgbs)]
     fig = pca_figure(
         window_for_display(ct.hu, cfg.image.display_window_hu), ct.spacing_mm, rgbs, titles,
@@ -722,10 +773,12 @@ def run_similarity(args: argparse.Namespace, cfg: DictConfig) -> Path:
     if args.resolution is not None:
         cfg.similarity.resolution = args.resolution
     ct = load_axial_slice(args.image, cfg.image.slice, cfg.foreground.body_threshold_hu)
+    pixel_to_patch(args.point, ct.hu.shape, (1, 1))  # fail fast on a point outside the slice
     maps, titles = [], []
     for spec in args.checkpoint:
-        model, label = resolve_backbone(spec, int(cfg.seed))
-        sim, _ = similarity_map(model, ct, args.point, int(cfg.similarity.resolution), cfg)
+        model, label = resolve_backbone(spec, int(cfg.seed), args.arch)
+        transform = load_input_transform(transform_config_for(spec, cfg))
+        sim, _ = similarity_map(model, ct, args.point, int(cfg.similarity.resolution), cfg, transform)
         maps.append(sim)
         titles.append(label)
         del model
@@ -748,7 +801,8 @@ def run_curves(args: argparse.Namespace, cfg: DictConfig) -> Path:
     runs = {label: read_metrics(m) for label, m in zip(labels, args.metrics)}
     window = args.smoothing if args.smoothing is not None else int(cfg.curves.smoothing_window)
     fig = curves_figure(
-        runs, list(cfg.curves.loss_keys), list(cfg.curves.schedule_keys), int(cfg.curves.columns),
+        runs, list(cfg.curves.loss_keys), [*cfg.curves.schedule_keys, *cfg.curves.get("diagnostic_keys", [])],
+        int(cfg.curves.columns),
         window, float(cfg.panel_size_in),
     )
     return save_figure(fig, args.out, int(cfg.dpi))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pretrain import visualize as vis
-from pretrain.models import build_backbone
+from pretrain.models import load_backbone
 
 LIVER, SPLEEN, VERTEBRA_L1 = 5, 1, 31  # TotalSegmentator "total" class ids (class_map_total.json)
 
@@ -20,6 +20,11 @@ LIVER, SPLEEN, VERTEBRA_L1 = 5, 1, 31  # TotalSegmentator "total" class ids (cla
 @pytest.fixture(scope="module")
 def cfg():
     return vis.load_config()
+
+
+@pytest.fixture(scope="module")
+def transform(cfg):
+    return vis.load_input_transform(vis.transform_config_for("random:vitt16", cfg))
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +40,9 @@ def ct_slice(ct_path: Path, cfg) -> vis.AxialSlice:
 @pytest.fixture(scope="module")
 def tiny_model(golden_dir: Path) -> torch.nn.Module:
     """The golden tiny DINOv3 ViT (embed 64, depth 4, official ViT-B/16 settings, random non-trivial weights)."""
-    model = build_backbone("vitb16", embed_dim=64, depth=4, num_heads=4)
-    state = torch.load(golden_dir / "tiny_vit_official.pth", map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    model = load_backbone(golden_dir / "tiny_vit_official.pth")
+    assert model.embed_dim == 64 and model.n_blocks == 4
+    return model
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -75,13 +79,36 @@ def test_load_axial_slice_defaults_to_body_and_rejects_bad_index(ct_path: Path, 
         vis.load_axial_slice(ct_path.parent / "missing.nii.gz", None, -500)
 
 
-def test_hu_transform_is_meddinov3_default() -> None:
+def test_hu_transform_is_meddinov3_default(transform) -> None:
     hu = torch.tensor([[-3000.0, -1000.0], [65.1084, 4000.0]])
-    x = vis.hu_to_model_input(hu)
-    assert x.shape == (3, 2, 2)
+    x = transform(hu)
+    assert x.shape == (3, 2, 2) and x.dtype == torch.float32
     expected = (torch.tensor([[-1000.0, -1000.0], [65.1084, 1000.0]]) - 65.1084) / 178.0166
     for c in range(3):
         torch.testing.assert_close(x[c], expected)
+
+
+def test_transform_follows_the_runs_config(tmp_path: Path, cfg, repo_root: Path) -> None:
+    """A checkpoint inside a run folder uses that run's data.transform, not the default."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "model_0000010.pth"
+    ckpt.write_bytes(b"")
+    run_cfg = OmegaConf.load(repo_root / "configs" / "pretrain" / "base.yaml")
+    run_cfg.data.transform.mean = 0.0
+    run_cfg.data.transform.std = 1000.0
+    OmegaConf.save(run_cfg, run / "config.yaml")
+    assert vis.transform_config_for(str(ckpt), cfg) == run / "config.yaml"
+    x = vis.load_input_transform(run / "config.yaml")(torch.tensor([[500.0]]))
+    torch.testing.assert_close(x, torch.full((3, 1, 1), 0.5))
+    assert vis.transform_config_for("random:vitt16", cfg) == repo_root / "configs" / "pretrain" / "base.yaml"
+    explicit = OmegaConf.merge(cfg, {"transform_config": str(run / "config.yaml")})
+    assert vis.transform_config_for("random:vitt16", explicit) == run / "config.yaml"
+    (tmp_path / "bad.yaml").write_text("optim: {lr: 1}\n")
+    with pytest.raises(ValueError, match="bad.yaml: no data.transform"):
+        vis.load_input_transform(tmp_path / "bad.yaml")
 
 
 def test_body_mask_excludes_air_and_table(ct_slice, cfg) -> None:
@@ -102,12 +129,13 @@ def test_input_size_keeps_physical_aspect() -> None:
     assert vis.input_size((101, 122), (3.0, 3.0), 100, 16, keep_aspect=False) == (96, 96)
 
 
-def test_pca_rgb_is_masked_to_foreground(tiny_model, ct_slice, cfg) -> None:
+def test_pca_rgb_is_masked_to_foreground(tiny_model, ct_slice, cfg, transform) -> None:
+    from omegaconf import OmegaConf
+
     resolutions = [64, 128]
     for fit in ("joint", "separate"):
-        run_cfg = cfg.copy()
-        run_cfg.pca.fit = fit
-        rgbs, masks = vis.pca_maps(tiny_model, ct_slice, resolutions, run_cfg)
+        run_cfg = OmegaConf.merge(cfg, {"pca": {"fit": fit}})
+        rgbs, masks = vis.pca_maps(tiny_model, ct_slice, resolutions, run_cfg, transform)
         for r, rgb, fg in zip(resolutions, rgbs, masks):
             h, w = vis.input_size(ct_slice.hu.shape, ct_slice.spacing_mm, r, 16)
             assert rgb.shape == (h // 16, w // 16, 3) and fg.shape == (h // 16, w // 16)
@@ -119,8 +147,8 @@ def test_pca_rgb_is_masked_to_foreground(tiny_model, ct_slice, cfg) -> None:
     assert masks[1][masks[1].shape[0] // 2, masks[1].shape[1] // 2] and not masks[1][0, 0]
 
 
-def test_first_component_foreground_oriented_low_at_border(tiny_model, ct_slice) -> None:
-    feats = vis.slice_features(tiny_model, ct_slice, 128)
+def test_first_component_foreground_oriented_low_at_border(tiny_model, ct_slice, transform) -> None:
+    feats = vis.slice_features(tiny_model, ct_slice, 128, transform)
     fg = vis.first_component_foreground(feats, 0.0)
     border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
     assert fg.any() and border.mean() < fg.mean()
@@ -136,9 +164,9 @@ def test_fit_pca_matches_covariance_eigenvectors() -> None:
     assert np.allclose(basis.components @ basis.components.T, np.eye(3), atol=1e-10)
 
 
-def test_similarity_is_one_at_reference_patch(tiny_model, ct_slice, cfg) -> None:
+def test_similarity_is_one_at_reference_patch(tiny_model, ct_slice, cfg, transform) -> None:
     point = (50.0, 40.0)
-    sim, ref = vis.similarity_map(tiny_model, ct_slice, point, 128, cfg)
+    sim, ref = vis.similarity_map(tiny_model, ct_slice, point, 128, cfg, transform)
     assert math.isclose(float(sim[ref]), 1.0, abs_tol=1e-5)
     assert sim.max() <= 1.0 + 1e-5 and sim.min() >= -1.0 - 1e-5
     assert (sim < 0.99).mean() > 0.5  # other patches differ from the reference
@@ -163,7 +191,7 @@ def test_pca_cli_writes_png(tmp_path: Path, ct_path: Path, cfg) -> None:
 
 def test_similarity_cli_several_checkpoints(tmp_path: Path, ct_path: Path, golden_dir: Path, cfg) -> None:
     out = tmp_path / "sub" / "sim.png"
-    specs = ["random:vitt16", "random:vits16"]
+    specs = [str(golden_dir / "tiny_vit_official.pth"), "random:vitt16"]
     rc = vis.main(["similarity", "--checkpoint", *specs, "--image", str(ct_path), "--slice", "60",
                    "--point", "50,40", "--resolution", "96", "--out", str(out)])
     assert rc == 0
