@@ -106,8 +106,9 @@ def per_class_scores(summary: Mapping[str, Any], metrics: Sequence[str]) -> dict
 def per_case_spread(csv_path: str | Path, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
     """Standard deviation over cases ``{metric: {class_name: std}}`` from the per-case CSV.
 
-    Wide layout: columns ``<class>_<metric>`` (e.g. ``spleen_dice``); long layout: columns ``class`` (or
-    ``label``) and one column per metric. Rows with empty/NaN values are ignored.
+    Long layout (``finetune.metrics.write_per_case_csv``): columns ``case_id, class, dice, nsd, ...,
+    gt_present``; wide layout: columns ``<class>_<metric>`` (e.g. ``spleen_dice``). Rows with empty/NaN
+    values, or with ``gt_present`` 0, are ignored (as in the summary means).
     """
     path = Path(csv_path)
     with path.open(newline="") as handle:
@@ -127,6 +128,8 @@ def per_case_spread(csv_path: str | Path, metrics: Sequence[str]) -> dict[str, d
     columns = rows[0].keys()
     class_column = next((c for c in ("class", "class_name", "label") if c in columns), None)
     for row in rows:
+        if str(row.get("gt_present", "1")).strip().lower() in ("0", "false"):
+            continue  # a class absent from this case's ground truth is not in the means (finetune.metrics)
         for metric in metrics:
             aliases = METRIC_ALIASES.get(metric, (metric,))
             if class_column is not None:
@@ -203,7 +206,7 @@ def plot_summary_bars(
     except ValueError as exc:
         raise ValueError(f"{summary_path}: {exc}") from exc
     spread = per_case_spread(per_case_csv, metrics) if per_case_csv is not None else None
-    title = " | ".join(str(summary[k]) for k in ("task", "head", "checkpoint") if k in summary)
+    title = " | ".join(str(summary[k]) for k in ("task", "head", "fold", "checkpoint") if k in summary)
     fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in))
     return _save(fig, out_path, int(cfg.dpi))
 
@@ -360,13 +363,14 @@ def plot_case_overlays(
     gt_path: str | Path | None,
     pred_path: str | Path | None,
     out_path: str | Path,
-    class_names: Mapping[int, str] | None = None,
+    class_names: Mapping[Any, Any] | None = None,
     n_slices: int | None = None,
     cfg: DictConfig | None = None,
 ) -> Path:
     """Overlay PNG of one case: ``n_slices`` axial slices, CT | ground truth | prediction.
 
     At least one of ``gt_path``/``pred_path`` is required; labels are aligned to the image by affine.
+    ``class_names``: ``{label_id: name}`` or nnU-Net style ``{name: label_id}``.
     """
     if gt_path is None and pred_path is None:
         raise ValueError("give a ground truth and/or a prediction to overlay")
@@ -380,32 +384,78 @@ def plot_case_overlays(
     displays = [np.clip((to_display(hu[:, :, z]) - low) / (high - low), 0, 1) for z in indices]
     gts = [to_display(gt[:, :, z]) if gt is not None else None for z in indices]
     preds = [to_display(pred[:, :, z]) if pred is not None else None for z in indices]
-    names = {int(k): str(v) for k, v in (class_names or {}).items()}
+    names = normalise_class_names(class_names)
     fig = overlays_figure(displays, gts, preds, [f"axial slice {z}" for z in indices], spacing, names,
                           str(cfg.label_colormap), float(cfg.label_alpha), float(cfg.panel_size_in),
                           Path(image_path).name)
     return _save(fig, out_path, int(cfg.dpi))
 
 
+def normalise_class_names(names: Mapping[Any, Any] | None) -> dict[int, str]:
+    """``{label_id: name}`` from either ``{id: name}`` or nnU-Net's ``{name: id}`` (or ``{name: [id]}``
+    as in ``summary.json``'s ``classes``; multi-label regions are skipped). Background (0) is dropped."""
+    out: dict[int, str] = {}
+    for key, value in (names or {}).items():
+        if isinstance(key, int) or str(key).isdigit():
+            out[int(key)] = str(value)
+        elif isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+            out[int(value)] = str(key)
+        elif isinstance(value, (list, tuple)) and len(value) == 1:
+            out[int(value[0])] = str(key)
+    return {k: v for k, v in out.items() if k > 0}
+
+
+def plot_finetune_outputs(
+    output_dir: str | Path,
+    cases: Sequence[tuple[str, str | Path, str | Path | None]],
+    class_names: Mapping[Any, Any] | None = None,
+    cfg: DictConfig | None = None,
+) -> list[Path]:
+    """All pictures of a finetune run, written under ``output_dir/plots``.
+
+    ``output_dir`` holds ``summary.json``, ``per_case.csv`` and ``validation/<case_id>.nii.gz`` (as written by
+    ``finetune.run``); ``cases`` are ``(case_id, image_path, label_path)`` of the validation cases. Writes
+    ``plots/scores.png`` and ``plots/overlays/<case_id>.png`` for the first ``max_overlay_cases`` cases that
+    have a prediction. Returns the written paths.
+    """
+    cfg = cfg if cfg is not None else load_config()
+    output_dir = Path(output_dir)
+    written = []
+    summary = output_dir / "summary.json"
+    per_case = output_dir / "per_case.csv"
+    if summary.is_file():
+        if class_names is None:
+            class_names = json.loads(summary.read_text()).get("classes")
+        written.append(plot_summary_bars(summary, output_dir / "plots" / "scores.png",
+                                         per_case if per_case.is_file() else None, cfg))
+    n_done = 0
+    for case_id, image, label in cases:
+        if n_done >= int(cfg.max_overlay_cases):
+            break
+        pred = output_dir / "validation" / f"{case_id}.nii.gz"
+        if not pred.is_file():
+            continue
+        written.append(plot_case_overlays(image, label, pred, output_dir / "plots" / "overlays" / f"{case_id}.png",
+                                          class_names, None, cfg))
+        n_done += 1
+    return written
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 def _class_names(text: str | None) -> dict[int, str]:
-    """``--labels`` as a JSON file ({"1": "spleen"} or nnU-Net dataset.json "labels": {"spleen": 1})
-    or inline ``1=spleen,2=liver``."""
+    """``--labels``: a JSON file (``{"1": "spleen"}``, or an nnU-Net ``dataset.json`` with ``"labels":
+    {"spleen": 1}``) or inline ``1=spleen,2=liver``."""
     if not text:
         return {}
     path = Path(text)
     if path.is_file():
-        data = json.loads(path.read_text())
-        data = data.get("labels", data)
-        out = {}
-        for k, v in data.items():
-            if str(k).isdigit():
-                out[int(k)] = str(v)
-            elif isinstance(v, int):
-                out[v] = str(k)
-        return {k: v for k, v in out.items() if k > 0}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg})") from exc
+        return normalise_class_names(data.get("labels", data))
     out = {}
     for item in text.split(","):
         key, _, name = item.partition("=")

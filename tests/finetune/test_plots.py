@@ -148,3 +148,32 @@ def test_overlays_cli(tmp_path: Path, spleen, capsys) -> None:
     assert plots.main(["overlays", "--image", str(tmp_path / "none.nii.gz"), "--gt", str(spleen["gt"]),
                        "--out", str(out)]) == 2
     assert "none.nii.gz" in capsys.readouterr().err
+
+
+def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg) -> None:
+    """A finetune output folder as finetune.run writes it: summary.json (per_class, NaN -> null, classes as
+    {name: [ids]}), per_case.csv (long, gt_present), validation/<case>.nii.gz on the image grid."""
+    run = tmp_path / "run"
+    (run / "validation").mkdir(parents=True)
+    gt = nib.load(spleen["gt"])
+    pred = ndimage.binary_erosion(np.asanyarray(gt.dataobj) > 0, iterations=2).astype(np.uint8)
+    nib.save(nib.Nifti1Image(pred, gt.affine), run / "validation" / "spleen_2.nii.gz")
+    (run / "summary.json").write_text(json.dumps({
+        "mean": {"dice": 0.9, "nsd": 0.8, "hd95": None},
+        "per_class": {"spleen": {"dice": 0.9, "nsd": 0.8, "hd95": None, "n_cases": 1, "n_absent_in_gt": 0,
+                                 "n_false_positive_when_absent": 0}},
+        "n_cases": 1, "task": "msd_spleen", "head": "primus", "fold": "0", "classes": {"spleen": [1]},
+        "cases": ["spleen_2"],
+    }))
+    (run / "per_case.csv").write_text(
+        "case_id,class,dice,nsd,hd95,gt_present,gt_voxels,pred_voxels,nsd_tolerance_mm\n"
+        "spleen_2,spleen,0.9,0.8,nan,1,100,90,1.0\nother,spleen,0.0,0.0,nan,0,0,5,1.0\n"
+    )
+    cases = [("spleen_2", spleen["image"], spleen["gt"]), ("not_predicted", spleen["image"], spleen["gt"])]
+    written = plots.plot_finetune_outputs(run, cases, cfg=cfg)
+    assert written == [run / "plots" / "scores.png", run / "plots" / "overlays" / "spleen_2.png"]
+    for path in written:
+        assert _png(path)[1].std() > 20
+    assert plots.per_case_spread(run / "per_case.csv", ["dice"]) == {"dice": {}}  # one present case: no spread
+    assert plots.normalise_class_names({"spleen": [1], "kidney_and_tumor": [1, 2]}) == {1: "spleen"}
+    assert plots.normalise_class_names({"background": 0, "liver": 1}) == {1: "liver"}

@@ -177,9 +177,9 @@ def test_similarity_is_one_at_reference_patch(tiny_model, ct_slice, cfg, transfo
         vis.pixel_to_patch((101, 0), (101, 122), (6, 8))
 
 
-def test_pca_cli_writes_png(tmp_path: Path, ct_path: Path, cfg) -> None:
+def test_pca_cli_writes_png(tmp_path: Path, ct_path: Path, golden_dir: Path, cfg) -> None:
     out = tmp_path / "pca.png"
-    rc = vis.main(["pca", "--checkpoint", "random:vitt16", "--image", str(ct_path), "--resolutions", "64,96,128",
+    rc = vis.main(["pca", "--checkpoint", str(golden_dir / "tiny_vit_official.pth"), "--image", str(ct_path), "--resolutions", "64,96,128",
                    "--out", str(out)])
     assert rc == 0 and out.is_file()
     panel, dpi = cfg.panel_size_in, cfg.dpi
