@@ -1,0 +1,95 @@
+# shellcheck shell=bash
+# Shared by slurm/stage{1,2,3}.sh (sourced, not executed): finds the repository, reads the site settings from the
+# environment, and launches one `python -m pretrain.train` per task with srun. Rank, world size, local rank and
+# the master address/port are NOT computed here: every task reads them from SLURM's environment with
+# pretrain/train/distributed.py (the same helper torchrun and submitit runs use).
+#
+# Site settings (environment; all optional; sbatch's own flags/variables cover partition, account, nodes,
+# time, e.g. `sbatch -p gpu -A proj --nodes 8 slurm/stage1.sh` or SBATCH_PARTITION / SBATCH_ACCOUNT):
+#   MEDDINO_ROOT          repository checkout             [the parent of this file's directory]
+#   MEDDINO_PYTHON        python with the package         [$MEDDINO_ROOT/.venv/bin/python, else python3]
+#   MEDDINO_CONFIG        stage config file(s), merged in order  [$MEDDINO_ROOT/configs/pretrain/stage<N>.yaml]
+#   MEDDINO_EXTRA_CONFIG  more YAML files merged after it (e.g. configs/pretrain/tiny.yaml)
+#   MEDDINO_OUTPUT_ROOT   parent of the stage dirs        [$SLURM_SUBMIT_DIR/runs/pretrain]
+#   MEDDINO_OUTPUT_DIR    this stage's output dir         [$MEDDINO_OUTPUT_ROOT/stage<N>]
+#   MEDDINO_DATA          CT-3M shards (data.shards)      [the config's]
+#   MEDDINO_INIT_FROM     backbone weights to start from (--init-from, e.g. the official DINOv3 ViT-B/16 .pth)
+#   MEDDINO_INIT_CHECKPOINT  stage N>1: checkpoint to continue   [newest in $MEDDINO_OUTPUT_ROOT/stage<N-1>/checkpoints]
+#   MEDDINO_GRAM_RUN_DIR  stage N>1: stage-1 run holding the Gram teacher  [$MEDDINO_OUTPUT_ROOT/stage1]
+#   MEDDINO_OVERRIDES     extra key=value overrides, space separated (script arguments are appended after them)
+#   MEDDINO_SRUN_ARGS     extra srun flags, space separated
+#   MEDDINO_DEVICE=cpu    hide GPUs from the tasks (CPU/gloo); submit with `--gpus-per-node=0` or
+#                         SBATCH_GPUS_PER_NODE=0 to drop the GPU request as well
+# Arguments of the batch script (`sbatch slurm/stage1.sh key=value ...`) are passed through to the trainer as
+# dot-list config overrides.
+
+meddino_log() { echo "[meddino-slurm] $*" >&2; }
+meddino_die() { meddino_log "error: $*"; exit 1; }
+
+MEDDINO_ROOT="${MEDDINO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+
+# Newest `checkpoint_<8 digits>.pth` in a directory (zero-padded names sort by iteration); empty when none.
+meddino_latest_checkpoint() {
+    local dir="$1"
+    [[ -d "$dir" ]] || return 0
+    find "$dir" -maxdepth 1 -name 'checkpoint_[0-9]*.pth' -printf '%f\n' | sort | tail -n 1 | sed "s|^.\+|$dir/&|"
+}
+
+# meddino_launch STAGE [override ...] -- runs the stage with srun (or directly when not inside a SLURM job).
+meddino_launch() {
+    local stage="$1"; shift
+    local root="$MEDDINO_ROOT"
+    local python="${MEDDINO_PYTHON:-}"
+    if [[ -z "$python" ]]; then
+        if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python="python3"; fi
+    fi
+    local output_root="${MEDDINO_OUTPUT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}/runs/pretrain}"
+    local output_dir="${MEDDINO_OUTPUT_DIR:-$output_root/stage${stage}}"
+    mkdir -p "$output_dir"
+
+    local -a args=() configs
+    local config
+    # shellcheck disable=SC2206  # space-separated lists of files / overrides are split on purpose
+    configs=(${MEDDINO_CONFIG:-$root/configs/pretrain/stage${stage}.yaml} ${MEDDINO_EXTRA_CONFIG:-})
+    for config in "${configs[@]}"; do
+        [[ -f "$config" ]] || meddino_die "config not found: $config (set MEDDINO_CONFIG / MEDDINO_EXTRA_CONFIG)"
+        args+=(--config "$config")
+    done
+    args+=(--output-dir "$output_dir" --resume auto)
+
+    if [[ -n "${MEDDINO_INIT_FROM:-}" ]]; then
+        args+=(--init-from "$MEDDINO_INIT_FROM")
+    elif [[ "$stage" -gt 1 ]]; then
+        # continue from the previous stage's last checkpoint (student, teacher, heads); the Gram teacher of
+        # stages 2-3 is read from the stage-1 run (used when the config says gram.teacher.source=stage1_iteration)
+        local prev_dir="$output_root/stage$((stage - 1))" prev_ckpt
+        prev_ckpt="${MEDDINO_INIT_CHECKPOINT:-$(meddino_latest_checkpoint "$prev_dir/checkpoints")}"
+        [[ -n "$prev_ckpt" && -f "$prev_ckpt" ]] \
+            || meddino_die "stage $stage continues stage $((stage - 1)), but $prev_dir/checkpoints has no checkpoint (run stage $((stage - 1)) first, or set MEDDINO_INIT_CHECKPOINT / MEDDINO_INIT_FROM)"
+        args+=("init.checkpoint=$prev_ckpt" "gram.teacher.run_dir=${MEDDINO_GRAM_RUN_DIR:-$output_root/stage1}")
+    fi
+    if [[ -n "${MEDDINO_DATA:-}" ]]; then args+=("data.shards=${MEDDINO_DATA}"); fi
+    # shellcheck disable=SC2206  # word splitting of the space-separated override list is intended
+    local -a env_overrides=(${MEDDINO_OVERRIDES:-})
+    args+=("${env_overrides[@]}" "$@")
+
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    if [[ "${MEDDINO_DEVICE:-}" == "cpu" || "${SLURM_GPUS_PER_NODE:-}" == "0" ]]; then
+        export CUDA_VISIBLE_DEVICES=""
+    fi
+
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        meddino_log "not inside a SLURM job: running one process"
+        exec "$python" -m pretrain.train "${args[@]}"
+    fi
+    meddino_log "stage $stage job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-?} node(s) ${SLURM_JOB_NODELIST:-}: ${SLURM_NTASKS:-?} tasks"
+    meddino_log "config ${configs[*]} -> $output_dir"
+    # srun (SLURM >= 22.05) no longer inherits --cpus-per-task from the allocation: pass it on.
+    local -a srun_args=(--kill-on-bad-exit=1)
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+    # shellcheck disable=SC2206
+    srun_args+=(${MEDDINO_SRUN_ARGS:-})
+    srun "${srun_args[@]}" "$python" -m pretrain.train "${args[@]}"
+}
