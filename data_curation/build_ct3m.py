@@ -112,8 +112,8 @@ def holdout_cases(cfg: dict, found: dict[str, list[Case]]) -> dict[str, list[str
         cases = [c.case_id for c in found.get(source, []) if c.split in ("train", "")]
         if len(cases) < 5:
             continue
-        split = fold_split(sorted(cases), fold=int(cfg["holdout"]["fold"]))
-        held[task] = [f"{source}/{c}" for c in split["val"]]
+        _, val = fold_split(sorted(cases), fold=int(cfg["holdout"]["fold"]))
+        held[task] = [f"{source}/{c}" for c in val]
     return held
 
 

@@ -355,7 +355,12 @@ def _missing_slices(gaps: np.ndarray, rel: float) -> int:
 
 
 def _deshear(stack: np.ndarray, shift_rows: np.ndarray, shift_cols: np.ndarray, fill: int) -> np.ndarray:
-    """Shift slice ``k`` by ``(-shift_rows[k], -shift_cols[k])`` pixels (linear) so the stack is orthogonal."""
+    """Move slice ``k``'s content by ``(+shift_rows[k], +shift_cols[k])`` pixels (linear) so the stack is orthogonal.
+
+    Raw pixel ``(v, u)`` of slice ``k`` lies at ``IPP_k + v*c*dr + u*r*dc``; writing ``IPP_k - IPP_0 = d*n +
+    shift_cols*dc*r + shift_rows*dr*c`` shows it belongs at ``(v + shift_rows, u + shift_cols)`` of the grid
+    anchored at slice 0.
+    """
     from scipy.ndimage import shift as nd_shift
 
     out = np.empty_like(stack)
@@ -363,6 +368,6 @@ def _deshear(stack: np.ndarray, shift_rows: np.ndarray, shift_cols: np.ndarray, 
         if abs(shift_rows[k]) < 1e-6 and abs(shift_cols[k]) < 1e-6:
             out[k] = stack[k]
             continue
-        moved = nd_shift(stack[k].astype(np.float32), (-shift_rows[k], -shift_cols[k]), order=1, mode="constant", cval=fill)
+        moved = nd_shift(stack[k].astype(np.float32), (shift_rows[k], shift_cols[k]), order=1, mode="constant", cval=fill)
         out[k] = np.rint(moved).astype(np.int16)
     return out
