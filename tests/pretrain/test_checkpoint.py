@@ -277,3 +277,21 @@ def test_swiglu_no_storage_export_and_hf_round_trip(tmp_path):
         for path in (flat, save_backbone(src, tmp_path / "s.safetensors"), save_hf_dir(src, tmp_path / "hf")):
             out = load_backbone(path).forward_features(x)["x_prenorm"]
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_export_cli(golden, tmp_path, capsys):
+    from pretrain.models.export import main
+
+    out, hf_dir = tmp_path / "b.safetensors", tmp_path / "hf"
+    assert main(["--checkpoint", str(golden[0]), "--out", str(out), "--hf-dir", str(hf_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "official format" in printed and "max feature diff 0" in printed
+    assert detect_format(out) == "export" and detect_format(hf_dir) == "hf"
+    assert (hf_dir / "config.json").stat().st_mode & 0o044  # readable by others, like any written file
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "bad.pth" in capsys.readouterr().err
+    # eps cannot be inferred: --set passes it through and it is stored in the export's metadata
+    assert main(["--checkpoint", str(golden[0]), "--out", str(out), "--set", "norm_eps=1e-6"]) == 0
+    assert load_backbone(out).config.norm_eps == 1e-6
