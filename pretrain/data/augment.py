@@ -124,16 +124,32 @@ def _gaussian_kernel(sigma: float, kernel_size: int) -> Tensor:
     return k / k.sum()
 
 
+_CONV_BLUR_MAX_PIXELS = 128 * 128  # above this, CPU conv2d with a 1-channel 9-tap kernel is the slow path
+
+
 def gaussian_blur(x: Tensor, sigma: float, kernel_size: int) -> Tensor:
-    """Separable Gaussian blur of [C, H, W] with reflect padding (torchvision's GaussianBlur semantics)."""
-    c = x.shape[0]
-    k = _gaussian_kernel(sigma, kernel_size).to(x.dtype)
+    """Separable Gaussian blur of [C, H, W] with reflect padding (torchvision's GaussianBlur semantics).
+
+    Small crops use conv2d; large ones a sum of shifted slices (same arithmetic, measured ~3x faster on CPU
+    for 224 px and up).
+    """
+    c, h, w = x.shape
+    kernel = _gaussian_kernel(sigma, kernel_size).to(x.dtype)
     pad = kernel_size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    y = F.pad(x.unsqueeze(0), (pad, pad, pad, pad), mode=mode)
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
-    return y.squeeze(0)
+    mode = "reflect" if min(h, w) > pad else "replicate"
+    padded = F.pad(x.unsqueeze(0), (pad, pad, pad, pad), mode=mode)
+    if h * w <= _CONV_BLUR_MAX_PIXELS:
+        y = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+        return F.conv2d(y, kernel.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c).squeeze(0)
+    padded = padded.squeeze(0)
+    taps = kernel.tolist()
+    rows = padded[:, :, 0:w] * taps[0]
+    for i in range(1, kernel_size):
+        rows.add_(padded[:, :, i : i + w], alpha=taps[i])
+    out = rows[:, 0:h, :] * taps[0]
+    for i in range(1, kernel_size):
+        out.add_(rows[:, i : i + h, :], alpha=taps[i])
+    return out
 
 
 @dataclass(frozen=True)
@@ -148,12 +164,21 @@ class PhotometricDraw:
 
 
 def draw_photometric(params: MultiCropParams, blur_p: float, rng: np.random.Generator) -> PhotometricDraw:
-    intensity = rng.random() < params.intensity_p
-    scale = rng.uniform(*params.intensity_scale) if intensity else None
-    shift = rng.uniform(*params.intensity_shift) if intensity else 0.0
-    blur_sigma = rng.uniform(*params.blur_sigma) if rng.random() < blur_p else None
-    noise_std = rng.uniform(*params.noise_std) if rng.random() < params.noise_p else None
-    return PhotometricDraw(scale, shift, blur_sigma, noise_std, int(rng.integers(0, 2**62)))
+    """Always consumes the same number of draws, so switching an augmentation off leaves the crop boxes alone."""
+    u_intensity, u_blur, u_noise = rng.random(3)
+    scale = rng.uniform(*params.intensity_scale)
+    shift = rng.uniform(*params.intensity_shift)
+    sigma = rng.uniform(*params.blur_sigma)
+    noise_std = rng.uniform(*params.noise_std)
+    noise_seed = int(rng.integers(0, 2**62))
+    intensity = u_intensity < params.intensity_p
+    return PhotometricDraw(
+        scale=scale if intensity else None,
+        shift=shift if intensity else 0.0,
+        blur_sigma=sigma if u_blur < blur_p else None,
+        noise_std=noise_std if u_noise < params.noise_p else None,
+        noise_seed=noise_seed,
+    )
 
 
 def apply_photometric(x: Tensor, draw: PhotometricDraw, params: MultiCropParams) -> Tensor:
@@ -174,7 +199,7 @@ def _flip(x: Tensor, hflip: bool, vflip: bool) -> Tensor:
 
 
 def _crop(
-    hu: Tensor,
+    image: Tensor,
     size: int,
     scale: tuple[float, float],
     blur_p: float,
@@ -183,14 +208,14 @@ def _crop(
     rng: np.random.Generator,
     gram_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """One crop of ``hu`` [1, H, W] -> ([C, size, size], optional Gram view [C, gram_size, gram_size])."""
-    box = sample_crop_box(hu.shape[-2], hu.shape[-1], scale, params.aspect_ratio, rng)
+    """One crop of ``image`` [1, H, W] -> ([C, size, size], optional Gram view [C, gram_size, gram_size])."""
+    box = sample_crop_box(image.shape[-2], image.shape[-1], scale, params.aspect_ratio, rng)
     hflip, vflip = rng.random() < params.hflip_p, rng.random() < params.vflip_p
     window = transform.sample_window(rng)
     draw = draw_photometric(params, blur_p, rng)
 
     def view(out_size: int) -> Tensor:
-        return transform(_flip(resample(hu, out_size, params.antialias, box), hflip, vflip)[0], window)
+        return transform.finish_crop(_flip(resample(image, out_size, params.antialias, box), hflip, vflip)[0], window)
 
     if gram_size is None:
         return apply_photometric(view(size), draw, params), None
@@ -203,7 +228,7 @@ def _crop(
 
 
 def multi_crop(
-    hu: Tensor,
+    slice_: Tensor,
     global_size: int,
     local_size: int,
     gram_size: int | None,
@@ -214,14 +239,14 @@ def multi_crop(
     """All crops of one slice.
 
     Args:
-        hu: [H, W] float32 HU, already clamped to ``transform.preclamp_range()``.
+        hu: [H, W] float32 slice from ``transform.prepare_slice``.
         global_size, local_size, gram_size: output sides in pixels for this batch (gram_size None: no Gram view).
 
     Returns:
         ``global_crops`` (n_global x [C, G, G]), ``local_crops`` (n_local x [C, L, L]) and, with a Gram view,
         ``gram_teacher_crops`` (n_global x [C, G2, G2]); C is 1 for the repeated-channel transforms.
     """
-    image = hu.unsqueeze(0)
+    image = slice_.unsqueeze(0)
     global_crops, gram_crops = [], []
     for i in range(params.n_global):
         crop, gram = _crop(

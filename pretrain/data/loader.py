@@ -128,10 +128,9 @@ def build_batch(settings: SSLBatchSettings, hu_slices: list[np.ndarray], rank: i
     """Rank-level batch ``iteration`` from B int16 HU slices (a pure function of its arguments)."""
     global_size, local_size, gram_size = settings.sizes(_rng(settings.seed, _TAG_RESOLUTION, iteration))
     rng = _rng(settings.seed, _TAG_AUGMENT, rank, iteration)
-    lo, hi = settings.transform.preclamp_range()
     samples = [
         multi_crop(
-            torch.from_numpy(hu.astype(np.float32)).clamp_(lo, hi),
+            settings.transform.prepare_slice(hu),
             global_size, local_size, gram_size, settings.crop_params, settings.transform, rng,
         )
         for hu in hu_slices

@@ -98,6 +98,28 @@ class HUTransform:
         lo, hi = window if window is not None else self.hu_clamp
         return ((hu.clamp(lo, hi) - self.mean) / self.std).unsqueeze(0)
 
+    def prepare_slice(self, hu: np.ndarray) -> Tensor:
+        """int16 HU [H, W] -> float32 [H, W] ready for cropping.
+
+        ``clamp_normalize`` maps the whole slice to model units here, once: bicubic resampling is linear with
+        weights summing to 1, so z-scoring before or after it is the same, and it saves one pass per crop.
+        The other modes only clamp to ``preclamp_range`` (their mapping depends on the crop's window).
+        """
+        x = torch.from_numpy(hu.astype(np.float32))
+        if self.mode == "clamp_normalize":
+            return x.clamp_(*self.hu_clamp).sub_(self.mean).div_(self.std)
+        return x.clamp_(*self.preclamp_range())
+
+    def finish_crop(self, crop: Tensor, window: tuple[float, float] | None = None) -> Tensor:
+        """Resampled crop [S, S] of ``prepare_slice`` output -> [C, S, S] model input.
+
+        For ``clamp_normalize`` only the bicubic overshoot is clamped back into the normalised HU window.
+        """
+        if self.mode == "clamp_normalize":
+            lo, hi = self.hu_clamp
+            return crop.clamp_((lo - self.mean) / self.std, (hi - self.mean) / self.std).unsqueeze(0)
+        return self(crop, window)
+
     def expand_channels(self, x: Tensor) -> Tensor:
-        """[1 or C, H, W] -> [out_channels, H, W] (a view when repeating one channel)."""
-        return x.expand(self.out_channels, -1, -1) if x.shape[0] == 1 else x
+        """[n, 1 or C, H, W] -> [n, out_channels, H, W]; one repeated channel becomes a stride-0 view."""
+        return x.expand(-1, self.out_channels, -1, -1) if x.shape[1] == 1 else x
