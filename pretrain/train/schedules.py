@@ -35,9 +35,10 @@ def warmup_cosine(
     """
     if total_iterations <= 0:
         raise ValueError(f"schedule needs a positive number of iterations, got {total_iterations}")
-    warmup_iterations = max(0, min(int(warmup_iterations), total_iterations))
-    warmup = start + (peak - start) * np.arange(warmup_iterations, dtype=np.float64) / max(warmup_iterations, 1)
-    remaining = total_iterations - warmup_iterations
+    warmup_iterations = max(0, int(warmup_iterations))
+    n_warm = min(warmup_iterations, total_iterations)  # a truncated warm-up keeps its slope
+    warmup = start + (peak - start) * np.arange(n_warm, dtype=np.float64) / max(warmup_iterations, 1)
+    remaining = total_iterations - n_warm
     n_cos = remaining if cosine_iterations is None else max(0, min(int(cosine_iterations), remaining))
     steps = np.arange(n_cos, dtype=np.float64)
     cosine = end + 0.5 * (peak - end) * (1.0 + np.cos(math.pi * steps / max(n_cos, 1)))

@@ -73,3 +73,9 @@ def tiny_cfg(shards: Path, output_dir: Path, *overrides: str, stage_files: tuple
         if extra.is_file():
             files.append(extra)
     return load_config(files, [f"data.shards={shards}", f"train.output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def make_tiny_cfg():
+    """:func:`tiny_cfg` as a fixture (test modules cannot import conftest under --import-mode=importlib)."""
+    return tiny_cfg

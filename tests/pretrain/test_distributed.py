@@ -1,0 +1,177 @@
+"""Distributed environment: torchrun / SLURM / single-process parsing, host lists, per-job ports, preemption flag;
+and a 2-process gloo run equal to one process holding the same global batch."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from pretrain.train.distributed import (
+    DistEnv,
+    PreemptionHandler,
+    master_port_for_job,
+    parse_slurm_nodelist,
+    read_dist_env,
+    slurm_hostnames,
+)
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node01", ["node01"]),
+        ("gpu[001-003,007]", ["gpu001", "gpu002", "gpu003", "gpu007"]),
+        ("a[1-2],b,c[09-10]", ["a1", "a2", "b", "c09", "c10"]),
+        ("rack[1-2]-n[0-1]", ["rack1-n0", "rack1-n1", "rack2-n0", "rack2-n1"]),
+        ("login-1,cpu[3]", ["login-1", "cpu3"]),
+    ],
+)
+def test_parse_slurm_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert parse_slurm_nodelist(nodelist) == hosts
+
+
+def test_slurm_hostnames_first_host_is_master(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: pure-Python fallback
+    assert slurm_hostnames("cn[12-14]")[0] == "cn12"
+
+
+def test_master_port_is_per_job_and_in_range() -> None:
+    ports = {master_port_for_job(j) for j in ("1", "2", "123456", "99999999")}
+    assert len(ports) == 4 and all(20000 <= p < 40000 for p in ports)
+    assert master_port_for_job("4242") == master_port_for_job(4242)
+
+
+def test_single_process_default() -> None:
+    assert read_dist_env({}) == DistEnv()
+
+
+def test_torchrun_env() -> None:
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "h0",
+           "MASTER_PORT": "29400", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}
+    d = read_dist_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.node_rank) == (5, 8, 1, 4, 1)
+    assert (d.master_addr, d.master_port, d.launcher) == ("h0", 29400, "torchrun")
+
+
+def test_slurm_srun_env(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    env = {"SLURM_PROCID": "6", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2",
+           "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+           "SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0"}
+    d = read_dist_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.node_rank) == (6, 8, 2, 4, 1)
+    assert d.master_addr == "gpu017" and d.master_port == master_port_for_job("777") and d.launcher == "slurm"
+
+
+def test_slurm_batch_script_itself_is_a_single_process() -> None:
+    # sbatch sets SLURM_PROCID/SLURM_NTASKS in the batch shell too; only srun steps are distributed
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n1"}
+    assert read_dist_env(env).world_size == 1
+
+
+def test_preemption_handler_turns_signals_into_a_flag() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        handler = PreemptionHandler().install()
+        try:
+            assert not handler.requested
+            os.kill(os.getpid(), sig)
+            assert handler.requested and handler.signal_name == sig.name
+        finally:
+            handler.uninstall()
+
+
+# ---------------------------------------------------------------------------------------------- 2 processes
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+# KoLeo is computed over the per-rank batch (as in DINOv2/v3), so it legitimately differs between 2 x B and
+# 1 x 2B; RoPE coordinate rescaling draws per-rank random numbers. Both are off for the equivalence check.
+EQUIV_OVERRIDES = ["dino.koleo_loss_weight=0", "student.overrides.pos_embed_rope_rescale_coords=null",
+                   "train.iterations=2", "checkpointing.period=100", "logging.flops=false"]
+
+WORKER = r"""
+import sys
+sys.path.insert(0, {conftest_dir!r})
+from pathlib import Path
+from conftest import tiny_cfg
+from pretrain.data import build_ssl_loader
+from pretrain.train.distributed import read_dist_env
+from pretrain.train.loop import train
+env = read_dist_env()
+cfg = tiny_cfg(Path({shards!r}), Path({out!r}), *{overrides!r})
+train(cfg, batches=build_ssl_loader(cfg, env.rank, env.world_size, 0))
+"""
+
+
+def merge_rank_batches(batches: list[dict], n_global: int = 2) -> dict:
+    """One batch holding the images of several per-rank batches (crop-major stacking kept)."""
+    def cat(key: str) -> torch.Tensor:
+        parts = [b[key] for b in batches]
+        n = n_global if key != "collated_local_crops" else parts[0].shape[0] // (batches[0]["collated_global_crops"].shape[0] // n_global)
+        return torch.cat([p.unflatten(0, (n, -1)) for p in parts], dim=1).flatten(0, 1)
+
+    merged = {k: cat(k) for k in ("collated_global_crops", "collated_local_crops", "collated_masks")}
+    masks = merged["collated_masks"]
+    merged["mask_indices_list"] = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1).clamp(min=1).float()
+    merged["masks_weight"] = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]
+    merged["n_masked_patches"] = torch.tensor([int(masks.sum())])
+    merged["upperbound"] = sum(int(b["upperbound"]) for b in batches)
+    return merged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(
+    ct3m_shards: Path, tmp_path: Path, make_tiny_cfg
+) -> None:
+    tiny_cfg = make_tiny_cfg
+    from pretrain.data import build_ssl_loader
+    from pretrain.train.loop import train
+
+    out2 = tmp_path / "two"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(conftest_dir=str(Path(__file__).parent), shards=str(ct3m_shards),
+                                    out=str(out2), overrides=EQUIV_OVERRIDES + ["data.batch_size_per_rank=2"]))
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+
+    # one process, batch 4 = the two ranks' batches side by side
+    cfg1 = tiny_cfg(ct3m_shards, tmp_path / "one", *EQUIV_OVERRIDES, "data.batch_size_per_rank=4")
+    cfg_r = tiny_cfg(ct3m_shards, tmp_path / "unused", *EQUIV_OVERRIDES, "data.batch_size_per_rank=2")
+    loaders = [build_ssl_loader(cfg_r, r, 2, 0) for r in range(2)]
+    merged = [merge_rank_batches([next(l) for l in loaders]) for _ in range(2)]
+    train(cfg1, batches=iter(merged))
+
+    one, two = _losses(tmp_path / "one"), _losses(out2)
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("dino_global_loss", "dino_local_loss", "ibot_loss", "total_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-5), (a["iteration"], key)
+    t1 = torch.load(tmp_path / "one" / "teacher_backbone.pth", weights_only=True)
+    t2 = torch.load(out2 / "teacher_backbone.pth", weights_only=True)
+    for k in t1:
+        torch.testing.assert_close(t1[k], t2[k], rtol=1e-4, atol=2e-5, msg=k)
