@@ -68,6 +68,9 @@ class CropSizeSampler:
         paired = bool(crops.get("paired_crop_sizes", False))
         if paired and len(l) != len(g):
             raise ValueError("crops.paired_crop_sizes needs as many local_crops_size as global_crops_size entries")
+        if paired and _as_list(crops.get("local_crops_size_probs")) and lp != gp:
+            raise ValueError("with crops.paired_crop_sizes the pair is drawn with global_crops_size_probs; "
+                             "local_crops_size_probs must be null or equal to it")
         return cls(g, gp, l, lp, gram, paired)
 
     def __call__(self, rng: np.random.Generator) -> tuple[int, int, int | None]:
