@@ -16,6 +16,7 @@ process of the job; the trainer finishes its current iteration and writes a chec
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted job {submitted.job_id}: logs in {submitted.paths.folder}", flush=True)
     if args.wait:
         results = submitted.results()
-        print(results[0], flush=True)
+        print(json.dumps(results[0]), flush=True)
     return 0
 
 
