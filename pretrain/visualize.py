@@ -108,13 +108,21 @@ def body_voxel_counts(volume_hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     return (volume_hu > threshold_hu).sum(axis=(0, 1))
 
 
+def default_slice(body_counts: np.ndarray, near_max: float = 0.9) -> int:
+    """Middle index among the slices whose body-voxel count is within ``near_max`` of the largest.
+
+    Plain argmax would pick the first slice of a volume cropped to the body, where every slice ties.
+    """
+    candidates = np.nonzero(body_counts >= near_max * body_counts.max())[0]
+    return int(candidates[len(candidates) // 2])
+
+
 def load_axial_slice(
     path: str | Path, slice_index: int | None, body_threshold_hu: float
 ) -> AxialSlice:
     """Read a NIfTI CT volume, reorient to RAS and return one axial slice in display orientation.
 
-    ``slice_index=None`` picks the slice with the most body voxels (a slice through the trunk rather than
-    an edge slice with little anatomy).
+    ``slice_index=None`` picks ``default_slice`` (through the trunk rather than an edge slice).
     """
     path = Path(path)
     if not path.is_file():
@@ -133,7 +141,7 @@ def load_axial_slice(
     volume = volume.astype(np.float32)
     depth = volume.shape[2]
     if slice_index is None:
-        slice_index = int(np.argmax(body_voxel_counts(volume, body_threshold_hu)))
+        slice_index = default_slice(body_voxel_counts(volume, body_threshold_hu))
     if not -depth <= slice_index < depth:
         raise ValueError(f"{path}: --slice {slice_index} outside the {depth} axial slices (0..{depth - 1})")
     slice_index %= depth
@@ -167,7 +175,7 @@ def resolve_backbone(spec: str, seed: int, arch: str | None = None) -> tuple[tor
         from pretrain.models import load_backbone
 
         model = load_backbone(str(path), arch=arch)
-        label = path.parent.name + "/" + path.name if path.is_file() else path.name
+        label = f"{path.parent.name}/{path.name}" if path.is_file() else path.name
     return model.eval(), label
 
 
@@ -192,7 +200,8 @@ def load_input_transform(pretrain_config: str | Path) -> InputTransform:
     transform = HUTransform.from_config(block)
 
     def apply(hu: torch.Tensor) -> torch.Tensor:
-        return transform.expand_channels(transform(hu.float())).contiguous()
+        x = transform(hu.float())  # [1 or C, H, W]: one grey channel is repeated to out_channels below
+        return x.expand(transform.out_channels, -1, -1).contiguous() if x.shape[0] == 1 else x
 
     return apply
 
@@ -780,7 +789,7 @@ def run_similarity(args: argparse.Namespace, cfg: DictConfig) -> Path:
         transform = load_input_transform(transform_config_for(spec, cfg))
         sim, _ = similarity_map(model, ct, args.point, int(cfg.similarity.resolution), cfg, transform)
         maps.append(sim)
-        titles.append(label)
+        titles.append(label.replace("/", "/\n", 1) if len(label) > 30 else label)  # narrow panels
         del model
     fig = similarity_figure(
         window_for_display(ct.hu, cfg.image.display_window_hu), ct.spacing_mm, args.point, maps, titles,

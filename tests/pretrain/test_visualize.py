@@ -70,8 +70,14 @@ def test_axial_slice_is_radiological_convention(real_data: Path, cfg) -> None:
     assert spine_rows.mean() > height / 2
 
 
-def test_load_axial_slice_defaults_to_body_and_rejects_bad_index(ct_path: Path, ct_slice, cfg) -> None:
+def test_load_axial_slice_defaults_to_body_and_rejects_bad_index(ct_path: Path, ct_slice, cfg, real_data) -> None:
     assert ct_slice.hu.shape == (101, 122) and ct_slice.spacing_mm == (3.0, 3.0)
+    body = vis.body_voxel_counts(np.asanyarray(nib.as_closest_canonical(nib.load(ct_path)).dataobj), -500)
+    assert body[ct_slice.index] >= 0.9 * body.max()
+    # a volume cropped to the body (many slices tie): a middle slice, not the first
+    spleen = vis.load_axial_slice(real_data / "ivadomed_msd_spleen" / "sub-spleen2_ct.nii.gz", None, -500)
+    assert 5 <= spleen.index <= 20 and spleen.hu.shape == (166, 164)
+    assert vis.default_slice(np.array([0, 5, 10, 10, 9, 2])) == 3
     assert ct_slice.hu.min() < -900 and ct_slice.hu.max() > 300  # air and bone: real HU
     with pytest.raises(ValueError, match="outside the 112 axial slices"):
         vis.load_axial_slice(ct_path, 500, cfg.foreground.body_threshold_hu)
