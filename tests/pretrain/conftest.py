@@ -79,3 +79,33 @@ def tiny_cfg(shards: Path, output_dir: Path, *overrides: str, stage_files: tuple
 def make_tiny_cfg():
     """:func:`tiny_cfg` as a fixture (test modules cannot import conftest under --import-mode=importlib)."""
     return tiny_cfg
+
+
+REFERENCE_ITERATIONS = 8
+REFERENCE_OVERRIDES = (f"train.iterations={REFERENCE_ITERATIONS}", "checkpointing.period=3", "logging.flops=false")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_run(ct3m_shards: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted tiny stage-1 run on the real-CT shards (8 iterations, checkpoints every 3, EMA-teacher
+    snapshot at 8); returns its output directory. Shared by the resume, preemption and pipeline tests."""
+    from pretrain.train.loop import train
+
+    out = tmp_path_factory.mktemp("tiny_reference") / "stage1"
+    result = train(tiny_cfg(ct3m_shards, out, *REFERENCE_OVERRIDES))
+    assert result.finished
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def metrics_of():
+    return read_metrics
+
+
+@pytest.fixture(scope="session")
+def reference_overrides():
+    return REFERENCE_OVERRIDES
