@@ -38,7 +38,6 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data_curation.dedup import Fingerprint, find_duplicates
-from data_curation.process import process_case
 from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, encode_image, sample_json
 from data_curation.sources import REGISTRY, Case
 
@@ -182,6 +181,8 @@ def _init_worker(cfg: dict, staging: str) -> None:
 
 
 def _work(case: Case) -> dict:
+    from data_curation.process import process_case  # imports torch: only where volumes are processed
+
     return process_case(case, _WORKER_CFG["cfg"], _WORKER_CFG["staging"])
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -34,6 +32,9 @@ class Fingerprint:
 
 def slice_descriptors(slices: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     """``[N, H, W]`` int16 HU -> ``[N, gh, gw]`` float32 block means of HU clipped to [-1024, 2000]."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(slices)).to(torch.float32).clamp_(-1024, 2000).unsqueeze(1)
     return F.adaptive_avg_pool2d(x, grid_hw).squeeze(1).numpy()
 

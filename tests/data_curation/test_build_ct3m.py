@@ -1,0 +1,289 @@
+"""End to end: the CLI on real CT -> shards readable by stock webdataset and tar, manifest/stats, resume after
+kill -9, cross-source de-duplication, PHI never leaks, failures reported with a non-zero exit code."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from data_curation.build_ct3m import discover, holdout_cases, load_config, main
+
+pytestmark = pytest.mark.slow
+SCRIPT = ["data_curation/build_ct3m.py", "--no-progress"]
+
+
+def run_script(repo_root: Path, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
+    """``python data_curation/build_ct3m.py ...`` from the repo root, as users run it."""
+    proc = subprocess.run([sys.executable, *SCRIPT, *args], cwd=repo_root, capture_output=True, text=True, timeout=600)
+    if check is not None:
+        assert proc.returncode == check, proc.stdout + proc.stderr
+    return proc
+
+
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_build(capsys, monkeypatch, repo_root):
+    """The CLI's ``main`` in this process (saves an interpreter + torch start per call on a 2-core CI box)."""
+    monkeypatch.chdir(repo_root)
+
+    def run(_repo_root: Path, *args: str, check: int | None = 0) -> _Result:
+        capsys.readouterr()
+        code = main(["--no-progress", *args])
+        captured = capsys.readouterr()
+        if check is not None:
+            assert code == check, captured.out + captured.err
+        return _Result(code, captured.out, captured.err)
+
+    return run
+
+
+def read_samples(out: Path) -> dict[str, tuple[str, dict]]:
+    """key -> (sha256 of the image bytes, json) via plain ``webdataset.WebDataset(url)``."""
+    import webdataset as wds
+
+    samples = {}
+    for shard in sorted(out.glob("ct3m-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            assert s["__key__"] not in samples, f"duplicate sample {s['__key__']}"
+            samples[s["__key__"]] = (hashlib.sha256(s["npy"]).hexdigest(), json.loads(s["json"]))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def mixed_tree(tmp_path_factory, real_data, sample_ct) -> Path:
+    """Real CT of several kinds under one ``folder`` root: NIfTI (int32 RAS, float32, LPS int16), DICOM series
+    (uncompressed with padding, JPEG 2000) and awkward files that must be filtered or fail."""
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(sample_ct / "totalsegmentator", root / "ts", ignore=shutil.ignore_patterns("*.json", "LICENSE"))
+    shutil.copytree(sample_ct / "msd_spleen", root / "spleen", ignore=shutil.ignore_patterns("*.json"))
+    shutil.copy(real_data / "totalsegmentator/aorta_report/ct_cropped.nii.gz", root / "aorta_ct.nii.gz")
+    shutil.copy(real_data / "totalsegmentator/example_ct_sm.nii.gz", root / "ts_small.nii.gz")
+    shutil.copytree(real_data / "dcmqi_ct3slice/dicom", root / "gep")
+    (root / "j2k").mkdir()
+    shutil.copy(real_data / "pylibjpeg_data_ct/ELSCINT1_JP2vsJ2K.dcm", root / "j2k")
+    shutil.copytree(real_data / "dcm_qa_ct/Philips_localizer_and_rgb", root / "philips")
+    return root
+
+
+def test_sample_build_reads_back(tmp_path, repo_root, run_build):
+    """The demo command: shards + manifest + stats, read with stock webdataset and plain tar."""
+    out = tmp_path / "out"
+    proc = run_script(repo_root, "--out", str(out), "--root", "folder=data_curation/sample_ct", "output.samples_per_shard=40")
+    assert "TOTAL" in proc.stdout
+    samples = read_samples(out)
+    shards = sorted(out.glob("ct3m-*.tar"))
+    assert [s.name for s in shards] == [f"ct3m-{i:06d}.tar" for i in range(len(shards))] and len(shards) == 4
+    with open(out / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["key", "shard", "source", "case", "slice_index"]
+    assert {r["key"] for r in rows} == set(samples) and len(rows) == len(samples)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["n_samples"] == len(samples) == stats["per_source"]["folder"]["slices"]
+    assert sum(stats["hu_histogram"]["counts"]) == len(samples) * 256 * 256
+    for key, (_, meta) in samples.items():
+        assert "." not in key and key == f"folder-{meta['case']}-{meta['slice_index']:05d}"
+        assert meta["orientation"] == "LPS" and meta["source"] == "folder" and len(meta["spacing_mm"]) == 2
+        assert {"slice_spacing_mm", "original_shape", "original_spacing_mm", "slice_position_mm"} <= set(meta)
+    # slices of one volume are spread over shards, and each shard mixes volumes
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["case"], set()).add(r["shard"])
+    assert all(len(s) == len(shards) for s in by_case.values())
+    # plain tar lists the samples; an image decodes to int16 HU
+    listing = subprocess.run(["tar", "tf", str(shards[0])], capture_output=True, text=True, check=True).stdout.split()
+    assert len(listing) == 2 * 40 and all(n.endswith((".npy", ".json")) for n in listing)
+    with tarfile.open(shards[0]) as tf:
+        img = np.load(io.BytesIO(tf.extractfile(listing[1] if listing[1].endswith(".npy") else listing[0]).read()))
+    assert img.dtype == np.int16 and img.shape == (256, 256) and -1024 <= img.min() < img.max() <= 4000
+    # everything done: a rerun is a no-op that produces the same outputs
+    before = {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")}
+    run_build(repo_root, "--out", str(out), "--root", "folder=data_curation/sample_ct", "output.samples_per_shard=40")
+    assert {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")} == before
+
+
+def test_png_format_roundtrip(tmp_path, repo_root, sample_ct, run_build):
+    from data_curation.shards import decode_image
+
+    out = tmp_path / "png"
+    run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}", "output.image_format=png", "geometry.output_size=null", "geometry.inplane_spacing_mm=null")
+    ref = nib.load(sample_ct / "msd_spleen/sub-spleen2_ct.nii.gz")
+    with tarfile.open(out / "ct3m-000000.tar") as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        key = "folder-sub-spleen2_ct-00010"
+        img = decode_image("png", tf.extractfile(members[key + ".png"]).read())
+    # native geometry, canonical LPS: the RAS NIfTI slice flipped in x and y, transposed to [row, col]
+    expected = np.rint(np.asarray(ref.dataobj)[::-1, ::-1, 10].T).astype(np.int16)
+    np.testing.assert_array_equal(img, expected)
+
+
+def test_failures_filtered_and_exit_code(tmp_path, repo_root, mixed_tree, real_data, run_build):
+    """Bad input never stops the run; it lands in failures.jsonl with file and reason and makes the exit code 1
+    unless --allow-failures. Filtered files (localizer, RGB) are logged in rejections.jsonl and are not failures."""
+    tree = tmp_path / "tree"
+    shutil.copytree(mixed_tree, tree, symlinks=True)
+    shutil.copy(real_data / "pylibjpeg_data_ct/JPEGLossless_1s_1f_i_16_16_bad.dcm", tree / "j2k")
+    (tree / "corrupt.nii.gz").write_bytes((tree / "ts_small.nii.gz").read_bytes()[:3000])
+    out = tmp_path / "out"
+    proc = run_build(repo_root, "--out", str(out), "--root", f"folder={tree}", "--workers", "2", check=1)
+    assert "failed" in proc.stderr
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted((Path(f["file"]).name, f["reason"]) for f in failures) == [
+        ("JPEGLossless_1s_1f_i_16_16_bad.dcm", "hu_out_of_range"), ("corrupt.nii.gz", "unreadable")]
+    rejections = [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
+    assert sorted((Path(r["file"]).name, r["reason"]) for r in rejections) == [
+        ("I10_localizer.dcm", "localizer"), ("I50_rgb_secondary.dcm", "not_grayscale")]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["n_failures"] == 2 and stats["per_source"]["folder"]["reasons"]["hu_out_of_range"] == 1
+    cases = {m["case"] for _, m in read_samples(out).values()}
+    assert {"j2k", "gep", "ts_example_ct", "aorta_ct", "spleen_sub-spleen2_ct", "ts_small"} == cases  # good data survived
+    run_build(repo_root, "--out", str(out), "--root", f"folder={tree}", "--allow-failures", check=0)
+
+
+def _wait_for(path: Path, n_lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and path.read_text().count("\n") >= n_lines:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"build ended before the kill point ({path.name} < {n_lines} lines)")
+        time.sleep(0.005)
+    raise AssertionError("kill point not reached")
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, run_build):
+    """kill -9 during curation, then again during packing; the third run finishes. The result (shards byte for
+    byte, manifest, stats) equals an uninterrupted run made with 2 workers."""
+    args = ["--root", f"folder={mixed_tree}", "--allow-failures", "output.samples_per_shard=16", "output.volumes_per_group=2"]
+    ref = tmp_path / "ref"
+    run_build(repo_root, "--out", str(ref), "--workers", "2", *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, *SCRIPT, "--out", str(out), "--workers", "1", *args]
+    for state_file, lines in (("volumes.jsonl", 2), ("groups.jsonl", 1)):
+        proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(out / ".state" / state_file, lines, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert not (out / "manifest.csv").exists()  # really interrupted before the end
+    run_build(repo_root, "--out", str(out), "--workers", "1", *args)
+    ref_shards = {p.name: p.read_bytes() for p in ref.glob("ct3m-*.tar")}
+    assert len(ref_shards) > 10
+    assert {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")} == ref_shards
+    assert not list(out.glob("*.tmp")) and not list((out / ".state" / "staging").iterdir())
+    assert (out / "manifest.csv").read_text() == (ref / "manifest.csv").read_text()
+    assert read_samples(out) == read_samples(ref)
+    a, b = (json.loads((d / "stats.json").read_text()) for d in (out, ref))
+    for s in (a, b):
+        for src in s["per_source"].values():
+            src.pop("seconds")
+    assert a == b
+
+
+def test_duplicate_across_sources(tmp_path, repo_root, real_data, sample_ct, run_build):
+    """The same scan as a DICOM series (folder source) and as an RAS int16 NIfTI conversion with unmasked padding
+    (CT-ORG layout): one copy kept (CT-ORG comes first in the priority order), the other reported."""
+    dicom_dir = tmp_path / "mine" / "series1"
+    shutil.copytree(real_data / "dcmqi_ct3slice/dicom", dicom_dir)
+    shutil.copy(sample_ct / "msd_spleen/sub-spleen2_ct.nii.gz", tmp_path / "mine" / "other_ct.nii.gz")
+    slices = sorted((pydicom.dcmread(f) for f in dicom_dir.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array.astype(np.int16) + int(d.RescaleIntercept) for d in slices], axis=-1)  # [row, col, z]
+    d0 = slices[0]
+    dr, dc = (float(x) for x in d0.PixelSpacing)
+    dz = float(slices[1].ImagePositionPatient[2]) - float(d0.ImagePositionPatient[2])
+    ipp = np.asarray(d0.ImagePositionPatient, float)
+    # voxel (i=col, j=row, k) in LPS, then flip i and j so the NIfTI is stored RAS
+    data = hu.transpose(1, 0, 2)[::-1, ::-1, :]
+    ncol, nrow = data.shape[:2]
+    affine = np.array([[dc, 0, 0, -ipp[0] - (ncol - 1) * dc], [0, dr, 0, -ipp[1] - (nrow - 1) * dr], [0, 0, dz, ipp[2]], [0, 0, 0, 1]])
+    ctorg = tmp_path / "ctorg" / "OrganSegmentations"
+    ctorg.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), ctorg / "volume-7.nii.gz")
+    out = tmp_path / "out"
+    run_build(repo_root, "--out", str(out), "--root", f"folder={tmp_path / 'mine'}", "--root", f"ctorg={tmp_path / 'ctorg'}")
+    with open(out / "duplicates.csv") as fh:
+        dups = list(csv.DictReader(fh))
+    assert [(d["dropped"], d["kept"]) for d in dups] == [("folder/series1", "ctorg/volume-7")]
+    assert float(dups[0]["mean_abs_diff_hu"]) < 0.5
+    cases = {(m["source"], m["case"]) for _, m in read_samples(out).values()}
+    assert cases == {("ctorg", "volume-7"), ("folder", "other_ct")}
+    assert json.loads((out / "stats.json").read_text())["n_duplicates_dropped"] == 1
+
+
+PHI = {"PatientName": "Zzyzx^Quintessa^PHIMARK", "PatientID": "PHIID-93127", "PatientBirthDate": "19230405",
+       "InstitutionName": "St Phimark General", "ReferringPhysicianName": "Drphimark^Otto", "AccessionNumber": "ACC88231",
+       "StudyDate": "19990817", "SeriesDate": "19990817", "PatientAddress": "12 Phimark Lane", "StudyID": "STUDYPHI7"}
+
+
+def test_no_phi_in_outputs(tmp_path, repo_root, real_data, run_build):
+    """Plant identifiers in a DICOM copy; no output byte (shards, manifest, stats, logs, state, stdout/stderr)
+    contains any of them."""
+    src = tmp_path / "in" / "series"
+    src.mkdir(parents=True)
+    for f in sorted((real_data / "dcmqi_ct3slice/dicom").glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        for kw, value in PHI.items():
+            setattr(ds, kw, value)
+        ds.save_as(src / f.name)
+    (src / "bad.dcm").write_bytes(pydicom.dcmread(src / "01.dcm").PatientName.original_string + b" garbage")
+    out = tmp_path / "out"
+    proc = run_script(repo_root, "--out", str(out), "--root", f"folder={tmp_path / 'in'}", "--allow-failures")
+    assert len(read_samples(out)) == 3
+    needles = {v.encode().lower() for v in PHI.values()} | {p.encode().lower() for v in PHI.values() for p in v.split("^") if len(p) > 4}
+    blobs = [(str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file()] + [("stdout", proc.stdout.encode()), ("stderr", proc.stderr.encode())]
+    assert len(blobs) > 5
+    for name, blob in blobs:
+        low = blob.lower()
+        for needle in needles:
+            assert needle not in low, f"{needle!r} leaked into {name}"
+
+
+def test_list_sources_and_dry_run(tmp_path, repo_root, sample_ct, run_build):
+    proc = run_build(repo_root, "--list-sources", "--root", "folder=data_curation/sample_ct", "--root", f"btcv={tmp_path}")
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert set(lines) >= {"btcv", "amos22", "msd_spleen", "abdomenatlas", "folder"}
+    assert lines["folder"].split()[1] == "2" and lines["btcv"].split()[1] == "0" and lines["kits23"].split()[1] == "-"
+    out = tmp_path / "dry"
+    proc = run_build(repo_root, "--out", str(out), "--dry-run", "--root", "folder=data_curation/sample_ct")
+    total = [line for line in proc.stdout.splitlines() if line.startswith("TOTAL")][0].split()
+    assert total[1] == "2" and int(total[2]) == 112 + 26
+    assert not out.exists()
+
+
+def test_holdout_finetune_uses_the_nnunet_split(tmp_path, repo_root, sample_ct, run_build):
+    """--holdout-finetune drops exactly fold 0's validation cases of finetune.splits over the labelled cases."""
+    from finetune.splits import fold_split
+
+    nii = sample_ct / "msd_spleen/sub-spleen2_ct.nii.gz"
+    ids = [f"img{i:04d}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 21, 22, 23)]
+    for i in ids:
+        p = tmp_path / "btcv/RawData/Training/img" / f"{i}.nii.gz"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(nii, p)
+    test_img = tmp_path / "btcv/RawData/Testing/img/img0061.nii.gz"
+    test_img.parent.mkdir(parents=True)
+    os.symlink(nii, test_img)
+    cfg = load_config(repo_root / "configs/data/ct3m.yaml", [f"btcv={tmp_path / 'btcv'}"])
+    held = holdout_cases(cfg, discover(cfg, ["btcv"]))
+    _, val = fold_split(ids, fold=0)
+    assert held == {"btcv": [f"btcv/{c}" for c in val]} and len(val) == 3
+    proc = run_build(repo_root, "--dry-run", "--holdout-finetune", "--root", f"btcv={tmp_path / 'btcv'}", "--exclude", "btcv/img0061")
+    assert "(4 cases excluded" in proc.stdout
+    total = [line for line in proc.stdout.splitlines() if line.startswith("TOTAL")][0].split()
+    assert total[1] == str(len(ids) - 3)

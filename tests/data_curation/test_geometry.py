@@ -1,0 +1,129 @@
+"""NIfTI and DICOM end in the same canonical axial orientation with consistent HU; in-plane geometry is as configured."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_curation.geometry import center_crop_pad, output_geometry, resample_slices, select_slices, to_canonical_axial
+from data_curation.readers.common import CurationError, RawVolume
+from data_curation.readers.dicom import read_dicom_series
+from data_curation.readers.nifti import read_nifti
+
+
+def _labels(path: Path) -> np.ndarray:
+    img = nib.load(path)
+    return to_canonical_axial(RawVolume(np.asarray(img.dataobj).astype(np.int16), img.affine)).array
+
+
+def _organ_means(hu: np.ndarray, labels: np.ndarray, ids: dict[str, int]) -> dict[str, float]:
+    return {name: float(hu[labels == i].mean()) for name, i in ids.items()}
+
+
+@pytest.fixture(scope="module")
+def dicom_axial(real_data, ct3m_cfg):
+    files = sorted((real_data / "totalsegmentator" / "example_ct_dicom").iterdir())
+    volumes, rejections = read_dicom_series([str(f) for f in files], ct3m_cfg["dicom"], ct3m_cfg["reading"])
+    assert not rejections and len(volumes) == 1
+    return volumes[0], to_canonical_axial(volumes[0])
+
+
+def test_totalseg_nifti_and_dicom_consistent(real_data, ct3m_cfg, dicom_axial):
+    """Both formats: labels stored in another orientation (RAS; LAS for the DICOM's labels) line up with the image
+    only through the affine, and the organ means are the documented HU (NIfTI: spleen 33, liver 45, aorta 42;
+    DICOM: spleen 80, liver 89, aorta 177). Canonical orientation is the same: the liver (patient right) sits at
+    smaller column indices than the spleen (patient left) in both."""
+    ts = real_data / "totalsegmentator"
+    ids = {"spleen": 1, "liver": 5, "aorta": 52}
+    nii = to_canonical_axial(read_nifti(ts / "example_ct.nii.gz", ct3m_cfg["reading"]))
+    nii_lab = _labels(ts / "example_seg_fast_force_split.nii.gz")
+    _, dcm = dicom_axial
+    dcm_lab = _labels(ts / "example_seg_dicom.nii.gz")
+    assert nii.array.shape == nii_lab.shape and dcm.array.shape == dcm_lab.shape == (20, 512, 512)
+    got_nii, got_dcm = _organ_means(nii.array, nii_lab, ids), _organ_means(dcm.array, dcm_lab, ids)
+    assert got_nii == pytest.approx({"spleen": 33, "liver": 45, "aorta": 42}, abs=3)
+    assert got_dcm == pytest.approx({"spleen": 80, "liver": 89, "aorta": 177}, abs=3)
+    for arr, lab in ((nii.array, nii_lab), (dcm.array, dcm_lab)):
+        col = {name: np.argwhere(lab == i)[:, 2].mean() for name, i in ids.items()}
+        row = {name: np.argwhere(lab == i)[:, 1].mean() for name, i in ids.items()}
+        assert col["liver"] < col["aorta"] < col["spleen"]  # columns run R -> L
+        assert row["aorta"] > np.argwhere(lab > 0)[:, 1].min()  # rows run A -> P: aorta behind the abdominal wall
+    z = {name: np.argwhere(nii_lab == i)[:, 0].mean() for name, i in {"liver": 5, "urinary_bladder": 21}.items()}
+    assert z["urinary_bladder"] < z["liver"]  # slices run I -> S
+    assert nii.spacing_mm == (3.0, 3.0) and dcm.spacing_mm == pytest.approx((0.9765625, 0.9765625))
+    np.testing.assert_allclose(np.diff(dcm.positions_mm), 2.0, atol=1e-3)
+
+
+def test_dicom_to_nifti_roundtrip_any_orientation_and_dtype(tmp_path, ct3m_cfg, dicom_axial):
+    """The DICOM volume saved as NIfTI in other orientations and dtypes (float32 RAS, int32 LPS) reads back identical."""
+    raw, axial = dicom_axial
+    for name, codes, dtype in (("ras.nii.gz", ("R", "A", "S"), np.float32), ("lps.nii", ("L", "P", "S"), np.int32), ("psl.nii.gz", ("P", "S", "L"), np.int16)):
+        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(raw.affine), nib.orientations.axcodes2ornt(codes))
+        data = nib.orientations.apply_orientation(raw.data, ornt).astype(dtype)
+        affine = raw.affine @ nib.orientations.inv_ornt_aff(ornt, raw.data.shape)
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / name)
+        back = to_canonical_axial(read_nifti(tmp_path / name, ct3m_cfg["reading"]))
+        np.testing.assert_array_equal(back.array, axial.array)
+        assert back.spacing_mm == pytest.approx(axial.spacing_mm)
+
+
+def test_nifti_nan_and_scaling(tmp_path, ct3m_cfg, sample_ct):
+    """float NIfTI with NaN/inf: non-finite voxels become air and are counted; scl_slope/inter are applied."""
+    img = nib.load(sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz")
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0], data[1, 0, 0] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "nan.nii.gz")
+    vol = read_nifti(tmp_path / "nan.nii.gz", ct3m_cfg["reading"])
+    assert vol.info["nonfinite_voxels"] == 2 and vol.data[0, 0, 0] == -1024 and vol.data[1, 0, 0] == -1024
+    scaled = nib.Nifti1Image(((data[2:] + 1024) / 2).round().astype(np.int16), img.affine)
+    scaled.header.set_slope_inter(2.0, -1024.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    np.testing.assert_allclose(read_nifti(tmp_path / "scaled.nii.gz", ct3m_cfg["reading"]).data, np.rint(data[2:] / 2) * 2, atol=2)
+
+
+def test_nifti_not_hu_rejected(tmp_path, ct3m_cfg, sample_ct):
+    img = nib.load(sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32) * 20, img.affine), tmp_path / "x20.nii.gz")
+    with pytest.raises(CurationError) as err:
+        read_nifti(tmp_path / "x20.nii.gz", ct3m_cfg["reading"])
+    assert err.value.rejection.reason == "hu_out_of_range" and "x20.nii.gz" in err.value.rejection.path
+    (tmp_path / "broken.nii.gz").write_bytes((sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz").read_bytes()[:5000])
+    with pytest.raises(CurationError) as err:
+        read_nifti(tmp_path / "broken.nii.gz", ct3m_cfg["reading"])
+    assert err.value.rejection.reason == "unreadable"
+
+
+def test_output_geometry_modes():
+    # paper default: whole FOV to 256x256, square pixels (512x512 at 0.78 mm -> 1.5625 mm)
+    cfg = {"inplane_spacing_mm": 0.45, "output_size": [256, 256], "fit": "resize", "keep_aspect": True}
+    assert output_geometry((512, 512), (0.78125, 0.78125), cfg) == ((256, 256), (1.5625, 1.5625), None)
+    # non-square matrix (716x512 at 0.977 mm): longer side fills, the other is padded; pixels stay square
+    shape, spacing, crop = output_geometry((716, 512), (0.9765625, 0.9765625), cfg)
+    assert shape == (256, 183) and crop == (256, 256) and spacing[0] == pytest.approx(spacing[1], rel=0.01)
+    # pad_crop: uniform 0.45 mm, centre crop to 256 (115 mm field of view)
+    shape, spacing, crop = output_geometry((512, 512), (0.9, 0.9), {**cfg, "fit": "pad_crop"})
+    assert shape == (1024, 1024) and spacing == (0.45, 0.45) and crop == (256, 256)
+    # native
+    assert output_geometry((512, 512), (0.7, 0.7), {"inplane_spacing_mm": None, "output_size": None}) == ((512, 512), (0.7, 0.7), None)
+
+
+def test_resample_preserves_hu_and_pads(dicom_axial):
+    _, axial = dicom_axial
+    cfg = {"interpolation": "linear", "antialias": True, "pad_value_hu": -1024}
+    out = resample_slices(axial.array[:4], (256, 183), (256, 256), cfg)
+    assert out.shape == (4, 256, 256) and out.dtype == np.int16
+    assert (out[:, :, :36] == -1024).all() and (out[:, :, -37:] == -1024).all()
+    # area-averaging by 2 keeps the mean HU of the slice
+    half = resample_slices(axial.array[:2], (256, 256), None, {**cfg, "interpolation": "area"})
+    assert abs(half.mean() - axial.array[:2].mean()) < 1.0
+    assert center_crop_pad(np.ones((1, 4, 6), np.int16), (6, 2), 0).tolist() == [[[0, 0], [1, 1], [1, 1], [1, 1], [1, 1], [0, 0]]]
+
+
+def test_select_slices_by_mm():
+    pos = np.arange(0, 10, 0.625)
+    assert select_slices(pos, None).tolist() == list(range(16))
+    assert select_slices(pos, 2.5).tolist() == [0, 4, 8, 12]
+    assert select_slices(np.array([0, 4, 8, 9.1, 16.1]), 5.0).tolist() == [0, 2, 4]
