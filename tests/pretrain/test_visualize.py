@@ -269,3 +269,26 @@ def test_curves_cli_writes_png(tmp_path: Path, cfg) -> None:
     panel, dpi = cfg.panel_size_in, cfg.dpi
     assert _png_size(out) == (round(panel * 1.3 * 3 * dpi), round(panel * 4 * dpi))
     assert _png_pixels(out).std() > 10
+
+
+def test_curves_read_what_the_trainer_logs(tmp_path: Path, cfg) -> None:
+    """Records written by pretrain.train's MetricsLogger (the real writer) are read and plotted."""
+    from omegaconf import OmegaConf
+
+    from pretrain.train.loop import MetricsLogger
+
+    logger_cfg = OmegaConf.create({"stage": "stage2", "logging": {"console_every": 100}})
+    logger = MetricsLogger(tmp_path, logger_cfg, total_iterations=6, start_iteration=0, is_main=True)
+    for it in range(6):
+        logger.log({"iteration": it, "dino_global_loss": 7.0 - 0.1 * it, "dino_local_loss": 7.1 - 0.1 * it,
+                    "ibot_loss": 3.5, "koleo_loss": 1.0 / (it + 1), "gram_loss": 0.2, "gram_weight": 2.0,
+                    "total_loss": 12.0 - 0.2 * it, "lr": 1e-4, "last_layer_lr": 0.0, "wd": 0.04, "mom": 0.994,
+                    "teacher_temp": 0.07, "global_crops_size": 64, "grad_norm": 3.0})
+    logger.close()
+    records = vis.read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 6
+    keys = vis.curve_keys([records], list(cfg.curves.loss_keys), [*cfg.curves.schedule_keys, *cfg.curves.diagnostic_keys])
+    assert keys == ["total_loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "gram_loss",
+                    "lr", "wd", "mom", "teacher_temp", "gram_weight", "grad_norm"]
+    assert vis.main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
+    assert _png_size(tmp_path / "c.png") == (round(cfg.panel_size_in * 1.3 * 3 * cfg.dpi), round(cfg.panel_size_in * 4 * cfg.dpi))
