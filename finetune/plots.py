@@ -206,7 +206,8 @@ def plot_summary_bars(
     except ValueError as exc:
         raise ValueError(f"{summary_path}: {exc}") from exc
     spread = per_case_spread(per_case_csv, metrics) if per_case_csv is not None else None
-    title = " | ".join(str(summary[k]) for k in ("task", "head", "fold", "checkpoint") if k in summary)
+    title = " | ".join(f"{k} {summary[k]}" if k == "fold" else str(summary[k])
+                       for k in ("task", "head", "fold", "checkpoint") if k in summary)
     fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in))
     return _save(fig, out_path, int(cfg.dpi))
 

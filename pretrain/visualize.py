@@ -33,7 +33,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import matplotlib
 
@@ -756,25 +756,66 @@ def _apply_image_overrides(cfg: DictConfig, args: argparse.Namespace) -> None:
         cfg.pca.layer = args.layer
 
 
+def write_pca_png(
+    model: torch.nn.Module,
+    ct: AxialSlice,
+    out_path: str | Path,
+    cfg: DictConfig,
+    transform: InputTransform,
+    label: str = "",
+) -> Path:
+    """PCA RGB maps of ``model`` on ``ct`` at ``cfg.pca.resolutions`` side by side -> PNG (for benchmarks
+    and the demo that hold a model in memory; the ``pca`` subcommand is a thin wrapper)."""
+    resolutions = [int(r) for r in cfg.pca.resolutions]
+    rgbs, _ = pca_maps(model, ct, resolutions, cfg, transform)
+    titles = [f"{r}px input, {m.shape[0]}x{m.shape[1]} patches" for r, m in zip(resolutions, rgbs)]
+    fig = pca_figure(
+        window_for_display(ct.hu, cfg.image.display_window_hu), ct.spacing_mm, rgbs, titles,
+        f"PCA of patch features: {label or type(model).__name__} | {Path(ct.source).name} slice {ct.index} "
+        f"| foreground: {cfg.foreground.method} | fit: {cfg.pca.fit}",
+        float(cfg.panel_size_in),
+    )
+    return save_figure(fig, out_path, int(cfg.dpi))
+
+
+def write_similarity_png(
+    models: Iterable[tuple[str, torch.nn.Module, InputTransform]],
+    ct: AxialSlice,
+    point_yx: Sequence[float],
+    out_path: str | Path,
+    cfg: DictConfig,
+) -> Path:
+    """Reference-patch cosine-similarity maps, one panel per ``(label, model, transform)`` -> PNG.
+
+    ``models`` is consumed one item at a time, so a generator that loads each checkpoint on demand keeps
+    only one backbone in memory.
+    """
+    pixel_to_patch(point_yx, ct.hu.shape, (1, 1))  # fail fast on a point outside the slice
+    maps, titles = [], []
+    for label, model, transform in models:
+        sim, _ = similarity_map(model, ct, point_yx, int(cfg.similarity.resolution), cfg, transform)
+        maps.append(sim)
+        titles.append(label.replace("/", "/\n", 1) if len(label) > 30 else label)  # narrow panels
+    fig = similarity_figure(
+        window_for_display(ct.hu, cfg.image.display_window_hu), ct.spacing_mm, point_yx, maps, titles,
+        f"Cosine similarity to the reference patch | {Path(ct.source).name} slice {ct.index} "
+        f"| {cfg.similarity.resolution}px input",
+        float(cfg.panel_size_in), str(cfg.similarity.colormap), str(cfg.similarity.marker_color),
+        float(cfg.similarity.overlay_alpha),
+    )
+    return save_figure(fig, out_path, int(cfg.dpi))
+
+
 def run_pca(args: argparse.Namespace, cfg: DictConfig) -> Path:
     _apply_image_overrides(cfg, args)
     if args.resolutions is not None:
         cfg.pca.resolutions = args.resolutions
     if args.pca_fit is not None:
         cfg.pca.fit = args.pca_fit
-    model, label = resolve_backbone(args.checkpoint, int(cfg.seed), args.arch)
     ct = load_axial_slice(args.image, cfg.image.slice, cfg.foreground.body_threshold_hu)
-    resolutions = [int(r) for r in cfg.pca.resolutions]
+    model, label = resolve_backbone(args.checkpoint, int(cfg.seed), args.arch)
     transform = load_input_transform(transform_config_for(args.checkpoint, cfg))
-    rgbs, _ = pca_maps(model, ct, resolutions, cfg, transform)
-    titles = [f"{r}px input, {m.shape[0]}x{m.shape[1]} patches" for r, m in zip(resolutions, rgbs)]
-    fig = pca_figure(
-        window_for_display(ct.hu, cfg.image.display_window_hu), ct.spacing_mm, rgbs, titles,
-        f"PCA of patch features: {label} | {Path(ct.source).name} slice {ct.index} "
-        f"| foreground: {cfg.foreground.method} | fit: {cfg.pca.fit}",
-        float(cfg.panel_size_in),
-    )
-    return save_figure(fig, args.out, int(cfg.dpi))
+    return write_pca_png(model, ct, args.out, cfg, transform, label)
 
 
 def run_similarity(args: argparse.Namespace, cfg: DictConfig) -> Path:
@@ -782,23 +823,14 @@ def run_similarity(args: argparse.Namespace, cfg: DictConfig) -> Path:
     if args.resolution is not None:
         cfg.similarity.resolution = args.resolution
     ct = load_axial_slice(args.image, cfg.image.slice, cfg.foreground.body_threshold_hu)
-    pixel_to_patch(args.point, ct.hu.shape, (1, 1))  # fail fast on a point outside the slice
-    maps, titles = [], []
-    for spec in args.checkpoint:
-        model, label = resolve_backbone(spec, int(cfg.seed), args.arch)
-        transform = load_input_transform(transform_config_for(spec, cfg))
-        sim, _ = similarity_map(model, ct, args.point, int(cfg.similarity.resolution), cfg, transform)
-        maps.append(sim)
-        titles.append(label.replace("/", "/\n", 1) if len(label) > 30 else label)  # narrow panels
-        del model
-    fig = similarity_figure(
-        window_for_display(ct.hu, cfg.image.display_window_hu), ct.spacing_mm, args.point, maps, titles,
-        f"Cosine similarity to the reference patch | {Path(ct.source).name} slice {ct.index} "
-        f"| {cfg.similarity.resolution}px input",
-        float(cfg.panel_size_in), str(cfg.similarity.colormap), str(cfg.similarity.marker_color),
-        float(cfg.similarity.overlay_alpha),
-    )
-    return save_figure(fig, args.out, int(cfg.dpi))
+    pixel_to_patch(args.point, ct.hu.shape, (1, 1))  # before loading any model
+
+    def load_one_at_a_time() -> Iterator[tuple[str, torch.nn.Module, InputTransform]]:
+        for spec in args.checkpoint:
+            model, label = resolve_backbone(spec, int(cfg.seed), args.arch)
+            yield label, model, load_input_transform(transform_config_for(spec, cfg))
+
+    return write_similarity_png(load_one_at_a_time(), ct, args.point, args.out, cfg)
 
 
 def run_curves(args: argparse.Namespace, cfg: DictConfig) -> Path:
