@@ -258,7 +258,7 @@ def load_case(image_path: str | Path, gt_path: str | Path | None, pred_path: str
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[float, float]]:
     """(hu [X,Y,Z], gt [X,Y,Z] | None, pred [X,Y,Z] | None, in-plane (row, col) spacing of displayed slices)."""
     image = _load_canonical(image_path, "image")
-    hu = np.asanyarray(image.dataobj).astype(np.float32).reshape(image.shape[:3])
+    hu = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])
     gt = _labels_on_grid(_load_canonical(gt_path, "ground truth"), image, gt_path) if gt_path else None
     pred = _labels_on_grid(_load_canonical(pred_path, "prediction"), image, pred_path) if pred_path else None
     zooms = image.header.get_zooms()

@@ -133,12 +133,9 @@ def load_axial_slice(
         raise ValueError(f"{path}: not a readable NIfTI image ({exc})") from exc
     if len(image.shape) < 3 or any(s == 0 for s in image.shape[:3]):
         raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    volume = np.asanyarray(image.dataobj)
-    if volume.ndim > 3:
-        if any(s != 1 for s in volume.shape[3:]):
-            raise ValueError(f"{path}: expected a 3-D volume, got shape {volume.shape}")
-        volume = volume.reshape(volume.shape[:3])
-    volume = volume.astype(np.float32)
+    if len(image.shape) > 3 and any(s != 1 for s in image.shape[3:]):
+        raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
+    volume = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])  # scl_slope applied, never float64
     depth = volume.shape[2]
     if slice_index is None:
         slice_index = default_slice(body_voxel_counts(volume, body_threshold_hu))

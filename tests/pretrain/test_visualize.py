@@ -292,3 +292,12 @@ def test_curves_read_what_the_trainer_logs(tmp_path: Path, cfg) -> None:
                     "lr", "wd", "mom", "teacher_temp", "gram_weight", "grad_norm"]
     assert vis.main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
     assert _png_size(tmp_path / "c.png") == (round(cfg.panel_size_in * 1.3 * 3 * cfg.dpi), round(cfg.panel_size_in * 4 * cfg.dpi))
+
+
+def test_last_block_equals_final_normed_tokens(tiny_model, ct_slice, transform) -> None:
+    """--layer n_blocks-1 (get_intermediate_layers, normed) gives the same features as forward_features."""
+    last = vis.slice_features(tiny_model, ct_slice, 64, transform, layer=tiny_model.n_blocks - 1)
+    final = vis.slice_features(tiny_model, ct_slice, 64, transform)
+    np.testing.assert_allclose(last, final, atol=1e-5)
+    first = vis.slice_features(tiny_model, ct_slice, 64, transform, layer=0)
+    assert first.shape == final.shape and not np.allclose(first, final, atol=1e-3)
