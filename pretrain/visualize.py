@@ -47,6 +47,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from pretrain.data.transforms import HUTransform  # noqa: E402
+from pretrain.models import build_backbone, load_backbone  # noqa: E402
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
 RANDOM_PREFIX = "random:"
 InputTransform = Callable[[torch.Tensor], torch.Tensor]  # [H, W] HU -> [C, H, W] model input
@@ -96,9 +99,10 @@ class AxialSlice:
 
 
 def ras_to_display(plane: np.ndarray) -> np.ndarray:
-    """RAS in-plane array [X, Y] (x to the patient's right... i.e. R, y anterior) -> display [Y, X].
+    """RAS in-plane array [X, Y] (+x towards the patient's right, +y anterior) -> display [Y, X].
 
-    Radiological convention: row 0 is the most anterior row, column 0 the patient's right side.
+    Radiological convention: row 0 is the most anterior row, column 0 the patient's right side; the same
+    in-plane orientation as the CT-3M shards (data_curation's canonical LPS [row=P, col=L]).
     """
     return plane[::-1, ::-1].T
 
@@ -108,7 +112,7 @@ def body_voxel_counts(volume_hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     return (volume_hu > threshold_hu).sum(axis=(0, 1))
 
 
-def default_slice(body_counts: np.ndarray, near_max: float = 0.9) -> int:
+def default_slice(body_counts: np.ndarray, near_max: float) -> int:
     """Middle index among the slices whose body-voxel count is within ``near_max`` of the largest.
 
     Plain argmax would pick the first slice of a volume cropped to the body, where every slice ties.
@@ -118,11 +122,12 @@ def default_slice(body_counts: np.ndarray, near_max: float = 0.9) -> int:
 
 
 def load_axial_slice(
-    path: str | Path, slice_index: int | None, body_threshold_hu: float
+    path: str | Path, slice_index: int | None, body_threshold_hu: float, near_max: float = 0.9
 ) -> AxialSlice:
     """Read a NIfTI CT volume, reorient to RAS and return one axial slice in display orientation.
 
-    ``slice_index=None`` picks ``default_slice`` (through the trunk rather than an edge slice).
+    ``slice_index=None`` picks ``default_slice`` (through the trunk rather than an edge slice); ``near_max``
+    is ``image.default_slice_near_max`` of the config.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,7 +143,7 @@ def load_axial_slice(
     volume = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])  # scl_slope applied, never float64
     depth = volume.shape[2]
     if slice_index is None:
-        slice_index = default_slice(body_voxel_counts(volume, body_threshold_hu))
+        slice_index = default_slice(body_voxel_counts(volume, body_threshold_hu), near_max)
     if not -depth <= slice_index < depth:
         raise ValueError(f"{path}: --slice {slice_index} outside the {depth} axial slices (0..{depth - 1})")
     slice_index %= depth
@@ -154,8 +159,6 @@ def resolve_backbone(spec: str, seed: int, arch: str | None = None) -> tuple[tor
 
     Returns the model in eval mode and a short label for figure titles.
     """
-    from pretrain.models import build_backbone
-
     if spec.startswith(RANDOM_PREFIX):
         arch = spec[len(RANDOM_PREFIX):]
         if not arch:
@@ -169,24 +172,17 @@ def resolve_backbone(spec: str, seed: int, arch: str | None = None) -> tuple[tor
             raise FileNotFoundError(
                 f"checkpoint not found: {path} (or use random:<arch> for a randomly initialised backbone)"
             )
-        from pretrain.models import load_backbone
-
         model = load_backbone(str(path), arch=arch)
         label = f"{path.parent.name}/{path.name}" if path.is_file() else path.name
     return model.eval(), label
 
 
-# --------------------------------------------------------------------------------------------------
-# pure array helpers
-# --------------------------------------------------------------------------------------------------
 def load_input_transform(pretrain_config: str | Path) -> InputTransform:
     """The training-time HU -> input mapping of a pretrain config: [H, W] HU -> [C, H, W] float32.
 
     Built by ``pretrain.data.transforms.HUTransform`` from the config's ``data.transform`` block (MedDINOv3
     default: clamp [-1000, 1000] HU, (x - 65.1084) / 178.0166, 3 channels), deterministic (no window jitter).
     """
-    from pretrain.data.transforms import HUTransform
-
     path = Path(pretrain_config)
     if not path.is_file():
         raise FileNotFoundError(f"pretrain config not found: {path} (needed for the HU -> input transform)")
@@ -229,6 +225,9 @@ def _repo_path(path: str | Path) -> Path:
     return path.resolve() if path.exists() else DEFAULT_CONFIG.parents[1] / path
 
 
+# --------------------------------------------------------------------------------------------------
+# pure array helpers
+# --------------------------------------------------------------------------------------------------
 def window_for_display(hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
     """[H, W] HU -> [H, W] in [0, 1] for a greyscale panel (``window_hu`` = (low, high))."""
     low, high = float(window_hu[0]), float(window_hu[1])
@@ -809,7 +808,9 @@ def run_pca(args: argparse.Namespace, cfg: DictConfig) -> Path:
         cfg.pca.resolutions = args.resolutions
     if args.pca_fit is not None:
         cfg.pca.fit = args.pca_fit
-    ct = load_axial_slice(args.image, cfg.image.slice, cfg.foreground.body_threshold_hu)
+    ct = load_axial_slice(
+        args.image, cfg.image.slice, cfg.foreground.body_threshold_hu, cfg.image.default_slice_near_max
+    )
     model, label = resolve_backbone(args.checkpoint, int(cfg.seed), args.arch)
     transform = load_input_transform(transform_config_for(args.checkpoint, cfg))
     return write_pca_png(model, ct, args.out, cfg, transform, label)
@@ -819,7 +820,9 @@ def run_similarity(args: argparse.Namespace, cfg: DictConfig) -> Path:
     _apply_image_overrides(cfg, args)
     if args.resolution is not None:
         cfg.similarity.resolution = args.resolution
-    ct = load_axial_slice(args.image, cfg.image.slice, cfg.foreground.body_threshold_hu)
+    ct = load_axial_slice(
+        args.image, cfg.image.slice, cfg.foreground.body_threshold_hu, cfg.image.default_slice_near_max
+    )
     pixel_to_patch(args.point, ct.hu.shape, (1, 1))  # before loading any model
 
     def load_one_at_a_time() -> Iterator[tuple[str, torch.nn.Module, InputTransform]]:

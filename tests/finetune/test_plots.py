@@ -177,3 +177,16 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg) ->
     assert plots.per_case_spread(run / "per_case.csv", ["dice"]) == {"dice": {}}  # one present case: no spread
     assert plots.normalise_class_names({"spleen": [1], "kidney_and_tumor": [1, 2]}) == {1: "spleen"}
     assert plots.normalise_class_names({"background": 0, "liver": 1}) == {1: "liver"}
+
+
+def test_module_entry_point(tmp_path: Path, repo_root: Path, spleen) -> None:
+    """``python -m finetune.plots`` runs as documented."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "case.png"
+    done = subprocess.run([sys.executable, "-m", "finetune.plots", "overlays", "--image", str(spleen["image"]),
+                           "--gt", str(spleen["gt"]), "--slices", "1", "--out", str(out)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and f"wrote {out}" in done.stdout

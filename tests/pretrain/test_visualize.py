@@ -77,7 +77,7 @@ def test_load_axial_slice_defaults_to_body_and_rejects_bad_index(ct_path: Path, 
     # a volume cropped to the body (many slices tie): a middle slice, not the first
     spleen = vis.load_axial_slice(real_data / "ivadomed_msd_spleen" / "sub-spleen2_ct.nii.gz", None, -500)
     assert 5 <= spleen.index <= 20 and spleen.hu.shape == (166, 164)
-    assert vis.default_slice(np.array([0, 5, 10, 10, 9, 2])) == 3
+    assert vis.default_slice(np.array([0, 5, 10, 10, 9, 2]), 0.9) == 3
     assert ct_slice.hu.min() < -900 and ct_slice.hu.max() > 300  # air and bone: real HU
     with pytest.raises(ValueError, match="outside the 112 axial slices"):
         vis.load_axial_slice(ct_path, 500, cfg.foreground.body_threshold_hu)
@@ -301,3 +301,17 @@ def test_last_block_equals_final_normed_tokens(tiny_model, ct_slice, transform) 
     np.testing.assert_allclose(last, final, atol=1e-5)
     first = vis.slice_features(tiny_model, ct_slice, 64, transform, layer=0)
     assert first.shape == final.shape and not np.allclose(first, final, atol=1e-3)
+
+
+def test_module_entry_point(tmp_path: Path, repo_root: Path) -> None:
+    """``python -m pretrain.visualize`` is the documented command (error exit codes are tested via main)."""
+    import subprocess
+    import sys
+
+    _write_metrics(tmp_path / "metrics.jsonl")
+    out = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, "-m", "pretrain.visualize", "curves", "--metrics",
+                           str(tmp_path / "metrics.jsonl"), "--out", str(out)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout and _png_size(out)[0] > 0
