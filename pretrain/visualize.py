@@ -364,14 +364,17 @@ def rgb_range(projections: np.ndarray, percentiles: Sequence[float]) -> tuple[np
     return low, high
 
 
+def _cell_of(pixel: np.ndarray | float, n_pixels: int, n_cells: int) -> np.ndarray:
+    """Grid cell containing each pixel centre when ``n_pixels`` are split into ``n_cells`` equal cells."""
+    return np.minimum(np.floor((np.asarray(pixel, dtype=np.float64) + 0.5) * n_cells / n_pixels), n_cells - 1).astype(int)
+
+
 def pixel_to_patch(point_yx: Sequence[float], image_hw: Sequence[int], grid_hw: Sequence[int]) -> tuple[int, int]:
     """Pixel (row, col) of the native slice -> (i, j) of the patch grid covering the resized image."""
     y, x = float(point_yx[0]), float(point_yx[1])
     if not (0 <= y < image_hw[0] and 0 <= x < image_hw[1]):
         raise ValueError(f"reference point {tuple(point_yx)} is outside the {image_hw[0]}x{image_hw[1]} slice")
-    i = min(int((y + 0.5) / image_hw[0] * grid_hw[0]), grid_hw[0] - 1)
-    j = min(int((x + 0.5) / image_hw[1] * grid_hw[1]), grid_hw[1] - 1)
-    return i, j
+    return int(_cell_of(y, image_hw[0], grid_hw[0])), int(_cell_of(x, image_hw[1], grid_hw[1]))
 
 
 def cosine_similarity_map(features: np.ndarray, ref_ij: tuple[int, int]) -> np.ndarray:
@@ -382,9 +385,10 @@ def cosine_similarity_map(features: np.ndarray, ref_ij: tuple[int, int]) -> np.n
 
 
 def upsample_nearest(grid: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """[h, w(, C)] -> [H, W(, C)] nearest-neighbour (patch boundaries stay visible)."""
-    rows = (np.arange(size_hw[0]) * grid.shape[0] // size_hw[0]).clip(0, grid.shape[0] - 1)
-    cols = (np.arange(size_hw[1]) * grid.shape[1] // size_hw[1]).clip(0, grid.shape[1] - 1)
+    """[h, w(, C)] -> [H, W(, C)] nearest-neighbour (patch boundaries stay visible); pixel (r, c) shows the
+    cell ``pixel_to_patch`` assigns to it, so a marked reference pixel sits on its own patch."""
+    rows = _cell_of(np.arange(size_hw[0]), size_hw[0], grid.shape[0])
+    cols = _cell_of(np.arange(size_hw[1]), size_hw[1], grid.shape[1])
     return grid[rows][:, cols]
 
 

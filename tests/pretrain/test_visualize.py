@@ -179,6 +179,11 @@ def test_similarity_is_one_at_reference_patch(tiny_model, ct_slice, cfg, transfo
     # the reference pixel falls inside the chosen patch of the resized image
     h, w = sim.shape
     assert ref == (int((point[0] + 0.5) / 101 * h), int((point[1] + 0.5) / 122 * w))
+    # the marked pixel of the displayed (upsampled) map is the 1.0 cell, for every reference pixel
+    for y in range(0, 101, 7):
+        for x in range(0, 122, 9):
+            i, j = vis.pixel_to_patch((y, x), (101, 122), (h, w))
+            assert vis.upsample_nearest(np.arange(h * w).reshape(h, w), (101, 122))[y, x] == i * w + j
     with pytest.raises(ValueError, match="outside"):
         vis.pixel_to_patch((101, 0), (101, 122), (6, 8))
 
