@@ -211,7 +211,13 @@ def curate(cases: list[Case], cfg: dict, state: State, workers: int, progress: b
             for case in pending:
                 record(_work(case))
         else:
-            ctx = mp.get_context("spawn")
+            # forkserver: torch is imported once in the server and workers fork from it (cheap start, and safe: the
+            # server never ran parallel torch work); spawn where forkserver does not exist (Windows, macOS default)
+            if "forkserver" in mp.get_all_start_methods():
+                ctx = mp.get_context("forkserver")
+                ctx.set_forkserver_preload(["data_curation.process"])
+            else:
+                ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, str(state.staging)),
                           maxtasksperchild=int(cfg["run"]["maxtasksperchild"])) as pool:
                 for result in pool.imap_unordered(_work, pending, chunksize=1):
@@ -346,7 +352,8 @@ def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records
     return stats, len(failures)
 
 
-def print_summary(stats: dict, file=sys.stdout) -> None:
+def print_summary(stats: dict, file=None) -> None:
+    file = file or sys.stdout
     cols = ["source", "cases", "volumes", "slices", "dupes", "filtered", "failed", "s/vol"]
     rows = []
     for name, s in stats["per_source"].items():

@@ -94,13 +94,17 @@ class HuCheck:
     def from_cfg(cls, cfg: dict) -> "HuCheck":
         return cls(float(cfg["low"]), float(cfg["high"]), float(cfg["slack"]), float(cfg["max_outside_fraction"]))
 
-    def update(self, hu: np.ndarray) -> None:
+    def update(self, hu: np.ndarray) -> tuple[float, float]:
+        """Account for a chunk; returns its (min, max). Two passes when everything is in range (the usual case)."""
         if hu.size == 0:
-            return
+            return 0.0, 0.0
+        lo, hi = float(hu.min()), float(hu.max())
         self.n_total += hu.size
-        self.n_outside += int(np.count_nonzero((hu < self.low - self.slack) | (hu > self.high + self.slack)))
-        self.vmin = min(self.vmin, float(hu.min()))
-        self.vmax = max(self.vmax, float(hu.max()))
+        if lo < self.low - self.slack or hi > self.high + self.slack:
+            self.n_outside += int(np.count_nonzero((hu < self.low - self.slack) | (hu > self.high + self.slack)))
+        self.vmin = min(self.vmin, lo)
+        self.vmax = max(self.vmax, hi)
+        return lo, hi
 
     def verify(self, path: str) -> None:
         frac = self.n_outside / max(self.n_total, 1)
@@ -120,7 +124,11 @@ def to_int16_hu(values: np.ndarray, fill_hu: int) -> tuple[np.ndarray, int]:
     that the check already accepted as a tiny outlier fraction.
     """
     if np.issubdtype(values.dtype, np.integer):
-        return np.clip(values, -32768, 32767).astype(np.int16, copy=False), 0
+        if values.dtype == np.int16:
+            return values, 0
+        if values.size and (values.min() < -32768 or values.max() > 32767):
+            values = np.clip(values, -32768, 32767)
+        return values.astype(np.int16), 0
     bad = ~np.isfinite(values)
     n_bad = int(bad.sum())
     if n_bad:

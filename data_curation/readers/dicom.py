@@ -2,7 +2,7 @@
 
 Pipeline (each step names its rejection reason, see ``FILTERED_REASONS`` for the ones that are by design):
 
-1. Header of every file (``stop_before_pixels``). Not a DICOM -> ``unreadable``; SEG / RT objects ->
+1. Header of every file (each file is read once). Not a DICOM -> ``unreadable``; SEG / RT objects ->
    ``seg_object`` / ``rt_object``; modality other than CT -> ``not_ct``; colour (RGB screenshots, dose pages) ->
    ``not_grayscale``; localizer / scout / surview -> ``localizer``; derived maps (perfusion, MIP...) ->
    ``derived_map``; CT-labelled secondary captures -> ``secondary_capture``; missing geometry -> ``no_geometry``.
@@ -34,7 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from data_curation.readers.common import CurationError, HuCheck, RawVolume, Rejection
+from data_curation.readers.common import CurationError, HuCheck, RawVolume, Rejection, to_int16_hu
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -62,6 +62,7 @@ class Frame:
     pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
     slope: float
     intercept: float
+    dataset: object = None  # the file's pydicom Dataset (read once; pixels decoded later, only if the series is kept)
 
 
 def _tokens(value) -> list[str]:
@@ -88,7 +89,7 @@ def _first(seq_owner, *names):
 
 def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path)  # whole file once: the pixel bytes are decoded later only if the series is kept
     except Exception as exc:
         return Rejection(path, "unreadable", f"not a readable DICOM file ({type(exc).__name__})")
     sop = str(ds.get("SOPClassUID", ""))
@@ -111,7 +112,7 @@ def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
         return Rejection(path, "derived_map", f"ImageType={'/'.join(image_type)}: derived map, values are not HU")
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return Rejection(path, "secondary_capture", "Secondary Capture labelled CT: no reliable geometry or HU")
-    if "PixelData" not in ds and "FloatPixelData" not in ds and ds.get("NumberOfFrames") is None and "Rows" not in ds:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
         return Rejection(path, "not_image", "no pixel data")
     series = str(ds.get("SeriesInstanceUID", "")) or "no-series-uid"
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -126,7 +127,7 @@ def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
         return Rejection(path, "no_geometry", "ImageOrientationPatient, ImagePositionPatient or PixelSpacing missing")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return [Frame(path, None, series, rows, cols, iop, ipp, spacing, slope, intercept)]
+    return [Frame(path, None, series, rows, cols, iop, ipp, spacing, slope, intercept, ds)]
 
 
 def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict) -> list[Frame] | Rejection:
@@ -155,13 +156,13 @@ def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict
         slope = float(slope if slope is not None else ds.get("RescaleSlope", 1.0))
         intercept = float(intercept if intercept is not None else ds.get("RescaleIntercept", 0.0))
         frames.append(Frame(path, i, series, rows, cols, np.asarray([float(v) for v in iop]), np.asarray([float(v) for v in ipp]),
-                            (float(ps[0]), float(ps[1])), slope, intercept))
+                            (float(ps[0]), float(ps[1])), slope, intercept, ds))
     return frames
 
 
-def _decode_file(path: str) -> tuple[np.ndarray, "pydicom.Dataset"]:
+def _decode_file(path: str, ds=None) -> tuple[np.ndarray, "pydicom.Dataset"]:
     """Pixel array of one file (``[rows, cols]`` or ``[frames, rows, cols]``), raw stored values."""
-    ds = pydicom.dcmread(path)
+    ds = ds if ds is not None else pydicom.dcmread(path)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
     if ts.is_compressed:
         from pydicom.pixels import get_decoder
@@ -271,7 +272,7 @@ def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejection
         try:
             if f.path not in cache:
                 cache.clear()
-                cache[f.path] = _decode_file(f.path)
+                cache[f.path] = _decode_file(f.path, f.dataset)
             arr, ds = cache[f.path]
             raw = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr
             if raw.shape != (f.rows, f.cols):
@@ -280,7 +281,8 @@ def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejection
             check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
             check.update(hu)
             check.verify(f.path if f.frame is None else f"{f.path} [frame {f.frame}]")
-            decoded.append((f, np.clip(np.rint(hu), -32768, 32767).astype(np.int16)))
+            decoded.append((f, to_int16_hu(hu, fill)[0]))
+            f.dataset = None  # release the encoded pixel bytes as soon as the slice is decoded
         except CurationError as err:
             rejections.append(err.rejection)
     cache.clear()
@@ -340,7 +342,7 @@ def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejection
     affine_lps[:3, 2] = normal * (spacing_k if spacing_k > 0 else 1.0)
     affine_lps[:3, 3] = kept[0][0].ipp
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    return RawVolume(np.ascontiguousarray(stack.transpose(2, 1, 0)), affine_ras, irregular, info)
+    return RawVolume(stack.transpose(2, 1, 0), affine_ras, irregular, info)  # view: slices stay contiguous
 
 
 def _missing_slices(gaps: np.ndarray, rel: float) -> int:
@@ -355,19 +357,35 @@ def _missing_slices(gaps: np.ndarray, rel: float) -> int:
 
 
 def _deshear(stack: np.ndarray, shift_rows: np.ndarray, shift_cols: np.ndarray, fill: int) -> np.ndarray:
-    """Move slice ``k``'s content by ``(+shift_rows[k], +shift_cols[k])`` pixels (linear) so the stack is orthogonal.
+    """Move slice ``k``'s content by ``(+shift_rows[k], +shift_cols[k])`` pixels (bilinear) so the stack is orthogonal.
 
     Raw pixel ``(v, u)`` of slice ``k`` lies at ``IPP_k + v*c*dr + u*r*dc``; writing ``IPP_k - IPP_0 = d*n +
     shift_cols*dc*r + shift_rows*dr*c`` shows it belongs at ``(v + shift_rows, u + shift_cols)`` of the grid
-    anchored at slice 0.
+    anchored at slice 0. Pixels shifted in from outside the field of view are ``fill`` (air).
     """
-    from scipy.ndimage import shift as nd_shift
-
     out = np.empty_like(stack)
     for k in range(stack.shape[0]):
-        if abs(shift_rows[k]) < 1e-6 and abs(shift_cols[k]) < 1e-6:
-            out[k] = stack[k]
-            continue
-        moved = nd_shift(stack[k].astype(np.float32), (shift_rows[k], shift_cols[k]), order=1, mode="constant", cval=fill)
-        out[k] = np.rint(moved).astype(np.int16)
+        out[k] = shift_bilinear(stack[k], float(shift_rows[k]), float(shift_cols[k]), fill)
     return out
+
+
+def _shift_int(img: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
+    h, w = img.shape
+    out = np.full((h, w), fill, dtype=np.float32)
+    if abs(dy) < h and abs(dx) < w:
+        out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def shift_bilinear(img: np.ndarray, dy: float, dx: float, fill: int) -> np.ndarray:
+    """``out[y + dy, x + dx] = img[y, x]`` with bilinear weights for the fractional part (int16 in, int16 out)."""
+    if abs(dy) < 1e-6 and abs(dx) < 1e-6:
+        return img.copy()
+    iy, ix = int(np.floor(dy)), int(np.floor(dx))
+    fy, fx = dy - iy, dx - ix
+    acc = np.zeros(img.shape, dtype=np.float32)
+    for oy, wy in ((iy, 1 - fy), (iy + 1, fy)):
+        for ox, wx in ((ix, 1 - fx), (ix + 1, fx)):
+            if wy * wx > 1e-6:
+                acc += (wy * wx) * _shift_int(img, oy, ox, fill)
+    return np.rint(acc).astype(np.int16)

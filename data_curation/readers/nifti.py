@@ -34,7 +34,7 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
 
     check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
     fill = int(reading_cfg["nan_fill_hu"])
-    out = np.empty(shape, dtype=np.int16)
+    out = np.empty(shape, dtype=np.int16, order="F")  # F order: every axial slice [.., .., k] is contiguous
     slab = max(1, int(reading_cfg.get("nifti_slab_slices", 32)))
     n_nonfinite = 0
     proxy = img.dataobj

@@ -1,0 +1,138 @@
+"""Curation throughput vs a decode-only baseline, measured in the same run on the real CT in shared/data.
+
+    .venv/bin/python benchmarks/curation.py [--repeat 3] [--workers 1 2] [--shared PATH]
+
+Decode-only = just reading the inputs (nibabel ``dataobj`` -> array; pydicom ``pixel_array`` for every file).
+Curation = ``build_ct3m.main`` end to end (read + HU checks + canonical orientation + resample to 256x256 +
+fingerprints + staging + shuffled shard packing + reports), de-duplication off so the repeated inputs are all
+packed. Both are reported as native input slices per second per worker; the ratio (target <= 1.5x) compares
+one worker with the single-process decode. Scaling is reported for each ``--workers`` value.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+
+INPUTS = [  # (relative path in shared/data/real, kind)
+    ("totalsegmentator/example_ct.nii.gz", "nifti"),
+    ("totalsegmentator/aorta_report/ct_cropped.nii.gz", "nifti"),
+    ("ivadomed_msd_spleen/sub-spleen2_ct.nii.gz", "nifti"),
+    ("totalsegmentator/example_ct_dicom", "dicom"),  # JPEG 2000 lossless, 20 x 512^2
+    ("dcm_qa_ct/GE_head_tilt_varspacing", "dicom"),  # uncompressed, tilted, 28 x 512^2
+    ("dcmqi_ct3slice/dicom", "dicom"),
+]
+
+
+def build_tree(real: Path, dst: Path, repeat: int) -> list[tuple[Path, str]]:
+    items = []
+    for r in range(repeat):
+        for i, (rel, kind) in enumerate(INPUTS):
+            src = real / rel
+            if kind == "nifti":
+                target = dst / f"r{r}" / f"v{i}_{src.name}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(src, target)
+            else:
+                target = dst / f"r{r}" / f"v{i}_dicom"
+                target.mkdir(parents=True)
+                for f in sorted(src.iterdir()):
+                    if f.is_file() and f.name not in ("LICENSE", "README.upstream.md"):
+                        os.symlink(f, target / f.name)
+            items.append((target, kind))
+    return items
+
+
+def decode_only(items: list[tuple[Path, str]]) -> tuple[int, float]:
+    """Native slices and seconds to just read every input."""
+    n, t0 = 0, time.perf_counter()
+    for path, kind in items:
+        if kind == "nifti":
+            arr = np.asanyarray(nib.load(path).dataobj)
+            n += arr.shape[2]
+        else:
+            for f in sorted(path.iterdir()):
+                pydicom.dcmread(f).pixel_array
+                n += 1
+    return n, time.perf_counter() - t0
+
+
+def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
+    from data_curation.build_ct3m import main
+
+    out = Path(tempfile.mkdtemp(prefix="ct3m_bench_"))
+    try:
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = main(["--out", str(out), "--root", f"folder={tree}", "--workers", str(workers), "--no-progress",
+                         "--allow-failures", "dedup.enabled=false"])
+        seconds = time.perf_counter() - t0
+        assert code == 0, code
+        import json
+
+        stats = json.loads((out / "stats.json").read_text())
+        native = sum(s["native_slices"] for s in stats["per_source"].values())
+        records = [json.loads(line) for line in (out / ".state" / "volumes.jsonl").read_text().splitlines()]
+        stats["bench_read_s"] = sum(r["read_seconds"] for r in records)
+        stats["bench_volume_s"] = sum(r["seconds"] for r in records)
+        return native, seconds, stats
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--repeat", type=int, default=3, help="copies of the input set (amortises per-run overheads)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    real = Path(args.shared) / "real"
+    if not real.exists():
+        raise SystemExit(f"{real} not found (pass --shared)")
+    import torch
+
+    torch.set_num_threads(1)  # one worker = one core, for decode and curation alike
+    with tempfile.TemporaryDirectory() as tmp:
+        items = build_tree(real, Path(tmp) / "in", args.repeat)
+        decode_only(items[: len(INPUTS)])  # warm the page cache and imports (decode and curation alike)
+        warm = Path(tmp) / "warm"
+        warm.mkdir()
+        os.symlink(items[0][0], warm / items[0][0].name)
+        curate(warm, 1)
+        n_dec, t_dec_a = decode_only(items)
+        results = {w: curate(Path(tmp) / "in", w) for w in args.workers}
+        _, t_dec_b = decode_only(items)
+    t_dec = (t_dec_a + t_dec_b) / 2
+    dec_rate = n_dec / t_dec
+    print(f"inputs: {len(items)} volumes ({args.repeat} x {len(INPUTS)} real CT: NIfTI gz, JPEG 2000 and uncompressed DICOM), "
+          f"{n_dec} native slices")
+    print(f"decode-only baseline      : {dec_rate:8.1f} slices/s   ({t_dec:.2f} s; runs {t_dec_a:.2f} / {t_dec_b:.2f} s)")
+    base = None
+    for w, (n, t, stats) in results.items():
+        rate = n / t
+        base = base or rate
+        print(f"curation --workers {w:<2}     : {rate:8.1f} slices/s total, {rate / w:8.1f} per worker   ({t:.2f} s, "
+              f"{stats['n_samples']} samples in {stats['n_shards']} shards)   scaling x{rate / base:.2f}")
+    n1, t1, st1 = results[args.workers[0]]
+    print(f"  inside the workers ({args.workers[0]} worker): reading {st1['bench_read_s']:.2f} s, whole per-volume work "
+          f"{st1['bench_volume_s']:.2f} s (x{st1['bench_volume_s'] / max(st1['bench_read_s'], 1e-9):.2f}); the rest of the run "
+          f"(discovery, packing shards, reports) {t1 - st1['bench_volume_s']:.2f} s")
+    ratio = (t1 / n1) / (t_dec / n_dec)
+    print(f"RATIO curation/decode-only (per slice, {args.workers[0]} worker): {ratio:.2f}x   (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
