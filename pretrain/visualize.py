@@ -411,6 +411,11 @@ def _aspect(spacing_mm: Sequence[float], image_hw: Sequence[int], shown_hw: Sequ
     return (spacing_mm[0] * image_hw[0] / shown_hw[0]) / (spacing_mm[1] * image_hw[1] / shown_hw[1])
 
 
+def _ct_panel(ax: plt.Axes, display: np.ndarray, aspect: float, title: str) -> None:
+    ax.imshow(display, cmap="gray", vmin=0, vmax=1, aspect=aspect)
+    ax.set_title(title, fontsize=9)
+
+
 def pca_figure(
     display: np.ndarray,
     spacing_mm: Sequence[float],
@@ -421,9 +426,7 @@ def pca_figure(
 ) -> Figure:
     """CT panel ``display`` [H, W] in [0, 1] followed by PCA RGB maps [h_i, w_i, 3], one per resolution."""
     fig, axes = _panel_grid(1 + len(maps), panel_in)
-    ax = axes[0, 0]
-    ax.imshow(display, cmap="gray", vmin=0, vmax=1, aspect=_aspect(spacing_mm, display.shape, display.shape))
-    ax.set_title("CT slice", fontsize=9)
+    _ct_panel(axes[0, 0], display, _aspect(spacing_mm, display.shape, display.shape), "CT slice")
     for k, (rgb, title) in enumerate(zip(maps, titles)):
         ax = axes[0, k + 1]
         ax.imshow(rgb, interpolation="nearest", aspect=_aspect(spacing_mm, display.shape, rgb.shape[:2]))
@@ -450,22 +453,19 @@ def similarity_figure(
     """
     fig, axes = _panel_grid(1 + len(maps), panel_in)
     aspect = _aspect(spacing_mm, display.shape, display.shape)
-    ax = axes[0, 0]
-    ax.imshow(display, cmap="gray", vmin=0, vmax=1, aspect=aspect)
-    ax.plot([point_yx[1]], [point_yx[0]], "o", color=marker_color, markersize=6, markeredgecolor="white")
-    ax.set_title(f"CT slice, reference ({point_yx[0]:g}, {point_yx[1]:g})", fontsize=9)
+    _ct_panel(axes[0, 0], display, aspect, f"CT slice, reference ({point_yx[0]:g}, {point_yx[1]:g})")
     image = None
     for k, (sim, title) in enumerate(zip(maps, titles)):
         ax = axes[0, k + 1]
-        big = upsample_nearest(sim, display.shape)
         if overlay_alpha > 0:
-            ax.imshow(display, cmap="gray", vmin=0, vmax=1, aspect=aspect)
+            _ct_panel(ax, display, aspect, "")
         image = ax.imshow(
-            big, cmap=colormap, vmin=-1.0, vmax=1.0, aspect=aspect, interpolation="nearest",
-            alpha=overlay_alpha if overlay_alpha > 0 else None,
+            upsample_nearest(sim, display.shape), cmap=colormap, vmin=-1.0, vmax=1.0, aspect=aspect,
+            interpolation="nearest", alpha=overlay_alpha if overlay_alpha > 0 else None,
         )
-        ax.plot([point_yx[1]], [point_yx[0]], "o", color=marker_color, markersize=6, markeredgecolor="white")
         ax.set_title(title, fontsize=9)
+    for ax in axes[0, : 1 + len(maps)]:
+        ax.plot([point_yx[1]], [point_yx[0]], "o", color=marker_color, markersize=6, markeredgecolor="white")
     if image is not None:
         fig.colorbar(image, ax=axes[0, -1], shrink=0.8, label="cosine similarity")
     fig.suptitle(suptitle, fontsize=10)
