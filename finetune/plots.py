@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -47,8 +48,7 @@ def load_config(path: str | Path | None = None) -> DictConfig:
     if "finetune" not in cfg:
         raise ValueError(f"{path}: no 'finetune' block")
     block = cfg.finetune
-    block.dpi = cfg.get("dpi", 100)
-    block.panel_size_in = cfg.get("panel_size_in", 3.2)
+    block.dpi, block.panel_size_in = cfg.dpi, cfg.panel_size_in  # shared figure settings of the file
     return block
 
 
@@ -147,9 +147,9 @@ def per_case_spread(csv_path: str | Path, metrics: Sequence[str]) -> dict[str, d
 
 def scores_figure(
     scores: Mapping[str, Mapping[str, float]],
-    spread: Mapping[str, Mapping[str, float]] | None = None,
-    title: str = "",
-    panel_in: float = 3.2,
+    spread: Mapping[str, Mapping[str, float]] | None,
+    title: str,
+    panel_in: float,
 ) -> Figure:
     """Grouped bars: one group per class, one bar per metric, value printed on top; error bars = std."""
     metrics = [m for m in scores if scores[m]]
@@ -295,10 +295,12 @@ def slice_dice(gt: np.ndarray, pred: np.ndarray) -> float:
 def label_colours(n_classes: int, colormap: str) -> np.ndarray:
     """[n_classes + 1, 4] RGBA; row 0 (background) transparent, class c -> colour c-1 of ``colormap``."""
     cmap = plt.get_cmap(colormap)
-    n = getattr(cmap, "N", 256)
     colours = np.zeros((n_classes + 1, 4))
     for c in range(1, n_classes + 1):
-        colours[c] = cmap(((c - 1) % n) / max(1, n - 1)) if n > 32 else cmap((c - 1) % n)
+        if isinstance(cmap, ListedColormap):  # qualitative maps (tab10/tab20): colour by index, cycling
+            colours[c] = cmap((c - 1) % cmap.N)
+        else:  # continuous maps: spread the classes over the range
+            colours[c] = cmap((c - 1) / max(1, n_classes - 1))
     return colours
 
 
@@ -316,9 +318,9 @@ def overlays_figure(
     slice_titles: Sequence[str],
     spacing_mm: Sequence[float],
     class_names: Mapping[int, str],
-    colormap: str = "tab20",
-    alpha: float = 0.45,
-    panel_in: float = 3.2,
+    colormap: str,
+    alpha: float,
+    panel_in: float,
     title: str = "",
 ) -> Figure:
     """One row per slice: CT | CT + ground truth | CT + prediction (with per-slice mean Dice).

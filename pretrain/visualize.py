@@ -443,9 +443,9 @@ def similarity_figure(
     titles: Sequence[str],
     suptitle: str,
     panel_in: float,
-    colormap: str = "inferno",
-    marker_color: str = "red",
-    overlay_alpha: float = 0.0,
+    colormap: str,
+    marker_color: str,
+    overlay_alpha: float,
 ) -> Figure:
     """CT panel with the reference point, then one cosine-similarity map [h, w] (range [-1, 1]) per model.
 
@@ -552,9 +552,9 @@ def curves_figure(
     runs: dict[str, Sequence[dict[str, Any]]],
     loss_keys: Sequence[str],
     schedule_keys: Sequence[str],
-    columns: int = 3,
-    smoothing_window: int = 1,
-    panel_in: float = 3.2,
+    columns: int,
+    smoothing_window: int,
+    panel_in: float,
 ) -> Figure:
     """One panel per metric key, one line per run (label -> records)."""
     keys = curve_keys(list(runs.values()), loss_keys, schedule_keys)
