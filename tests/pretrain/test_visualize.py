@@ -218,6 +218,12 @@ def test_cli_reports_bad_input(tmp_path: Path, ct_path: Path, capsys) -> None:
     rc = vis.main(["pca", "--checkpoint", str(tmp_path / "nope.pth"), "--image", str(ct_path),
                    "--out", str(tmp_path / "x.png")])
     assert rc == 2 and "nope.pth" in capsys.readouterr().err
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    rc = vis.main(["pca", "--checkpoint", str(tmp_path / "garbage.pth"), "--image", str(ct_path),
+                   "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "garbage.pth" in capsys.readouterr().err
+    rc = vis.main(["pca", "--checkpoint", "random:vitx99", "--image", str(ct_path), "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "vitx99" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
