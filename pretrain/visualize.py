@@ -520,7 +520,7 @@ def metric_series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarr
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         iters.append(float(record["iteration"]))
-        values.append(float(value))
+        values.append(float(value) if math.isfinite(value) else math.nan)  # inf would wreck the y-axis
     return np.asarray(iters), np.asarray(values, dtype=np.float64)
 
 

@@ -241,6 +241,8 @@ def _write_metrics(path: Path, n: int = 30, stage2_from: int = 15, truncated_tai
             record["gram_loss"] = 1.0 / (1 + it)
         if it == 9:
             record["total_loss"] = float("nan")
+        if it == 12:
+            record["koleo_loss"] = float("inf")
         lines.append(json.dumps(record))
     text = "\n".join(lines) + "\n"
     if truncated_tail:
@@ -257,6 +259,8 @@ def test_read_metrics_tolerates_missing_keys_and_truncated_tail(tmp_path: Path) 
     assert iters.tolist() == [15, 18, 21, 24, 27]
     _, total = vis.metric_series(records, "total_loss")
     assert np.isnan(total[3]) and np.isfinite(np.delete(total, 3)).all()
+    _, koleo = vis.metric_series(records, "koleo_loss")
+    assert np.isnan(koleo[4]) and np.isfinite(np.delete(koleo, 4)).all()
     keys = vis.curve_keys([records], ["total_loss", "ibot_loss"], ["lr", "teacher_temp"])
     assert keys[:2] == ["total_loss", "ibot_loss"] and keys[-2:] == ["lr", "teacher_temp"]
     assert "gram_loss" in keys and "koleo_loss" in keys and "wd" not in keys
