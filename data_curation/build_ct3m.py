@@ -183,10 +183,70 @@ def _init_worker(cfg: dict, staging: str) -> None:
 def _work(case: Case) -> dict:
     from data_curation.process import process_case  # imports torch: only where volumes are processed
 
+    if os.environ.get("CT3M_FAULT_INJECT_CASE") == case.uid:  # fault injection for the crash-isolation test
+        os._exit(137)
     return process_case(case, _WORKER_CFG["cfg"], _WORKER_CFG["staging"])
 
 
+def _pool_context():
+    """forkserver: torch is imported once in the server and workers fork from it (cheap start, and safe: the server
+    never ran parallel torch work); spawn where forkserver does not exist."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["data_curation.process"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _crash_record(case: Case, detail: str) -> dict:
+    return {"case": case.uid, "source": case.source, "volumes": [], "seconds": 0.0, "read_seconds": 0.0,
+            "rejections": [{"file": case.paths[0] if case.paths else case.uid, "reason": "worker_crashed", "detail": detail, "filtered": False}]}
+
+
+def _run_pool(cases: list[Case], cfg: dict, staging: str, workers: int, record) -> None:
+    """Curate ``cases`` in worker processes. A case that kills its worker (decoder segfault, OOM kill) is found by
+    re-running the cases that were in flight one at a time, and is recorded as ``worker_crashed``; the rest go on."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = _pool_context()
+    max_tasks = int(cfg["run"]["maxtasksperchild"])
+
+    def run(batch: list[Case], n_workers: int) -> tuple[list[Case], list[Case]]:
+        """-> (cases in flight when the pool broke, cases never submitted)."""
+        queue = list(batch)
+        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, staging),
+                                 max_tasks_per_child=max_tasks) as ex:
+            futures: dict = {}
+            while queue and len(futures) < 2 * n_workers:
+                c = queue.pop(0)
+                futures[ex.submit(_work, c)] = c
+            lost: list[Case] = []
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    case = futures.pop(fut)
+                    try:
+                        record(fut.result())
+                    except BrokenProcessPool:
+                        lost.append(case)
+                        continue
+                    if queue and not lost:
+                        c = queue.pop(0)
+                        futures[ex.submit(_work, c)] = c
+        return lost, queue
+
+    remaining = list(cases)
+    while remaining:
+        lost, remaining = run(remaining, workers)
+        for case in lost:  # one at a time: the culprit breaks its own pool
+            culprit, _ = run([case], 1)
+            if culprit:
+                record(_crash_record(case, "the worker process died while curating this case (segfault in a decoder or out of memory)"))
+
+
 def curate(cases: list[Case], cfg: dict, state: State, workers: int, progress: bool) -> None:
+    """Stage 2. ``workers`` >= 1: process pool; 0: in this process (debugging)."""
     done = {r["case"] for r in state.read("volumes.jsonl")}
     pending = [c for c in cases if c.uid not in done]
     for tmp in state.staging.glob("*.tmp"):
@@ -206,22 +266,12 @@ def curate(cases: list[Case], cfg: dict, state: State, workers: int, progress: b
         bar.set_postfix(slices=n_slices, slices_per_s=f"{n_slices / max(time.perf_counter() - t0, 1e-9):.0f}")
 
     try:
-        if workers <= 1:
+        if workers <= 0:
             _init_worker(cfg, str(state.staging))
             for case in pending:
                 record(_work(case))
         else:
-            # forkserver: torch is imported once in the server and workers fork from it (cheap start, and safe: the
-            # server never ran parallel torch work); spawn where forkserver does not exist (Windows, macOS default)
-            if "forkserver" in mp.get_all_start_methods():
-                ctx = mp.get_context("forkserver")
-                ctx.set_forkserver_preload(["data_curation.process"])
-            else:
-                ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, str(state.staging)),
-                          maxtasksperchild=int(cfg["run"]["maxtasksperchild"])) as pool:
-                for result in pool.imap_unordered(_work, pending, chunksize=1):
-                    record(result)
+            _run_pool(pending, cfg, str(state.staging), workers, record)
     finally:
         bar.close()
 
@@ -382,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="curation config (default: configs/data/ct3m.yaml)")
     p.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="root folder of a source (repeatable)")
     p.add_argument("--sources", help="comma list of sources to run (default: every source whose root exists)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: run.workers in the config)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: run.workers in the config; 0 = in this process)")
     p.add_argument("--list-sources", action="store_true", help="print each source, its root and its case count")
     p.add_argument("--dry-run", action="store_true", help="print the plan (cases, estimated slices and bytes), write nothing")
     p.add_argument("--exclude", action="append", default=[], metavar="LIST", help="case list file or comma list (source/case or case)")
@@ -483,10 +533,15 @@ def main(argv: list[str] | None = None) -> int:
 
     by_case = {r["case"]: r for r in state.read("volumes.jsonl")}
     records = [by_case[c.uid] for c in cases if c.uid in by_case]
+    seen: set[str] = set()
+    for r in records:  # case ids that collide after sanitising: keep the first, report the others as failures
+        for v in list(r["volumes"]):
+            if v["uid"] in seen:
+                r["volumes"].remove(v)
+                r["rejections"].append({"file": r["case"], "reason": "case_id_collision", "filtered": False,
+                                        "detail": f"another volume already has the id {v['uid']}; rename one of the inputs"})
+            seen.add(v["uid"])
     volumes = [v for r in records for v in r["volumes"] if v["n_slices"] > 0]
-    uids = [v["uid"] for v in volumes]
-    if len(set(uids)) != len(uids):
-        raise SystemExit("two volumes share a uid (case ids collide after sanitising); rename the inputs")
     duplicates = []
     if cfg["dedup"]["enabled"]:
         fps = [Fingerprint.from_dict(v["fingerprint"]) for r in records for v in r["volumes"]]

@@ -46,7 +46,7 @@ def run_build(capsys, monkeypatch, repo_root):
 
     def run(_repo_root: Path, *args: str, check: int | None = 0) -> _Result:
         capsys.readouterr()
-        code = main(["--no-progress", *args])
+        code = main(["--no-progress", *args] if "--workers" in args else ["--no-progress", "--workers", "0", *args])
         captured = capsys.readouterr()
         if check is not None:
             assert code == check, captured.out + captured.err
@@ -287,3 +287,16 @@ def test_holdout_finetune_uses_the_nnunet_split(tmp_path, repo_root, sample_ct, 
     assert "(4 cases excluded" in proc.stdout
     total = [line for line in proc.stdout.splitlines() if line.startswith("TOTAL")][0].split()
     assert total[1] == str(len(ids) - 3)
+
+
+def test_worker_crash_is_isolated(tmp_path, repo_root):
+    """A case that kills its worker process (segfault, OOM kill) is recorded as failed; the others are curated.
+    (Subprocess: forkserver workers inherit the environment of the server's first start.)"""
+    out = tmp_path / "out"
+    env = dict(os.environ, CT3M_FAULT_INJECT_CASE="folder/totalsegmentator_example_ct")
+    proc = subprocess.run([sys.executable, *SCRIPT, "--out", str(out), "--root", "folder=data_curation/sample_ct", "--workers", "2"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1, proc.stderr
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["case"], f["reason"]) for f in failures] == [("folder/totalsegmentator_example_ct", "worker_crashed")]
+    assert {m["case"] for _, m in read_samples(out).values()} == {"msd_spleen_sub-spleen2_ct"}
