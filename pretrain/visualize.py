@@ -505,34 +505,45 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def metric_series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, values) for ``key`` over the records that carry a numeric value for it.
+def _numeric(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
-    Non-finite values (NaN, inf, or JSON null) stay in as NaN so a diverged run shows as a gap.
+
+def metric_series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(iterations [N], values [N, K]) for ``key`` over the records that carry a numeric value for it.
+
+    A scalar gives K = 1; a list of numbers (the finetune log's per-group ``lr`` or per-class
+    ``pseudo_dice``) gives one column per element, NaN-padded to the longest list. Non-finite values
+    (NaN, inf, JSON null) become NaN so a diverged run shows as a marked gap.
     """
-    iters, values = [], []
+    iters, rows = [], []
     for record in records:
-        if key not in record:
-            continue
-        value = record[key]
-        if value is None:
-            value = math.nan
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = record.get(key, "absent")
+        if _numeric(value):
+            row = [value]
+        elif isinstance(value, list) and value and all(_numeric(v) for v in value):
+            row = list(value)
+        else:
             continue
         iters.append(float(record["iteration"]))
-        values.append(float(value) if math.isfinite(value) else math.nan)  # inf would wreck the y-axis
-    return np.asarray(iters), np.asarray(values, dtype=np.float64)
+        rows.append([math.nan if v is None or not math.isfinite(v) else float(v) for v in row])
+    width = max((len(r) for r in rows), default=1)
+    values = np.full((len(rows), width), math.nan)
+    for n, row in enumerate(rows):
+        values[n, : len(row)] = row
+    return np.asarray(iters), values
 
 
-def curve_keys(runs: Sequence[Sequence[dict[str, Any]]], loss_keys: Sequence[str], schedule_keys: Sequence[str]) -> list[str]:
-    """Panels to draw: known loss keys present, then other ``*_loss`` keys (sorted), then schedules."""
+def curve_keys(runs: Sequence[Sequence[dict[str, Any]]], loss_keys: Sequence[str], other_keys: Sequence[str]) -> list[str]:
+    """Panels to draw: known loss keys present, then other ``*_loss`` keys (sorted), then ``other_keys``
+    (schedules, diagnostics) present."""
     present: set[str] = set()
     for records in runs:
         for record in records:
-            present.update(k for k, v in record.items() if isinstance(v, (int, float)) or v is None)
+            present.update(k for k, v in record.items() if _numeric(v) or (isinstance(v, list) and v))
     keys = [k for k in loss_keys if k in present]
     keys += sorted(k for k in present if k.endswith("_loss") and k not in keys)
-    keys += [k for k in schedule_keys if k in present]
+    keys += [k for k in other_keys if k in present]
     return keys
 
 
@@ -551,13 +562,13 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def curves_figure(
     runs: dict[str, Sequence[dict[str, Any]]],
     loss_keys: Sequence[str],
-    schedule_keys: Sequence[str],
+    other_keys: Sequence[str],
     columns: int,
     smoothing_window: int,
     panel_in: float,
 ) -> Figure:
-    """One panel per metric key, one line per run (label -> records)."""
-    keys = curve_keys(list(runs.values()), loss_keys, schedule_keys)
+    """One panel per metric key, one line per run (label -> records) and per list element."""
+    keys = curve_keys(list(runs.values()), loss_keys, other_keys)
     if not keys:
         raise ValueError("no loss or schedule values found in the metrics records")
     n_cols = min(columns, len(keys))
@@ -568,29 +579,34 @@ def curves_figure(
     for ax in axes.flat[len(keys):]:
         ax.set_axis_off()
     for ax, key in zip(axes.flat, keys):
+        n_lines = 0
         for label, records in runs.items():
-            iters, values = metric_series(records, key)
+            iters, table = metric_series(records, key)
             if iters.size == 0:
                 continue
             order = np.argsort(iters, kind="stable")
-            iters, values = iters[order], values[order]
-            if smoothing_window > 1:
-                (raw,) = ax.plot(iters, values, alpha=0.25, linewidth=0.8)
-                ax.plot(iters, moving_average(values, smoothing_window), color=raw.get_color(), label=label)
-            else:
-                ax.plot(iters, values, label=label, marker="." if iters.size < 30 else None)
-            bad = ~np.isfinite(values)
-            if bad.any():
-                # drawn on the bottom edge of the panel (x in data, y in axes units) so the scale stays intact
-                ax.plot(iters[bad], np.full(bad.sum(), 0.02), "x", color="red", clip_on=False,
-                        transform=ax.get_xaxis_transform(), label=f"{label}: non-finite")
+            iters, table = iters[order], table[order]
+            for column in range(table.shape[1]):
+                values = table[:, column]
+                name = label if table.shape[1] == 1 else f"{label} [{column}]" if len(runs) > 1 else f"[{column}]"
+                n_lines += 1
+                if smoothing_window > 1:
+                    (raw,) = ax.plot(iters, values, alpha=0.25, linewidth=0.8)
+                    ax.plot(iters, moving_average(values, smoothing_window), color=raw.get_color(), label=name)
+                else:
+                    ax.plot(iters, values, label=name, marker="." if iters.size < 30 else None)
+                bad = ~np.isfinite(values)
+                if bad.any():
+                    # on the bottom edge of the panel (x in data, y in axes units): the scale stays intact
+                    ax.plot(iters[bad], np.full(bad.sum(), 0.02), "x", color="red", clip_on=False,
+                            transform=ax.get_xaxis_transform(), label=f"{name}: non-finite")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if key in ("lr", "wd"):
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        if len(runs) > 1:
+        if n_lines > 1:
             ax.legend(fontsize=7)
     return fig
 
@@ -846,7 +862,7 @@ def run_curves(args: argparse.Namespace, cfg: DictConfig) -> Path:
     runs = {label: read_metrics(m) for label, m in zip(labels, args.metrics)}
     window = args.smoothing if args.smoothing is not None else int(cfg.curves.smoothing_window)
     fig = curves_figure(
-        runs, list(cfg.curves.loss_keys), [*cfg.curves.schedule_keys, *cfg.curves.get("diagnostic_keys", [])],
+        runs, list(cfg.curves.loss_keys), [*cfg.curves.schedule_keys, *cfg.curves.diagnostic_keys],
         int(cfg.curves.columns),
         window, float(cfg.panel_size_in),
     )

@@ -256,11 +256,11 @@ def test_read_metrics_tolerates_missing_keys_and_truncated_tail(tmp_path: Path) 
     records = vis.read_metrics(path)
     assert [r["iteration"] for r in records] == list(range(0, 30, 3))
     iters, gram = vis.metric_series(records, "gram_loss")
-    assert iters.tolist() == [15, 18, 21, 24, 27]
+    assert iters.tolist() == [15, 18, 21, 24, 27] and gram.shape == (5, 1)
     _, total = vis.metric_series(records, "total_loss")
-    assert np.isnan(total[3]) and np.isfinite(np.delete(total, 3)).all()
+    assert np.isnan(total[3, 0]) and np.isfinite(np.delete(total, 3)).all()
     _, koleo = vis.metric_series(records, "koleo_loss")
-    assert np.isnan(koleo[4]) and np.isfinite(np.delete(koleo, 4)).all()
+    assert np.isnan(koleo[4, 0]) and np.isfinite(np.delete(koleo, 4)).all()
     keys = vis.curve_keys([records], ["total_loss", "ibot_loss"], ["lr", "teacher_temp"])
     assert keys[:2] == ["total_loss", "ibot_loss"] and keys[-2:] == ["lr", "teacher_temp"]
     assert "gram_loss" in keys and "koleo_loss" in keys and "wd" not in keys
@@ -330,3 +330,18 @@ def test_module_entry_point(tmp_path: Path, repo_root: Path) -> None:
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and _png_size(out)[0] > 0
+
+
+def test_curves_of_a_finetune_log(tmp_path: Path, cfg) -> None:
+    """finetune.train's metrics.jsonl: per-group lr and per-class pseudo-Dice lists become one line each."""
+    lines = [json.dumps({"epoch": e, "iteration": 10 * (e + 1), "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1),
+                         "pseudo_dice": [0.1 * e, 0.05 * e] if e else [None, 0.0], "mean_pseudo_dice": 0.07 * e,
+                         "grad_norm": 2.0, "lr": [1e-4, 3e-5], "epoch_seconds": 3.0}) for e in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    records = vis.read_metrics(tmp_path / "metrics.jsonl")
+    iters, dice = vis.metric_series(records, "pseudo_dice")
+    assert iters.tolist() == [10, 20, 30, 40] and dice.shape == (4, 2) and np.isnan(dice[0, 0])
+    keys = vis.curve_keys([records], list(cfg.curves.loss_keys), [*cfg.curves.schedule_keys, *cfg.curves.diagnostic_keys])
+    assert keys == ["train_loss", "val_loss", "lr", "grad_norm", "mean_pseudo_dice", "pseudo_dice"]
+    assert vis.main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "f.png")]) == 0
+    assert _png_pixels(tmp_path / "f.png").std() > 10
