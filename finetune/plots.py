@@ -151,7 +151,8 @@ def scores_figure(
     title: str,
     panel_in: float,
 ) -> Figure:
-    """Grouped bars: one group per class, one bar per metric, value printed on top; error bars = std."""
+    """Grouped bars: one group per class, one bar per metric (value written at its base); error bars = std
+    over cases when ``spread`` is given."""
     metrics = [m for m in scores if scores[m]]
     classes: list[str] = []
     for m in metrics:
