@@ -656,7 +656,7 @@ def pca_maps(
     transform: InputTransform,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """RGB PCA maps [h_r, w_r, 3] and foreground masks [h_r, w_r] for each input resolution."""
-    feats = [slice_features(model, ct, r, transform, cfg.image.keep_aspect, cfg.pca.layer) for r in resolutions]
+    feats = [slice_features(model, ct, r, transform, cfg.image.keep_aspect, cfg.features.layer) for r in resolutions]
     masks = [patch_foreground_mask(ct.hu, f, cfg.foreground) for f in feats]
     for r, m in zip(resolutions, masks):
         if m.sum() < 3:
@@ -690,7 +690,7 @@ def similarity_map(
     transform: InputTransform,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """[h, w] cosine similarity with the patch under ``point_yx`` and that patch's (i, j)."""
-    feats = slice_features(model, ct, resolution, transform, cfg.image.keep_aspect, cfg.pca.layer)
+    feats = slice_features(model, ct, resolution, transform, cfg.image.keep_aspect, cfg.features.layer)
     ref = pixel_to_patch(point_yx, ct.hu.shape, feats.shape[:2])
     return cosine_similarity_map(feats, ref), ref
 
@@ -769,7 +769,7 @@ def _apply_image_overrides(cfg: DictConfig, args: argparse.Namespace) -> None:
     if args.foreground is not None:
         cfg.foreground.method = args.foreground
     if args.layer is not None:
-        cfg.pca.layer = args.layer
+        cfg.features.layer = args.layer
 
 
 def write_pca_png(
