@@ -56,10 +56,14 @@ def build_tree(real: Path, dst: Path, repeat: int) -> list[tuple[Path, str]]:
     return items
 
 
+PER_INPUT: dict[int, float] = {}
+
+
 def decode_only(items: list[tuple[Path, str]]) -> tuple[int, float]:
-    """Native slices and seconds to just read every input."""
-    n, t0 = 0, time.perf_counter()
-    for path, kind in items:
+    """Native slices and seconds to just read every input (per-input seconds accumulate in ``PER_INPUT``)."""
+    n, t_all = 0, time.perf_counter()
+    for idx, (path, kind) in enumerate(items):
+        t0 = time.perf_counter()
         if kind == "nifti":
             arr = np.asanyarray(nib.load(path).dataobj)
             n += arr.shape[2]
@@ -67,7 +71,8 @@ def decode_only(items: list[tuple[Path, str]]) -> tuple[int, float]:
             for f in sorted(path.iterdir()):
                 pydicom.dcmread(f).pixel_array
                 n += 1
-    return n, time.perf_counter() - t0
+        PER_INPUT[idx % len(INPUTS)] = PER_INPUT.get(idx % len(INPUTS), 0.0) + time.perf_counter() - t0
+    return n, time.perf_counter() - t_all
 
 
 def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
@@ -88,6 +93,7 @@ def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
         records = [json.loads(line) for line in (out / ".state" / "volumes.jsonl").read_text().splitlines()]
         stats["bench_read_s"] = sum(r["read_seconds"] for r in records)
         stats["bench_volume_s"] = sum(r["seconds"] for r in records)
+        stats["bench_per_input"] = {i: sum(r["seconds"] for r in records if f"_v{i}_" in r["case"]) for i in range(len(INPUTS))}
         return native, seconds, stats
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -108,6 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         items = build_tree(real, Path(tmp) / "in", args.repeat)
         decode_only(items[: len(INPUTS)])  # warm the page cache and imports (decode and curation alike)
+        PER_INPUT.clear()
         warm = Path(tmp) / "warm"
         warm.mkdir()
         os.symlink(items[0][0], warm / items[0][0].name)
@@ -130,6 +137,10 @@ def main() -> None:
     print(f"  inside the workers ({args.workers[0]} worker): reading {st1['bench_read_s']:.2f} s, whole per-volume work "
           f"{st1['bench_volume_s']:.2f} s (x{st1['bench_volume_s'] / max(st1['bench_read_s'], 1e-9):.2f}); the rest of the run "
           f"(discovery, packing shards, reports) {t1 - st1['bench_volume_s']:.2f} s")
+    for i, (rel, _) in enumerate(INPUTS):
+        dec = PER_INPUT[i] / 2  # two decode-only passes
+        work = st1["bench_per_input"][i]
+        print(f"  {rel:<48s} decode-only {dec:6.2f} s   per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
     ratio = (t1 / n1) / (t_dec / n_dec)
     print(f"RATIO curation/decode-only (per slice, {args.workers[0]} worker): {ratio:.2f}x   (target <= 1.5x)")
 

@@ -276,6 +276,27 @@ def curate(cases: list[Case], cfg: dict, state: State, workers: int, progress: b
         bar.close()
 
 
+def lost_staging(state: State, cases: list[Case]) -> set[str]:
+    """Cases recorded as done whose staging file (not yet packed) is missing or shorter than its recorded content."""
+    if (state.dir / "complete").exists():  # staging files are deleted once the build has finished
+        return set()
+    packed = {uid for g in state.read("groups.jsonl") for uid in g["volumes"]}
+    lost = set()
+    for rec in state.read("volumes.jsonl"):
+        for v in rec["volumes"]:
+            if v["uid"] in packed or v["n_slices"] == 0:
+                continue
+            path = state.staging / v["staging"]
+            try:
+                arr = np.load(path, mmap_mode="r")
+                ok = arr.shape[0] == v["n_slices"]
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                lost.add(rec["case"])
+    return lost
+
+
 # ----------------------------------------------------------------------------------------------- stage 3: pack
 def volume_groups(kept: list[dict], cfg: dict) -> list[list[dict]]:
     """Seeded volume order cut into groups of ``output.volumes_per_group`` (the cross-volume shuffle buffer)."""
@@ -531,6 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)
 
+    lost = lost_staging(state, cases)
+    if lost:  # only after an OS crash: state says done but the staging file did not reach the disk
+        print(f"{len(lost)} staging file(s) missing or truncated: curating those cases again", file=sys.stderr)
+        keep = [r for r in state.read("volumes.jsonl") if r["case"] not in lost]
+        atomic_write_text(state.dir / "volumes.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)
     by_case = {r["case"]: r for r in state.read("volumes.jsonl")}
     records = [by_case[c.uid] for c in cases if c.uid in by_case]
     seen: set[str] = set()
@@ -550,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [v for v in volumes if v["uid"] not in dropped]
     groups = volume_groups(kept, cfg)
     pack(groups, cfg, out, state, progress)
+    atomic_write_text(state.dir / "complete", "packed\n")
     for leftover in state.staging.glob("*"):
         leftover.unlink()
     stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups))

@@ -104,8 +104,9 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
     tmp = staging / f"{name}.npy.tmp"
     with open(tmp, "wb") as fh:
         np.save(fh, stack, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if cfg["run"].get("fsync_staging", False):  # kill -9 needs no fsync; the builder re-verifies staging files
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, staging / f"{name}.npy")
     pos = vol.positions_mm
     gaps = np.diff(pos)
