@@ -8,6 +8,7 @@ with the reason and the cluster log; under ``CI=true`` they fail instead, becaus
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -55,8 +56,10 @@ class LocalCluster:
     env: dict[str, str]
     node_names: list[str] = field(default_factory=list)
 
-    def run(self, args: list[str], timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout, check=check, **kw)
+    def run(self, args: list[str], timeout: float = 60, check: bool = True, env: dict[str, str] | None = None,
+            **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env=env or self.env, capture_output=True, text=True, timeout=timeout,
+                              check=check, **kw)
 
     def sbatch(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 600,
                cwd: Path | None = None) -> tuple[int, subprocess.CompletedProcess]:
@@ -103,6 +106,31 @@ class LocalCluster:
             lines = log.read_text(errors="replace").splitlines()[-n:]
             out.append(f"--- {log.name}\n" + "\n".join(lines))
         return "\n".join(out)
+
+    # -- pretraining runs on this CPU cluster
+    def stage_env(self, output_root: Path, shards: Path, **extra: str) -> dict[str, str]:
+        """Environment for ``sbatch slurm/stage<N>.sh``: no GPU request (the scripts' #SBATCH lines ask for 8 per
+        node), CPU tasks (gloo), the given output root and CT-3M shards, plus ``extra``."""
+        return {
+            **self.env,
+            "SBATCH_GPUS_PER_NODE": "0",
+            "MEDDINO_DEVICE": "cpu",
+            "MEDDINO_OUTPUT_ROOT": str(output_root),
+            "MEDDINO_DATA": str(shards),
+            **extra,
+        }
+
+    @staticmethod
+    def metrics_iterations(run_dir: Path) -> list[int]:
+        """Iterations logged in ``run_dir/metrics.jsonl``, in file order."""
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line)["iteration"] for line in path.read_text().splitlines() if line.strip()]
+
+    @staticmethod
+    def read_logs(directory: Path, pattern: str = "*.out") -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')}" for p in sorted(directory.rglob(pattern)))
 
 
 def _unavailable(msg: str) -> None:
@@ -155,3 +183,21 @@ def slurm_cluster() -> Iterator[LocalCluster]:
             print(f"local_cluster.sh stop failed:\n{stop.stderr}")
         else:
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ real-CT shards, runs
+
+
+@pytest.fixture(scope="session")
+def ct3m_shards(tmp_path_factory: pytest.TempPathFactory, sample_ct: Path) -> Path:
+    """CT-3M shards built by the curation CLI from the embedded real CT sample (TotalSegmentator + MSD spleen)."""
+    out = tmp_path_factory.mktemp("ct3m")
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "data_curation" / "build_ct3m.py"), "--out", str(out),
+         "--root", f"folder={sample_ct}", "--no-progress", "output.samples_per_shard=32"],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, f"build_ct3m.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    shards = sorted(out.glob("ct3m-*.tar"))
+    assert len(shards) >= 2, f"expected several shards in {out}, got {shards}"
+    return out
