@@ -25,6 +25,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -311,6 +312,14 @@ def sample_key(source: str, case: str, slice_index: int) -> str:
     return f"{source}-{case}-{slice_index:05d}"
 
 
+def _remove_shards_from(out: Path, first: int) -> None:
+    """Delete shards (complete or temp) numbered ``first`` or higher: leftovers of an interrupted group."""
+    for path in out.glob("ct3m-*.tar*"):
+        m = re.fullmatch(r"ct3m-(\d+)\.tar(\.tmp)?", path.name)
+        if m and int(m.group(1)) >= first:
+            path.unlink()
+
+
 def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress: bool) -> None:
     done = {r["group"]: r for r in state.read("groups.jsonl")}
     next_shard = 0
@@ -323,9 +332,7 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
         if g in done:
             next_shard = done[g]["first_shard"] + done[g]["n_shards"]
             continue
-        for stale in list(out.glob("ct3m-*.tar")) + list(out.glob("ct3m-*.tar.tmp")):
-            if int(stale.name[5:11]) >= next_shard:
-                stale.unlink()
+        _remove_shards_from(out, next_shard)
         items = [(vi, si) for vi, v in enumerate(vols) for si in range(v["n_slices"])]
         order = np.random.default_rng([int(cfg["seed"]), g]).permutation(len(items))
         arrays = [np.load(state.staging / v["staging"], mmap_mode="r") for v in vols]
@@ -354,9 +361,7 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
         for v in vols:
             (state.staging / v["staging"]).unlink(missing_ok=True)
         next_shard += n_shards
-    for stale in list(out.glob("ct3m-*.tar")) + list(out.glob("ct3m-*.tar.tmp")):
-        if int(stale.name[5:11]) >= next_shard:
-            stale.unlink()
+    _remove_shards_from(out, next_shard)
 
 
 # ----------------------------------------------------------------------------------------------- stage 4: report
