@@ -13,6 +13,7 @@ import numpy as np
 FILTERED_REASONS = frozenset(
     {
         "not_ct",
+        "not_ct_intensity",
         "seg_object",
         "rt_object",
         "not_image",

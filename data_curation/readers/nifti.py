@@ -16,7 +16,8 @@ from data_curation.readers.common import CurationError, HuCheck, RawVolume, to_i
 def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
     """Read one NIfTI CT volume -> :class:`RawVolume` (``data`` int16 ``[I,J,K]``, voxel->RAS ``affine``).
 
-    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``hu_out_of_range``).
+    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``hu_out_of_range``,
+    ``not_ct_intensity``: NIfTI carries no modality, so an MR slipped into a CT folder is caught by its missing air).
     """
     path = str(path)
     try:
@@ -37,6 +38,9 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
     out = np.empty(shape, dtype=np.int16, order="F")  # F order: every axial slice [.., .., k] is contiguous
     slab = max(1, int(reading_cfg.get("nifti_slab_slices", 32)))
     n_nonfinite = 0
+    air_hu = float(reading_cfg.get("air_threshold_hu", -500))
+    min_air = float(reading_cfg.get("min_air_fraction", 0.0))
+    n_air = 0
     proxy = img.dataobj
     try:
         for k0 in range(0, shape[2], slab):
@@ -48,6 +52,8 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
             else:
                 check.update(chunk)
             out[:, :, k0:k1], n_bad = to_int16_hu(chunk, fill)
+            if min_air > 0:
+                n_air += int(np.count_nonzero(out[:, :, k0:k1] < air_hu))
             n_nonfinite += n_bad
     except CurationError:
         raise
@@ -57,6 +63,9 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
         img.uncache()
         del proxy
     check.verify(path)
+    if min_air > 0 and n_air < min_air * out.size:
+        raise CurationError(path, "not_ct_intensity", f"only {n_air / out.size:.3%} of voxels below {air_hu:g} HU (a CT in HU has air "
+                            f"around or inside the body; MR or a non-HU scale?). Set reading.min_air_fraction: 0 to accept it")
     info = {"format": "nifti", "source_dtype": str(img.get_data_dtype())}
     if n_nonfinite:
         info["nonfinite_voxels"] = n_nonfinite

@@ -127,3 +127,13 @@ def test_select_slices_by_mm():
     assert select_slices(pos, None).tolist() == list(range(16))
     assert select_slices(pos, 2.5).tolist() == [0, 4, 8, 12]
     assert select_slices(np.array([0, 4, 8, 9.1, 16.1]), 5.0).tolist() == [0, 2, 4]
+
+
+def test_mr_nifti_is_not_ct(real_data, ct3m_cfg):
+    """NIfTI has no modality: the real abdominal and brain MRs are caught by their missing air (filtered, by design)."""
+    for rel in ("totalsegmentator/example_mr_sm.nii.gz", "pyradiomics/brain1_image.nii.gz"):
+        with pytest.raises(CurationError) as err:
+            read_nifti(real_data / rel, ct3m_cfg["reading"])
+        assert err.value.rejection.reason == "not_ct_intensity" and err.value.rejection.filtered
+    for rel in ("totalsegmentator/example_ct.nii.gz", "totalsegmentator/aorta_report/ct_cropped.nii.gz", "ivadomed_msd_spleen/sub-spleen2_ct.nii.gz"):
+        read_nifti(real_data / rel, ct3m_cfg["reading"])  # every real CT passes
