@@ -9,7 +9,9 @@
 #   MEDDINO_ROOT          repository checkout             [the parent of this file's directory]
 #   MEDDINO_PYTHON        python with the package         [$MEDDINO_ROOT/.venv/bin/python, else python3]
 #   MEDDINO_CONFIG        stage config file(s), merged in order  [$MEDDINO_ROOT/configs/pretrain/stage<N>.yaml]
-#   MEDDINO_EXTRA_CONFIG  more YAML files merged after it (e.g. configs/pretrain/tiny.yaml)
+#   MEDDINO_OVERLAY       config overlay name, as pretrain.pipeline --overlay: merges configs/pretrain/<name>.yaml
+#                         and <name>_stage<N>.yaml (if present) after the stage config (e.g. tiny)
+#   MEDDINO_EXTRA_CONFIG  more YAML files merged last (space separated)
 #   MEDDINO_OUTPUT_ROOT   parent of the stage dirs        [$SLURM_SUBMIT_DIR/runs/pretrain]
 #   MEDDINO_OUTPUT_DIR    this stage's output dir         [$MEDDINO_OUTPUT_ROOT/stage<N>]
 #   MEDDINO_DATA          CT-3M shards (data.shards)      [the config's]
@@ -50,7 +52,18 @@ meddino_launch() {
     local -a args=() configs
     local config
     # shellcheck disable=SC2206  # space-separated lists of files / overrides are split on purpose
-    configs=(${MEDDINO_CONFIG:-$root/configs/pretrain/stage${stage}.yaml} ${MEDDINO_EXTRA_CONFIG:-})
+    configs=(${MEDDINO_CONFIG:-$root/configs/pretrain/stage${stage}.yaml})
+    if [[ -n "${MEDDINO_OVERLAY:-}" ]]; then
+        # same convention as pretrain.pipeline --overlay: <overlay>.yaml, then <overlay>_stage<N>.yaml if present
+        [[ -f "$root/configs/pretrain/${MEDDINO_OVERLAY}.yaml" ]] \
+            || meddino_die "overlay not found: $root/configs/pretrain/${MEDDINO_OVERLAY}.yaml"
+        configs+=("$root/configs/pretrain/${MEDDINO_OVERLAY}.yaml")
+        if [[ -f "$root/configs/pretrain/${MEDDINO_OVERLAY}_stage${stage}.yaml" ]]; then
+            configs+=("$root/configs/pretrain/${MEDDINO_OVERLAY}_stage${stage}.yaml")
+        fi
+    fi
+    # shellcheck disable=SC2206
+    configs+=(${MEDDINO_EXTRA_CONFIG:-})
     for config in "${configs[@]}"; do
         [[ -f "$config" ]] || meddino_die "config not found: $config (set MEDDINO_CONFIG / MEDDINO_EXTRA_CONFIG)"
         args+=(--config "$config")

@@ -24,6 +24,7 @@
 # SLURMD_NODENAME, not by `hostname`. Node names are made resolvable with /etc/hosts lines tagged with the
 # state directory; `stop` removes exactly those lines.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live in sbin, which some CI shells leave out
 
 STATE_DIR="${MEDDINO_SLURM_DIR:-${TMPDIR:-/tmp}/meddino-slurm}"
 N_NODES="${MEDDINO_SLURM_NODES:-2}"

@@ -34,12 +34,13 @@ def _assert_finished_run(cluster, run_dir: Path, iterations: int, log: str) -> N
 def test_stage1_sbatch_wait_two_tasks(slurm_cluster, ct3m_shards, tmp_path, nodes):
     """`sbatch --wait slurm/stage1.sh` exits 0 and leaves a checkpoint and the teacher export."""
     iterations = 3
-    env = slurm_cluster.stage_env(tmp_path / "runs", ct3m_shards, MEDDINO_CONFIG=TINY)
+    env = slurm_cluster.stage_env(tmp_path / "runs", ct3m_shards, MEDDINO_OVERLAY="tiny")
     tasks = ["--ntasks-per-node=1" if nodes == 2 else "--ntasks-per-node=2"]
     # submitted from a directory outside the repository: the script finds the repo via SLURM's Command=
     job_id, proc = slurm_cluster.sbatch(
         ["--wait", f"--nodes={nodes}", *tasks, "--cpus-per-task=1", "--time=30",
-         str(REPO_ROOT / "slurm" / "stage1.sh"), f"train.iterations={iterations}", "checkpointing.period=2", *FAST],
+         str(REPO_ROOT / "slurm" / "stage1.sh"), f"train.iterations={iterations}", "checkpointing.period=2",
+         "checkpointing.teacher_snapshots=[]", *FAST],
         env=env, cwd=tmp_path, timeout=600,
     )
     log = slurm_cluster.read_logs(tmp_path)
@@ -89,9 +90,7 @@ def test_pipeline_runs_stages_in_order(slurm_cluster, ct3m_shards, tmp_path):
     runs = tmp_path / "runs"
     env = slurm_cluster.stage_env(
         runs, ct3m_shards,
-        MEDDINO_STAGE1_CONFIG=f"{CONFIGS / 'stage1.yaml'} {TINY}",
-        MEDDINO_STAGE2_CONFIG=f"{CONFIGS / 'stage2.yaml'} {TINY} {CONFIGS / 'tiny_stage2.yaml'}",
-        MEDDINO_STAGE3_CONFIG=f"{CONFIGS / 'stage3.yaml'} {TINY} {CONFIGS / 'tiny_stage3.yaml'}",
+        MEDDINO_OVERLAY="tiny",  # stage<N>.yaml + tiny.yaml + tiny_stage<N>.yaml
         MEDDINO_STAGE1_OVERRIDES="train.iterations=3 checkpointing.teacher_snapshots=[2]",
         MEDDINO_STAGE2_OVERRIDES="train.iterations=2 gram.teacher.iteration=2",
         MEDDINO_STAGE3_OVERRIDES="train.iterations=2 gram.teacher.iteration=2",
