@@ -27,21 +27,39 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
-INPUTS = [  # (relative path in shared/data/real, kind)
+INPUTS = [  # (relative path in shared/data/real, kind); "@512nifti" is made in the run, see make_512_nifti
     ("totalsegmentator/example_ct.nii.gz", "nifti"),
     ("totalsegmentator/aorta_report/ct_cropped.nii.gz", "nifti"),
     ("ivadomed_msd_spleen/sub-spleen2_ct.nii.gz", "nifti"),
     ("totalsegmentator/example_ct_dicom", "dicom"),  # JPEG 2000 lossless, 20 x 512^2
     ("dcm_qa_ct/GE_head_tilt_varspacing", "dicom"),  # uncompressed, tilted, 28 x 512^2
     ("dcmqi_ct3slice/dicom", "dicom"),
+    ("@512nifti", "nifti"),  # example_ct_dicom re-saved as int16 .nii.gz: a 512^2 NIfTI like most CT-3M sources
 ]
+
+
+def make_512_nifti(real: Path, dst: Path) -> Path:
+    """The real 512x512x20 Siemens series as a gzipped int16 NIfTI (real pixels, only the container changes):
+    the shared corpus has no 512^2 NIfTI CT, and most CT-3M sources are 512^2 .nii.gz."""
+    from data_curation.readers.dicom import read_dicom_series
+
+    cfg = {"max_tilt_deg": 30, "gantry_tilt": "resample", "shear_tol_px": 0.05, "duplicate_tol_mm": 0.01, "spacing_rel_tol": 0.05,
+           "on_variable_spacing": "keep", "on_missing_slices": "keep", "min_slices": 1, "localizer_tokens": ["LOCALIZER"],
+           "reject_image_type_tokens": []}
+    reading = {"padding_fill_hu": -1024, "hu_sanity": {"low": -1024, "high": 4000, "slack": 2048, "max_outside_fraction": 0.001}}
+    files = [str(f) for f in sorted((real / "totalsegmentator" / "example_ct_dicom").iterdir())]
+    vol = read_dicom_series(files, cfg, reading)[0][0]
+    path = dst / "example_ct_512.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(vol.data), vol.affine), path)
+    return path
 
 
 def build_tree(real: Path, dst: Path, repeat: int) -> list[tuple[Path, str]]:
     items = []
+    made = make_512_nifti(real, dst.parent)
     for r in range(repeat):
         for i, (rel, kind) in enumerate(INPUTS):
-            src = real / rel
+            src = made if rel == "@512nifti" else real / rel
             if kind == "nifti":
                 target = dst / f"r{r}" / f"v{i}_{src.name}"
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +91,28 @@ def decode_only(items: list[tuple[Path, str]]) -> tuple[int, float]:
                 n += 1
         PER_INPUT[idx % len(INPUTS)] = PER_INPUT.get(idx % len(INPUTS), 0.0) + time.perf_counter() - t0
     return n, time.perf_counter() - t_all
+
+
+def measure_encodings(real: Path) -> None:
+    """npy vs 16-bit PNG for the image field, on real 512^2 CT slices and their 256^2 resize (the config comment)."""
+    from data_curation.geometry import resample_slices
+    from data_curation.shards import decode_image, encode_image
+
+    files = sorted((real / "totalsegmentator" / "example_ct_dicom").iterdir())
+    native = np.stack([(pydicom.dcmread(f).pixel_array.astype(np.int32) - 1024).astype(np.int16) for f in files])
+    small = resample_slices(native, (256, 256), None, {"interpolation": "linear", "antialias": True})
+    for name, stack in (("512x512", native), ("256x256", small)):
+        for fmt, level in (("npy", 0), ("png", 1), ("png", 6)):
+            t0 = time.perf_counter()
+            blobs = [encode_image(sl, fmt, level)[1] for sl in stack]
+            t_enc = (time.perf_counter() - t0) / len(stack)
+            t0 = time.perf_counter()
+            back = [decode_image(fmt, b) for b in blobs]
+            t_dec = (time.perf_counter() - t0) / len(stack)
+            assert all(np.array_equal(a, b) for a, b in zip(back, stack))
+            label = fmt if fmt == "npy" else f"png(level {level})"
+            print(f"  {name} {label:<13s} {np.mean([len(b) for b in blobs]) / 1024:7.1f} KiB/slice   encode {t_enc * 1e3:6.2f} ms   "
+                  f"decode {t_dec * 1e3:6.2f} ms   (lossless: verified)")
 
 
 def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
@@ -140,9 +180,11 @@ def main() -> None:
     for i, (rel, _) in enumerate(INPUTS):
         dec = PER_INPUT[i] / 2  # two decode-only passes
         work = st1["bench_per_input"][i]
-        print(f"  {rel:<48s} decode-only {dec:6.2f} s   per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
+        print(f"  {rel.replace('@512nifti', 'example_ct_dicom as 512^2 .nii.gz'):<48s} decode-only {dec:6.2f} s   per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
     ratio = (t1 / n1) / (t_dec / n_dec)
     print(f"RATIO curation/decode-only (per slice, {args.workers[0]} worker): {ratio:.2f}x   (target <= 1.5x)")
+    print("image field encodings (real CT, example_ct_dicom):")
+    measure_encodings(real)
 
 
 if __name__ == "__main__":

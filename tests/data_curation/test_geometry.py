@@ -116,9 +116,14 @@ def test_resample_preserves_hu_and_pads(dicom_axial):
     out = resample_slices(axial.array[:4], (256, 183), (256, 256), cfg)
     assert out.shape == (4, 256, 256) and out.dtype == np.int16
     assert (out[:, :, :36] == -1024).all() and (out[:, :, -37:] == -1024).all()
-    # area-averaging by 2 keeps the mean HU of the slice
-    half = resample_slices(axial.array[:2], (256, 256), None, {**cfg, "interpolation": "area"})
-    assert abs(half.mean() - axial.array[:2].mean()) < 1.0
+    # downsampling by 2 (default downsample: area) is the exact 2x2 mean of the real slice
+    half = resample_slices(axial.array[:2], (256, 256), None, {**cfg, "downsample": "area"})
+    ref = axial.array[:2].astype(np.float64).reshape(2, 256, 2, 256, 2).mean(axis=(2, 4))
+    assert np.abs(half - ref).max() <= 0.5 + 1e-6
+    third = resample_slices(axial.array[:1, :510, :510], (170, 170), None, {**cfg, "downsample": "area"})
+    assert np.abs(third - axial.array[:1, :510, :510].astype(np.float64).reshape(1, 170, 3, 170, 3).mean(axis=(2, 4))).max() <= 0.5 + 1e-6
+    smooth = resample_slices(axial.array[:2], (256, 256), None, {**cfg, "downsample": "antialias"})
+    assert abs(float(smooth.mean()) - float(axial.array[:2].mean())) < 2.0 and not np.array_equal(smooth, half)
     assert center_crop_pad(np.ones((1, 4, 6), np.int16), (6, 2), 0).tolist() == [[[0, 0], [1, 1], [1, 1], [1, 1], [1, 1], [0, 0]]]
 
 
