@@ -304,3 +304,24 @@ def test_worker_crash_is_isolated(tmp_path, repo_root):
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [(f["case"], f["reason"]) for f in failures] == [("folder/totalsegmentator_example_ct", "worker_crashed")]
     assert {m["case"] for _, m in read_samples(out).values()} == {"msd_spleen_sub-spleen2_ct"}
+
+
+def test_tcia_dicom_source_keys_and_sources_filter(tmp_path, repo_root, real_data, sample_ct, run_build):
+    """Pancreas-CT laid out as the NBIA downloader writes it: the case is the anonymised patient folder, the dated
+    study/series folder names never reach the outputs; --sources limits the run to the named sources."""
+    series = tmp_path / "tcia" / "Pancreas-CT" / "PANCREAS_0007" / "11-24-2015-PANCREAS0007-Pancreas-12345" / "Pancreas-54321"
+    series.mkdir(parents=True)
+    for i, f in enumerate(sorted((real_data / "dcmqi_ct3slice/dicom").glob("*.dcm"))):
+        shutil.copy(f, series / f"1-{i + 1:03d}.dcm")
+    out = tmp_path / "out"
+    run_build(repo_root, "--out", str(out), "--root", f"pancreas_ct={tmp_path / 'tcia'}", "--root", "folder=data_curation/sample_ct",
+              "--sources", "pancreas_ct")
+    samples = read_samples(out)
+    assert sorted(samples) == [f"pancreas_ct-PANCREAS_0007-{i:05d}" for i in range(3)]
+    meta = samples["pancreas_ct-PANCREAS_0007-00000"][1]
+    assert meta["format"] == "dicom" and meta["original_shape"] == [512, 512] and meta["slice_spacing_mm"] == 1.0
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert b"11-24-2015" not in p.read_bytes() and b"12345" not in p.read_bytes()
+    with pytest.raises(SystemExit, match="no existing root for"):
+        run_build(repo_root, "--out", str(tmp_path / "x"), "--sources", "kits23")
