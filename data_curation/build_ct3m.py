@@ -525,8 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     found = discover(cfg, names)
     excluded_ids = read_exclusions(args.exclude)
     if args.holdout_finetune:
-        for task, uids in holdout_cases(cfg, found).items():
-            excluded_ids.update(uids)
+        held = holdout_cases(cfg, found)
+        for task, source in cfg["holdout"]["tasks"].items():
+            if task in held:
+                excluded_ids.update(held[task])
+                print(f"holdout: {task}: {len(held[task])} fold-{cfg['holdout']['fold']} validation cases excluded", file=sys.stderr)
+            else:
+                print(f"holdout: {task}: source {source} not in this run (or < 5 labelled cases), nothing to exclude", file=sys.stderr)
     all_cases = [c for name in names for c in found.get(name, [])]
     cases = [c for c in all_cases if not is_excluded(c, excluded_ids)]
     excluded = sorted(c.uid for c in all_cases if is_excluded(c, excluded_ids))
