@@ -23,24 +23,12 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
-# sbatch runs a spooled copy of this file: find slurm/common.sh via MEDDINO_ROOT, this file's directory (run
-# without sbatch), the path SLURM recorded at submission (scontrol Command=), or the submission directory.
-meddino_slurm_dir() {
-    local submitted="" dir
-    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        submitted="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)"
-    fi
-    for dir in ${MEDDINO_ROOT:+"$MEDDINO_ROOT/slurm"} "$(dirname "${BASH_SOURCE[0]}")" \
-        ${submitted:+"$(dirname "$submitted")"} "${SLURM_SUBMIT_DIR:-$PWD}/slurm"; do
-        if [[ -f "$dir/common.sh" ]]; then
-            (cd "$dir" && pwd)
-            return 0
-        fi
-    done
-    echo "[meddino-slurm] error: cannot find slurm/common.sh; submit from the repository root or set MEDDINO_ROOT" >&2
-    return 1
-}
-meddino_common_dir="$(meddino_slurm_dir)"
-# shellcheck source=slurm/common.sh
-source "$meddino_common_dir/common.sh"
+# sbatch runs a spooled copy of this file: find slurm/common.sh via MEDDINO_ROOT, the path SLURM recorded at
+# submission (scontrol Command=), this file's directory (run without sbatch), or the submission directory.
+submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')" || true
+for dir in ${MEDDINO_ROOT:+"$MEDDINO_ROOT/slurm"} "$(dirname "${submitted:-.}")" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-$PWD}/slurm"; do
+    # shellcheck source=slurm/common.sh
+    if [[ -f "$dir/common.sh" ]]; then source "$dir/common.sh"; break; fi
+done
+declare -F meddino_launch >/dev/null || { echo "[meddino-slurm] error: slurm/common.sh not found; set MEDDINO_ROOT" >&2; exit 1; }
 meddino_launch 1 "$@"
