@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # submitit reads the preemption signal when it is imported (here and in the job, which inherits the environment).
@@ -46,7 +46,6 @@ class TrainingJob:
     trainer_args: list[str]
     output_dir: str
     python: str = sys.executable
-    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._proc: subprocess.Popen | None = None
@@ -54,8 +53,7 @@ class TrainingJob:
         self._preempted = False
 
     def __getstate__(self) -> dict:
-        return {"trainer_args": self.trainer_args, "output_dir": self.output_dir, "python": self.python,
-                "env": self.env}
+        return {"trainer_args": self.trainer_args, "output_dir": self.output_dir, "python": self.python}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -64,7 +62,7 @@ class TrainingJob:
     def __call__(self) -> dict:
         """Run the trainer for this task; returns what it produced (see :func:`run_summary`)."""
         self._watch_preemption_signal()
-        env = {**os.environ, **self.env}
+        env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         cmd = [self.python, "-m", "pretrain.train", *self.trainer_args]
         self._proc = subprocess.Popen(cmd, env=env)
