@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,28 @@ def test_allreduce_two_emulated_nodes(slurm_cluster, tmp_path):
     # master = first host of the node list, on a per-job port, agreed by every rank
     masters = {r["master"] for r in ranks}
     assert len(masters) == 1 and masters.pop().startswith(slurm_cluster.node_names[0] + ":")
+
+
+def test_local_cluster_stop_ends_exactly_its_daemons(slurm_cluster, tmp_path):
+    """A second cluster (own dir, ports, node names) starts and stops without touching the session's cluster."""
+    script = Path(__file__).resolve().parents[2] / "slurm" / "local_cluster.sh"
+    state = Path(tempfile.mkdtemp(prefix="meddino-slurm-second-"))
+    port = int(slurm_cluster.env["MEDDINO_SLURM_PORT"]) + 50
+    env = {**slurm_cluster.env, "MEDDINO_SLURM_DIR": str(state), "MEDDINO_SLURM_NODES": "1",
+           "MEDDINO_SLURM_PORT": str(port), "MEDDINO_SLURM_PREFIX": f"mdsecond{port}n"}
+    try:
+        subprocess.run(["bash", str(script), "start"], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(["bash", str(script), "wait-idle"], env=env, check=True, capture_output=True, timeout=120)
+        pid_files = [state / "munge" / "munged.pid", state / "slurmctld.pid", state / f"slurmd-mdsecond{port}n1.pid"]
+        pids = [int(p.read_text()) for p in pid_files]
+        assert f"mdsecond{port}n1" in Path("/etc/hosts").read_text()
+    finally:
+        stop = subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), pid
+    assert f"mdsecond{port}n1" not in Path("/etc/hosts").read_text()
+    # the session cluster is untouched
+    states = slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()
+    assert states == ["idle"] * len(slurm_cluster.node_names)
+    shutil.rmtree(state, ignore_errors=True)
