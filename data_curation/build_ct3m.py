@@ -326,8 +326,12 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
     per_shard = int(cfg["output"]["samples_per_shard"])
     fmt = cfg["output"]["image_format"]
     level = int(cfg["output"].get("png_compress_level", 1))
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
+    closer = ThreadPoolExecutor(1)
+    closing: list = []
     for g, vols in enumerate(tqdm(groups, desc="pack", unit="group", disable=not progress, dynamic_ncols=True)):
         if g in done:
             next_shard = done[g]["first_shard"] + done[g]["n_shards"]
@@ -340,7 +344,8 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
         n_shards = 0
         for s0 in range(0, len(order), per_shard):
             shard_name = SHARD_PATTERN % (next_shard + n_shards)
-            with ShardWriter(out / shard_name) as writer:
+            writer = ShardWriter(out / shard_name)
+            try:
                 for idx in order[s0:s0 + per_shard]:
                     vi, si = items[idx]
                     v = vols[vi]
@@ -351,7 +356,14 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
                     ext, data = encode_image(np.asarray(arrays[vi][si]), fmt, level)
                     writer.add(key, {ext: data, "json": sample_json(meta)})
                     rows.append((key, shard_name, v["common"]["source"], v["case"], meta["slice_index"]))
+            except BaseException:
+                writer.abort()
+                raise
+            closing.append(closer.submit(writer.close))  # fsync + rename overlap with encoding the next shard
             n_shards += 1
+        for fut in closing:  # every shard of the group is durable before the group is recorded
+            fut.result()
+        closing.clear()
         del arrays
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
@@ -361,6 +373,7 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
         for v in vols:
             (state.staging / v["staging"]).unlink(missing_ok=True)
         next_shard += n_shards
+    closer.shutdown()
     _remove_shards_from(out, next_shard)
 
 
