@@ -25,7 +25,9 @@ FILTERED_REASONS = frozenset(
         "duplicate_slice",
         "too_few_slices",
         "no_slices_kept",
-        "gantry_tilt",
+        "gantry_tilt",  # the three policy rejections (dicom.gantry_tilt / on_missing_slices / on_variable_spacing)
+        "missing_slices",
+        "variable_spacing",
     }
 )
 
