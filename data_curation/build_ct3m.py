@@ -524,6 +524,7 @@ def dry_run(cfg: dict, found: dict[str, list[Case]], cases: list[Case], excluded
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
     args = parse_args(argv)
     cfg = load_config(args.config, args.root, args.overrides)
     if args.workers is not None:
@@ -605,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         leftover.unlink()
     stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups))
     print_summary(stats)
+    elapsed = time.perf_counter() - t_start
+    print(f"{elapsed:.1f} s this run ({stats['n_samples'] / max(elapsed, 1e-9):.0f} samples/s overall) -> {out}")
     if n_failed:
         print(f"{n_failed} input(s) failed: see {out / 'failures.jsonl'}", file=sys.stderr)
         if not args.allow_failures:

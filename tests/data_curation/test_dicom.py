@@ -194,3 +194,15 @@ def test_non_dicom_file_rejected(tmp_path, ct3m_cfg):
     bad.write_bytes(b"not a dicom file at all")
     volumes, rejections = _read([bad], ct3m_cfg)
     assert volumes == [] and rejections[0].reason == "unreadable" and rejections[0].path == str(bad)
+
+
+def test_series_grouping_in_one_folder(tmp_path, real_data, ct3m_cfg):
+    """Two series in one folder (GE 3-slice series + the 693 slice) -> two volumes, told apart by a one-way tag of
+    the series UID (the UID itself never leaves the reader)."""
+    files = sorted((real_data / "dcmqi_ct3slice/dicom").glob("*.dcm")) + [real_data / "pydicom_data_ct/693_UNCR.dcm"]
+    volumes, rejections = _read(files, ct3m_cfg)
+    assert not rejections and sorted(v.data.shape[2] for v in volumes) == [1, 3]
+    suffixes = [v.volume_suffix for v in volumes]
+    assert len(set(suffixes)) == 2 and all(len(s) == 8 and int(s, 16) >= 0 for s in suffixes)
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
+    assert not any(s in uid for s in suffixes for uid in uids)
