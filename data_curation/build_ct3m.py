@@ -121,6 +121,22 @@ def is_excluded(case: Case, excluded: set[str]) -> bool:
     return case.uid in excluded or case.case_id in excluded
 
 
+def apply_exclusions(cfg: dict, found: dict[str, list[Case]], names: list[str], exclude: list[str], holdout: bool) -> tuple[list[Case], list[str]]:
+    """-> (cases to build, uids excluded by ``--exclude`` lists and the ``--holdout-finetune`` split)."""
+    excluded_ids = read_exclusions(exclude)
+    if holdout:
+        held = holdout_cases(cfg, found)
+        for task, source in cfg["holdout"]["tasks"].items():
+            if task in held:
+                excluded_ids.update(held[task])
+                print(f"holdout: {task}: {len(held[task])} fold-{cfg['holdout']['fold']} validation cases excluded", file=sys.stderr)
+            else:
+                print(f"holdout: {task}: source {source} not in this run (or < 5 labelled cases), nothing to exclude", file=sys.stderr)
+    all_cases = [c for name in names for c in found.get(name, [])]
+    cases = [c for c in all_cases if not is_excluded(c, excluded_ids)]
+    return cases, sorted(c.uid for c in all_cases if is_excluded(c, excluded_ids))
+
+
 # ----------------------------------------------------------------------------------------------- state
 class State:
     """Append-only JSONL state under ``out/.state``; a line is written (and fsynced) only after its work is durable."""
@@ -296,6 +312,22 @@ def lost_staging(state: State, cases: list[Case]) -> set[str]:
             if not ok:
                 lost.add(rec["case"])
     return lost
+
+
+def case_records(state: State, cases: list[Case]) -> list[dict]:
+    """Finished-case records in case order; volume ids that collide after sanitising (``a.b`` vs ``a_b``) keep the
+    first and report the others as failures."""
+    by_case = {r["case"]: r for r in state.read("volumes.jsonl")}
+    records = [by_case[c.uid] for c in cases if c.uid in by_case]
+    seen: set[str] = set()
+    for r in records:
+        for v in list(r["volumes"]):
+            if v["uid"] in seen:
+                r["volumes"].remove(v)
+                r["rejections"].append({"file": r["case"], "reason": "case_id_collision", "filtered": False,
+                                        "detail": f"another volume already has the id {v['uid']}; rename one of the inputs"})
+            seen.add(v["uid"])
+    return records
 
 
 # ----------------------------------------------------------------------------------------------- stage 3: pack
@@ -537,18 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no source has an existing root: set one with --root NAME=PATH (see --list-sources)", file=sys.stderr)
         return 2
     found = discover(cfg, names)
-    excluded_ids = read_exclusions(args.exclude)
-    if args.holdout_finetune:
-        held = holdout_cases(cfg, found)
-        for task, source in cfg["holdout"]["tasks"].items():
-            if task in held:
-                excluded_ids.update(held[task])
-                print(f"holdout: {task}: {len(held[task])} fold-{cfg['holdout']['fold']} validation cases excluded", file=sys.stderr)
-            else:
-                print(f"holdout: {task}: source {source} not in this run (or < 5 labelled cases), nothing to exclude", file=sys.stderr)
-    all_cases = [c for name in names for c in found.get(name, [])]
-    cases = [c for c in all_cases if not is_excluded(c, excluded_ids)]
-    excluded = sorted(c.uid for c in all_cases if is_excluded(c, excluded_ids))
+    cases, excluded = apply_exclusions(cfg, found, names, args.exclude, args.holdout_finetune)
     if args.dry_run:
         dry_run(cfg, found, cases, excluded)
         return 0
@@ -582,23 +603,13 @@ def main(argv: list[str] | None = None) -> int:
         keep = [r for r in state.read("volumes.jsonl") if r["case"] not in lost]
         atomic_write_text(state.dir / "volumes.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
         curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)
-    by_case = {r["case"]: r for r in state.read("volumes.jsonl")}
-    records = [by_case[c.uid] for c in cases if c.uid in by_case]
-    seen: set[str] = set()
-    for r in records:  # case ids that collide after sanitising: keep the first, report the others as failures
-        for v in list(r["volumes"]):
-            if v["uid"] in seen:
-                r["volumes"].remove(v)
-                r["rejections"].append({"file": r["case"], "reason": "case_id_collision", "filtered": False,
-                                        "detail": f"another volume already has the id {v['uid']}; rename one of the inputs"})
-            seen.add(v["uid"])
-    volumes = [v for r in records for v in r["volumes"] if v["n_slices"] > 0]
+    records = case_records(state, cases)
     duplicates = []
     if cfg["dedup"]["enabled"]:
         fps = [Fingerprint.from_dict(v["fingerprint"]) for r in records for v in r["volumes"]]
         duplicates = find_duplicates(fps, list(cfg["sources"]), float(cfg["dedup"]["max_mean_abs_diff_hu"]), float(cfg["dedup"]["extent_rel_tol"]))
     dropped = {d["dropped"] for d in duplicates}
-    kept = [v for v in volumes if v["uid"] not in dropped]
+    kept = [v for r in records for v in r["volumes"] if v["n_slices"] > 0 and v["uid"] not in dropped]
     groups = volume_groups(kept, cfg)
     pack(groups, cfg, out, state, progress)
     atomic_write_text(state.dir / "complete", "packed\n")
