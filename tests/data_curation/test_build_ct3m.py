@@ -325,3 +325,17 @@ def test_tcia_dicom_source_keys_and_sources_filter(tmp_path, repo_root, real_dat
             assert b"11-24-2015" not in p.read_bytes() and b"12345" not in p.read_bytes()
     with pytest.raises(SystemExit, match="no existing root for"):
         run_build(repo_root, "--out", str(tmp_path / "x"), "--sources", "kits23")
+
+
+def test_changed_config_refused_then_restart(tmp_path, repo_root, sample_ct, run_build):
+    """Resuming into an output made with another config is refused (it would mix two builds); --restart rebuilds.
+    Thin-slice sub-sampling by mm keeps slices at least that far apart."""
+    out = tmp_path / "out"
+    root = f"folder={sample_ct / 'msd_spleen'}"
+    run_build(repo_root, "--out", str(out), "--root", root)
+    n_all = json.loads((out / "stats.json").read_text())["n_samples"]
+    proc = run_build(repo_root, "--out", str(out), "--root", root, "slices.min_slice_step_mm=10", check=2)
+    assert "different config" in proc.stderr
+    run_build(repo_root, "--out", str(out), "--root", root, "slices.min_slice_step_mm=10", "--restart")
+    positions = sorted(m["slice_position_mm"] for _, m in read_samples(out).values())
+    assert len(positions) < n_all and min(np.diff(positions)) >= 10 - 1e-6  # 5 mm slices -> every other one
