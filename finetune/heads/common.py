@@ -10,7 +10,8 @@ from torch import nn
 
 def _backbone_overrides(cfg) -> dict:
     """Constructor overrides for `pretrain.models.build_backbone` from ``cfg.model`` (drop path, LayerScale, ...)."""
-    overrides = dict(OmegaConf.to_container(cfg.model.get("backbone_overrides") or {}, resolve=True))
+    raw = cfg.model.get("backbone_overrides")
+    overrides = dict(OmegaConf.to_container(raw, resolve=True)) if raw else {}
     overrides.setdefault("drop_path_rate", float(cfg.model.drop_path_rate))
     overrides.setdefault("layerscale_init", float(cfg.model.layerscale_init))
     return overrides
