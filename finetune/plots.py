@@ -411,16 +411,17 @@ def normalise_class_names(names: Mapping[Any, Any] | None) -> dict[int, str]:
 
 def plot_finetune_outputs(
     output_dir: str | Path,
-    cases: Sequence[tuple[str, str | Path, str | Path | None]],
+    cases: Sequence[Any],
     class_names: Mapping[Any, Any] | None = None,
     cfg: DictConfig | None = None,
 ) -> list[Path]:
     """All pictures of a finetune run, written under ``output_dir/plots``.
 
     ``output_dir`` holds ``summary.json``, ``per_case.csv`` and ``validation/<case_id>.nii.gz`` (as written by
-    ``finetune.run``); ``cases`` are ``(case_id, image_path, label_path)`` of the validation cases. Writes
-    ``plots/scores.png`` and ``plots/overlays/<case_id>.png`` for the first ``max_overlay_cases`` cases that
-    have a prediction. Returns the written paths.
+    ``finetune.run``); ``cases`` are the validation cases, as ``finetune.tasks`` ``Case`` objects (``case_id``,
+    ``image``, ``label``) or ``(case_id, image_path, label_path)`` tuples. Writes ``plots/scores.png`` and
+    ``plots/overlays/<case_id>.png`` for the first ``max_overlay_cases`` cases that have a prediction and a
+    NIfTI image (a DICOM-series case is reported and skipped). Returns the written paths.
     """
     cfg = cfg if cfg is not None else load_config()
     output_dir = Path(output_dir)
@@ -433,11 +434,15 @@ def plot_finetune_outputs(
         written.append(plot_summary_bars(summary, output_dir / "plots" / "scores.png",
                                          per_case if per_case.is_file() else None, cfg))
     n_done = 0
-    for case_id, image, label in cases:
+    for case in cases:
+        case_id, image, label = (case.case_id, case.image, case.label) if hasattr(case, "case_id") else case
         if n_done >= int(cfg.max_overlay_cases):
             break
         pred = output_dir / "validation" / f"{case_id}.nii.gz"
         if not pred.is_file():
+            continue
+        if not str(image).endswith((".nii", ".nii.gz")):
+            print(f"plots: no overlay for case {case_id}: image {image} is not a NIfTI file", file=sys.stderr)
             continue
         written.append(plot_case_overlays(image, label, pred, output_dir / "plots" / "overlays" / f"{case_id}.png",
                                           class_names, None, cfg))

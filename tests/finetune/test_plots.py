@@ -150,7 +150,7 @@ def test_overlays_cli(tmp_path: Path, spleen, capsys) -> None:
     assert "none.nii.gz" in capsys.readouterr().err
 
 
-def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg) -> None:
+def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, capsys) -> None:
     """A finetune output folder as finetune.run writes it: summary.json (per_class, NaN -> null, classes as
     {name: [ids]}), per_case.csv (long, gt_present), validation/<case>.nii.gz on the image grid."""
     run = tmp_path / "run"
@@ -169,9 +169,15 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg) ->
         "case_id,class,dice,nsd,hd95,gt_present,gt_voxels,pred_voxels,nsd_tolerance_mm\n"
         "spleen_2,spleen,0.9,0.8,nan,1,100,90,1.0\nother,spleen,0.0,0.0,nan,0,0,5,1.0\n"
     )
-    cases = [("spleen_2", spleen["image"], spleen["gt"]), ("not_predicted", spleen["image"], spleen["gt"])]
+    from types import SimpleNamespace
+
+    nib.save(nib.Nifti1Image(pred, gt.affine), run / "validation" / "dicom_case.nii.gz")
+    cases = [("dicom_case", tmp_path / "series_dir", None),
+             SimpleNamespace(case_id="spleen_2", image=spleen["image"], label=spleen["gt"]),
+             ("not_predicted", spleen["image"], spleen["gt"])]
     written = plots.plot_finetune_outputs(run, cases, cfg=cfg)
     assert written == [run / "plots" / "scores.png", run / "plots" / "overlays" / "spleen_2.png"]
+    assert "dicom_case" in capsys.readouterr().err
     for path in written:
         assert _png(path)[1].std() > 20
     assert plots.per_case_spread(run / "per_case.csv", ["dice"]) == {"dice": {}}  # one present case: no spread
