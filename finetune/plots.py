@@ -60,6 +60,9 @@ def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a picture gets the usual permissions
         os.replace(tmp, path)
     finally:
         plt.close(fig)

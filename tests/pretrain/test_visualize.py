@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -198,6 +199,9 @@ def test_pca_cli_writes_png(tmp_path: Path, ct_path: Path, golden_dir: Path, cfg
     pixels = _png_pixels(out)
     assert pixels.std() > 20  # CT and colour maps, not a blank page
     assert len(list(tmp_path.iterdir())) == 1  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
 
 
 def test_similarity_cli_several_checkpoints(tmp_path: Path, ct_path: Path, golden_dir: Path, cfg) -> None:
