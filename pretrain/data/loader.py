@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.augment import MultiCropParams, multi_crop
 from pretrain.data.collate import collate_ssl_batch
-from pretrain.data.shards import decode_hu, expand_shards, slot_stream
+from pretrain.data.shards import decode_hu, expand_shards, seeded_rng, slot_stream
 from pretrain.data.transforms import HUTransform
 
 _TAG_RESOLUTION, _TAG_AUGMENT = 11, 12
@@ -79,10 +79,6 @@ class CropSizeSampler:
         return self.global_sizes[gi], self.local_sizes[li], (self.gram_sizes[gi] if self.gram_sizes else None)
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
-
-
 @dataclass(frozen=True)
 class SSLBatchSettings:
     """Everything a worker needs to build batches, parsed once from the config."""
@@ -129,8 +125,8 @@ class SSLBatchSettings:
 
 def build_batch(settings: SSLBatchSettings, hu_slices: list[np.ndarray], rank: int, iteration: int) -> dict:
     """Rank-level batch ``iteration`` from B int16 HU slices (a pure function of its arguments)."""
-    global_size, local_size, gram_size = settings.sizes(_rng(settings.seed, _TAG_RESOLUTION, iteration))
-    rng = _rng(settings.seed, _TAG_AUGMENT, rank, iteration)
+    global_size, local_size, gram_size = settings.sizes(seeded_rng(settings.seed, _TAG_RESOLUTION, iteration))
+    rng = seeded_rng(settings.seed, _TAG_AUGMENT, rank, iteration)
     samples = [
         multi_crop(
             settings.transform.prepare_slice(hu),

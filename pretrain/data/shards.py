@@ -161,25 +161,28 @@ class Unit:
     shard: Path
     part: int
     n_parts: int
-    n_samples: int
+
+    @property
+    def n_samples(self) -> int:
+        """Counted lazily (cached per shard): a worker only ever counts the shards it is dealt."""
+        return len(range(self.part, count_samples(self.shard), self.n_parts))
 
 
 def make_units(shards: Sequence[Path], n_slots: int) -> list[Unit]:
     """Whole shards, or every shard split in k = ceil(n_slots / n_shards) parts when shards are scarce."""
     n_parts = max(1, -(-n_slots // len(shards)))
-    units = []
-    for shard in shards:
-        n = count_samples(shard)
-        units += [Unit(shard, p, n_parts, len(range(p, n, n_parts))) for p in range(n_parts)]
-    total = sum(u.n_samples for u in units)
-    if total < n_slots:
-        raise ValueError(
-            f"{total} samples in {len(shards)} shard(s) cannot feed {n_slots} reader slots (ranks x workers)"
-        )
+    units = [Unit(shard, p, n_parts) for shard in shards for p in range(n_parts)]
+    if n_parts > 1:  # few shards: cheap to check that every slot can get data
+        total = sum(u.n_samples for u in units)
+        if total < n_slots:
+            raise ValueError(
+                f"{total} samples in {len(shards)} shard(s) cannot feed {n_slots} reader slots (ranks x workers)"
+            )
     return units
 
 
-def _rng(*key: int) -> np.random.Generator:
+def seeded_rng(*key: int) -> np.random.Generator:
+    """Independent PCG64 stream for an integer key (seed, tag, ...): the basis of every deterministic draw."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
 
 
@@ -188,7 +191,7 @@ _TAG_EPOCH, _TAG_GROUP, _TAG_BLOCK = 1, 2, 3
 
 def slot_units(units: Sequence[Unit], slot: int, n_slots: int, seed: int, epoch: int) -> list[Unit]:
     """The units read by ``slot`` in ``epoch``: a seeded permutation of all units, dealt round-robin."""
-    order = _rng(seed, _TAG_EPOCH, epoch).permutation(len(units))
+    order = seeded_rng(seed, _TAG_EPOCH, epoch).permutation(len(units))
     return [units[i] for i in order[slot::n_slots]]
 
 
@@ -197,7 +200,9 @@ def _group_stream(
 ) -> Iterator[RawSample]:
     """Random interleave of the units of one group, shuffled by blocks, from position ``start``."""
     counts = np.array([u.n_samples for u in group])
-    labels = _rng(seed, _TAG_GROUP, epoch, slot, group_index).permutation(np.repeat(np.arange(len(group)), counts))
+    labels = seeded_rng(seed, _TAG_GROUP, epoch, slot, group_index).permutation(
+        np.repeat(np.arange(len(group)), counts)
+    )
     first_block = start // shuffle_block
     consumed = np.bincount(labels[: first_block * shuffle_block], minlength=len(group))
     readers = [
@@ -215,7 +220,7 @@ def _group_stream(
                     "(manifest.csv out of date?)"
                 )
             block.append(sample)
-        order = _rng(seed, _TAG_BLOCK, epoch, slot, group_index, b).permutation(len(block))
+        order = seeded_rng(seed, _TAG_BLOCK, epoch, slot, group_index, b).permutation(len(block))
         for j in order[drop:]:
             yield block[j]
         drop = 0
