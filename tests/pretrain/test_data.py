@@ -300,3 +300,20 @@ def test_loader_on_build_ct3m_output(curated_shards: Path, repo_root: Path) -> N
         assert torch.isfinite(batch["collated_global_crops"]).all()
     resumed = take(build_ssl_loader(cfg, rank=1, world_size=2, start_iter=2), 1)
     assert_batches_equal(resumed, batches[2:])
+
+
+def test_crops_are_stacked_crop_major() -> None:
+    """Row c * B + b of a collated tensor is crop c of image b (DINOv2/v3 layout the trainer unflattens)."""
+    from pretrain.data.collate import stack_crop_major
+    from pretrain.data.transforms import HUTransform
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "base.yaml")
+    transform = HUTransform.from_config(cfg.data.transform)
+    n_images, n_crops = 3, 4
+    per_sample = [[torch.full((1, 2, 2), 10.0 * b + c) for c in range(n_crops)] for b in range(n_images)]
+    stacked = stack_crop_major(per_sample, transform)
+    assert stacked.shape == (n_crops * n_images, 3, 2, 2)
+    for c in range(n_crops):
+        for b in range(n_images):
+            assert torch.all(stacked[c * n_images + b] == 10.0 * b + c)
+    assert torch.equal(stacked.unflatten(0, (n_crops, n_images))[2, 1], stacked[2 * n_images + 1])
