@@ -72,6 +72,7 @@ def save_splits_file(splits: list[dict[str, list[str]]], path: str | Path) -> No
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(splits, f, indent=2)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

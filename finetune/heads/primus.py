@@ -51,7 +51,7 @@ class PrimusSegmenter(nn.Module):
         self.backbone = backbone
         self.block_indices = [int(i) for i in block_indices]
         self.freeze_encoder = freeze_encoder
-        self.in_chans = int(getattr(backbone, "in_chans", 3) or 3)
+        self.in_chans = int(getattr(getattr(backbone, "config", None), "in_chans", 3) or 3)
         self.decoder = PrimusDecoder(backbone.embed_dim * len(self.block_indices), n_classes,
                                      int(math.log2(patch)), norm_eps)
         if freeze_encoder:

@@ -1,0 +1,159 @@
+"""nnU-Net v2 default 2-D augmentations on tensors, one sample at a time.
+
+Order and probabilities follow nnU-Net's ``get_training_transforms`` for 2-D: spatial (rotation p 0.2 within
++-180 deg, scaling p 0.2 in [0.7, 1.4], no elastic) -> Gaussian noise (p 0.1, std ~ U(0, 0.1): batchgenerators
+calls it "variance" but draws the normal's scale from that range) -> Gaussian blur (p 0.2, sigma U(0.5, 1),
+each channel with p 0.5) -> multiplicative brightness (p 0.15, U(0.75, 1.25)) -> contrast (p 0.15, range kept)
+-> low-resolution simulation (p 0.25, zoom U(0.5, 1), nearest down / cubic up, each channel p 0.5) -> inverted
+gamma (p 0.1) -> gamma (p 0.3, gamma in [0.7, 1.5], statistics retained) -> mirroring (p 0.5 per in-plane axis).
+All values come from ``cfg.augment``; the random draws come from a numpy Generator passed in, so a batch is a
+pure function of its seed (resume reproduces the same data).
+
+Shapes: image ``[C, Y, X]`` (C = context slices or slab depth: in-plane transforms are shared by all C),
+label ``[L, Y, X]`` (L = 1 for slices, the slab depth for slabs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(rng: np.random.Generator, bounds: Sequence[float]) -> float:
+    return float(rng.uniform(bounds[0], bounds[1]))
+
+
+def _split_range(rng: np.random.Generator, bounds: Sequence[float]) -> float:
+    """batchgenerators' draw for contrast/gamma: half the time below 1, else above (when the range spans 1)."""
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if rng.random() < 0.5 and lo < 1:
+        return float(rng.uniform(lo, 1.0))
+    return float(rng.uniform(max(lo, 1.0), hi))
+
+
+def crop_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int], patch: Sequence[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer crop with zero padding outside the slice (image 0, label background)."""
+    y0, x0 = int(top_left[0]), int(top_left[1])
+    ph, pw = int(patch[0]), int(patch[1])
+    _, ny, nx = image.shape
+    out_img = image.new_zeros((image.shape[0], ph, pw))
+    out_lab = label.new_zeros((label.shape[0], ph, pw))
+    sy0, sy1 = max(y0, 0), min(y0 + ph, ny)
+    sx0, sx1 = max(x0, 0), min(x0 + pw, nx)
+    if sy1 > sy0 and sx1 > sx0:
+        out_img[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[:, sy0:sy1, sx0:sx1]
+        out_lab[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = label[:, sy0:sy1, sx0:sx1]
+    return out_img, out_lab
+
+
+def rotate_scale_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int], patch: Sequence[int],
+                        angle_rad: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window ``top_left + patch`` sampled after rotating by ``angle_rad`` and scaling coordinates by ``scale``
+    about its centre (scale > 1 shows more anatomy, as batchgenerators). Image cubic, label nearest, zero outside."""
+    ph, pw = int(patch[0]), int(patch[1])
+    _, ny, nx = image.shape
+    cy, cx = top_left[0] + (ph - 1) / 2.0, top_left[1] + (pw - 1) / 2.0
+    oy = torch.arange(ph, dtype=torch.float32) - (ph - 1) / 2.0
+    ox = torch.arange(pw, dtype=torch.float32) - (pw - 1) / 2.0
+    gy, gx = torch.meshgrid(oy, ox, indexing="ij")
+    cos, sin = math.cos(angle_rad) * scale, math.sin(angle_rad) * scale
+    sy = cy + cos * gy - sin * gx
+    sx = cx + sin * gy + cos * gx
+    grid = torch.stack([(2 * sx + 1) / nx - 1, (2 * sy + 1) / ny - 1], dim=-1)[None]
+    out_img = F.grid_sample(image[None].float(), grid, mode="bicubic", padding_mode="zeros", align_corners=False)[0]
+    out_lab = F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+    return out_img, out_lab.round().to(label.dtype)
+
+
+def _gaussian_blur_channel(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[Y, X]`` (truncated at 4 sigma, edge-replicated borders)."""
+    radius = max(int(4 * sigma + 0.5), 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    y = F.pad(x[None, None], (radius, radius, 0, 0), mode="replicate")
+    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+    y = F.pad(y, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(y, kernel.view(1, 1, -1, 1))[0, 0]
+
+
+def _gamma(x: torch.Tensor, gamma: float, invert: bool, eps: float = 1e-7) -> torch.Tensor:
+    if invert:
+        x = -x
+    mean, std = x.mean(), x.std()
+    lo, hi = x.min(), x.max()
+    rng_ = hi - lo
+    x = ((x - lo) / (rng_ + eps)) ** gamma * (rng_ + eps) + lo
+    x = (x - x.mean()) / (x.std() + 1e-8) * std + mean
+    return -x if invert else x
+
+
+def intensity_augment(image: torch.Tensor, rng: np.random.Generator, acfg, generator: torch.Generator) -> torch.Tensor:
+    """Noise, blur, brightness, contrast, low-res, gamma on ``image [C, Y, X]`` (a new tensor is returned)."""
+    x = image.float().clone()
+    if rng.random() < acfg.noise_p:
+        std = _uniform(rng, acfg.noise_variance)
+        x = x + torch.randn(x.shape, generator=generator) * std
+    if rng.random() < acfg.blur_p:
+        for c in range(x.shape[0]):
+            if rng.random() < 0.5:
+                x[c] = _gaussian_blur_channel(x[c], _uniform(rng, acfg.blur_sigma))
+    if rng.random() < acfg.brightness_p:
+        x = x * _uniform(rng, acfg.brightness_range)
+    if rng.random() < acfg.contrast_p:
+        factor = _split_range(rng, acfg.contrast_range)
+        mean = x.mean(dim=(1, 2), keepdim=True)
+        lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+        x = torch.maximum(torch.minimum((x - mean) * factor + mean, hi), lo)
+    if rng.random() < acfg.lowres_p:
+        for c in range(x.shape[0]):
+            if rng.random() < 0.5:
+                zoom = _uniform(rng, acfg.lowres_zoom)
+                size = x.shape[1:]
+                small = [max(int(round(s * zoom)), 1) for s in size]
+                down = F.interpolate(x[c][None, None], size=small, mode="nearest")
+                x[c] = F.interpolate(down, size=tuple(size), mode="bicubic", align_corners=False)[0, 0]
+    if rng.random() < acfg.gamma_invert_p:
+        x = _gamma(x, _split_range(rng, acfg.gamma_range), invert=True)
+    if rng.random() < acfg.gamma_p:
+        x = _gamma(x, _split_range(rng, acfg.gamma_range), invert=False)
+    return x
+
+
+def spatial_augment(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int], patch: Sequence[int],
+                    rng: np.random.Generator, acfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop the window, with nnU-Net's random rotation/scaling when drawn (exact integer crop otherwise)."""
+    angle, scale = 0.0, 1.0
+    do_rot = acfg.enabled and rng.random() < acfg.rotation_p
+    do_scale = acfg.enabled and rng.random() < acfg.scale_p
+    if do_rot:
+        angle = math.radians(_uniform(rng, (-acfg.rotation_deg, acfg.rotation_deg)))
+    if do_scale:
+        scale = _uniform(rng, acfg.scale_range)
+    if not (do_rot or do_scale):
+        return crop_window(image, label, top_left, patch)
+    return rotate_scale_window(image, label, top_left, patch, angle, scale)
+
+
+def mirror(image: torch.Tensor, label: torch.Tensor, rng: np.random.Generator, acfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip along each configured in-plane axis (0 = rows, 1 = columns) with ``mirror_p``."""
+    for axis in acfg.mirror_axes:
+        if rng.random() < acfg.mirror_p:
+            image = torch.flip(image, dims=(1 + int(axis),))
+            label = torch.flip(label, dims=(1 + int(axis),))
+    return image, label
+
+
+def augment_sample(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int], patch: Sequence[int],
+                   rng: np.random.Generator, acfg, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full nnU-Net pipeline for one sample: full slices ``[C, Y, X]`` -> augmented patch ``[C, ph, pw]``."""
+    if not augment or not acfg.enabled:
+        return crop_window(image, label, top_left, patch)
+    image, label = spatial_augment(image, label, top_left, patch, rng, acfg)
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    image = intensity_augment(image, rng, acfg, generator)
+    return mirror(image, label, rng, acfg)

@@ -1,0 +1,144 @@
+"""Training batches from the preprocessed cache: nnU-Net foreground oversampling + augmentation.
+
+A batch is a pure function of ``(seed, rank, iteration, stream)``: resuming at iteration i reproduces the batches
+of an uninterrupted run, and DDP ranks draw different batches. Batches are built in background threads
+(``data.num_workers``; numpy/scipy/torch release the GIL for the heavy parts) and handed out in order.
+
+Sampling (nnU-Net ``DataLoader2D``/``3D``): per sample a random case; the last ``round(B * oversample)`` samples of
+each batch are centred on a random voxel of a random foreground class present in the case (random if the case
+has none); in-plane windows follow nnU-Net's bounds (a window may stick out of a small image and is zero-padded).
+See `finetune.heads` for the batch layout of ``slice2d`` and ``slab3d`` recipes.
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from finetune.augment import augment_sample
+
+
+@dataclass
+class PreprocessedCase:
+    case_id: str
+    image: np.ndarray                    # [Z, Y, X] float32 (memory-mapped)
+    label: np.ndarray                    # [Z, Y, X] uint8 (memory-mapped)
+    locations: dict[int, np.ndarray]     # class -> [n, 3] (z, y, x)
+    props: dict
+
+
+def load_preprocessed(case_dir: str | Path) -> PreprocessedCase:
+    case_dir = Path(case_dir)
+    props = json.loads((case_dir / "props.json").read_text())
+    with np.load(case_dir / "locations.npz") as locs:
+        locations = {int(k): locs[k] for k in locs.files}
+    return PreprocessedCase(props["case_id"], np.load(case_dir / "image.npy", mmap_mode="r"),
+                            np.load(case_dir / "label.npy", mmap_mode="r"), locations, props)
+
+
+def _window_start(rng: np.random.Generator, size: int, patch: int, voxel: Optional[int]) -> int:
+    """nnU-Net's bounds for a window start along one axis (negative / beyond = zero padding)."""
+    need = max(patch - size, 0)
+    lb = -(need // 2)
+    ub = size + need // 2 + need % 2 - patch
+    if voxel is None:
+        return int(rng.integers(lb, ub + 1))
+    return int(min(max(voxel - patch // 2, lb), ub))
+
+
+class PatchSampler:
+    """Builds ``slice2d`` / ``slab3d`` batches from preprocessed cases (see module docstring)."""
+
+    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, seed: int, rank: int = 0) -> None:
+        if not cases:
+            raise ValueError("no training cases")
+        self.cases = list(cases)
+        self.cfg = cfg
+        self.sampling = sampling
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.patch = [int(p) for p in cfg.data.patch_size]
+        self.context = int(cfg.data.get("context_slices", 0) or 0)
+        self.slab_depth = int(cfg.data.get("slab_depth", 1) or 1)
+        self.oversample = float(cfg.data.oversample_foreground)
+
+    def _slice_indices(self, rng: np.random.Generator, n_slices: int, z_voxel: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Image slice indices and label slice indices (``-1`` = padding) for one sample."""
+        if self.sampling == "slice2d":
+            z = int(rng.integers(n_slices)) if z_voxel is None else int(z_voxel)
+            image_z = np.clip(np.arange(z - self.context, z + self.context + 1), 0, n_slices - 1)
+            return image_z, np.array([z])
+        z0 = _window_start(rng, n_slices, self.slab_depth, z_voxel)
+        zs = np.arange(z0, z0 + self.slab_depth)
+        zs = np.where((zs >= 0) & (zs < n_slices), zs, -1)
+        return zs, zs
+
+    @staticmethod
+    def _take(volume: np.ndarray, zs: np.ndarray) -> torch.Tensor:
+        out = np.zeros((len(zs), *volume.shape[1:]), dtype=volume.dtype)
+        valid = zs >= 0
+        if valid.any():
+            out[valid] = volume[zs[valid]]
+        return torch.from_numpy(out)
+
+    def sample(self, rng: np.random.Generator, force_foreground: bool, augment: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        voxel = None
+        if force_foreground and case.locations:
+            cls = sorted(case.locations)[int(rng.integers(len(case.locations)))]
+            locs = case.locations[cls]
+            voxel = locs[int(rng.integers(len(locs)))]
+        image_z, label_z = self._slice_indices(rng, case.image.shape[0], None if voxel is None else voxel[0])
+        image = self._take(case.image, image_z)
+        label = self._take(case.label, label_z)
+        top_left = [_window_start(rng, case.image.shape[1 + a], self.patch[a], None if voxel is None else int(voxel[1 + a]))
+                    for a in range(2)]
+        image, label = augment_sample(image, label, top_left, self.patch, rng, self.cfg.augment, augment)
+        return image, label, case.case_id
+
+    def batch(self, iteration: int, batch_size: Optional[int] = None, stream: int = 0, augment: bool = True) -> dict:
+        """Batch number ``iteration`` of ``stream`` (0 = training, 1 = validation)."""
+        batch_size = int(batch_size or self.cfg.data.batch_size)
+        rng = np.random.default_rng([self.seed, self.rank, stream, int(iteration)])
+        n_random = int(round(batch_size * (1 - self.oversample)))
+        images, labels, ids = [], [], []
+        for i in range(batch_size):
+            img, lab, cid = self.sample(rng, force_foreground=i >= n_random, augment=augment)
+            images.append(img)
+            labels.append(lab)
+            ids.append(cid)
+        image = torch.stack(images).float()
+        label = torch.stack(labels).long()
+        if self.sampling == "slice2d":
+            label = label[:, 0]
+        else:
+            image = image[:, None]
+        return {"image": image, "label": label, "case_ids": ids}
+
+
+def batch_stream(sampler: PatchSampler, start: int, stop: int, num_workers: int = 0, stream: int = 0,
+                 augment: bool = True, batch_size: Optional[int] = None) -> Iterator[dict]:
+    """Batches ``start..stop-1`` in order, prefetched by ``num_workers`` threads (0 = in the caller's thread)."""
+    if num_workers <= 0:
+        for it in range(start, stop):
+            yield sampler.batch(it, batch_size, stream, augment)
+        return
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        pending: deque = deque()
+        nxt = start
+        while nxt < stop and len(pending) < 2 * num_workers:
+            pending.append(pool.submit(sampler.batch, nxt, batch_size, stream, augment))
+            nxt += 1
+        while pending:
+            batch = pending.popleft().result()
+            if nxt < stop:
+                pending.append(pool.submit(sampler.batch, nxt, batch_size, stream, augment))
+                nxt += 1
+            yield batch

@@ -1,0 +1,88 @@
+"""Whole-volume prediction: preprocess like training, predict, go back to the original voxel grid.
+
+Slice-wise recipes (the default ``predict_volume``): every axial slice (with its 2.5-D neighbours when
+``data.context_slices`` > 0) goes through in-plane sliding windows of ``data.patch_size`` with step
+``infer.step`` (0.5 = half-window overlap, nnU-Net's default), Gaussian importance weighting (sigma =
+``infer.gaussian_sigma_scale`` x window) and optional test-time mirroring over both in-plane axes (logits averaged
+over the 4 flips, as nnU-Net). Logits are softmaxed per slice and returned as probabilities; `finetune.preprocess
+.restore_geometry` resamples them back to the cropped shape, takes the argmax and pastes into the full volume.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from finetune.preprocess import Plans, Volume, preprocess_volume, restore_geometry
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; a no-op on CPU (always fp32 there) or for ``fp32``."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"precision must be bf16|fp16|fp32, got {precision!r}")
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def mirrored_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mirror: bool,
+                    axes: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """Mean of the model's logits over all flip combinations of ``axes`` (each flipped back)."""
+    out = model(x).float()
+    if not mirror:
+        return out
+    n = 1
+    for r in range(1, len(axes) + 1):
+        for combo in itertools.combinations(axes, r):
+            out = out + torch.flip(model(torch.flip(x, combo)).float(), combo)
+            n += 1
+    return out / n
+
+
+def context_stack(volume: torch.Tensor, z_indices: torch.Tensor, context: int) -> torch.Tensor:
+    """``volume [Z, Y, X]`` -> ``[len(z), 1 + 2*context, Y, X]`` with edge-replicated neighbours (2.5-D input)."""
+    offsets = torch.arange(-context, context + 1, device=volume.device)
+    idx = (z_indices[:, None] + offsets[None]).clamp(0, volume.shape[0] - 1)
+    return volume[idx]
+
+
+@torch.no_grad()
+def predict_volume_slicewise(model: nn.Module, volume: torch.Tensor, cfg, slices_per_batch: Optional[int] = None
+                             ) -> torch.Tensor:
+    """``volume [Z, Y, X]`` (preprocessed, on the model's device) -> probabilities ``[K, Z, Y, X]`` float32 on CPU."""
+    model.eval()
+    device = volume.device
+    patch = tuple(int(p) for p in cfg.data.patch_size)
+    context = int(cfg.data.get("context_slices", 0) or 0)
+    icfg = cfg.infer
+    mirror = bool(icfg.mirror)
+    slices_per_batch = int(slices_per_batch or max(int(icfg.batch_size), 1))
+    predictor = lambda x: mirrored_logits(model, x, mirror)
+    chunks = []
+    with autocast_context(device, str(icfg.precision)):
+        for z0 in range(0, volume.shape[0], slices_per_batch):
+            zs = torch.arange(z0, min(z0 + slices_per_batch, volume.shape[0]), device=device)
+            x = context_stack(volume, zs, context).float()
+            logits = sliding_window_inference(x, roi_size=patch, sw_batch_size=int(icfg.batch_size), predictor=predictor,
+                                              overlap=1.0 - float(icfg.step), mode="gaussian",
+                                              sigma_scale=float(icfg.gaussian_sigma_scale), padding_mode="constant",
+                                              cval=0.0)
+            chunks.append(torch.softmax(logits.float(), 1).cpu())
+    return torch.cat(chunks, 0).permute(1, 0, 2, 3).contiguous()
+
+
+def predict_case(model: nn.Module, recipe, image: Volume, plans: Plans, cfg, device: torch.device) -> np.ndarray:
+    """One CT volume -> label map ``[Z, Y, X]`` uint8 on the image's original grid."""
+    arr, _, props = preprocess_volume(image, plans)
+    volume = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    probs = recipe.predict_volume(model, volume, cfg)
+    if probs.shape[0] != len(plans.labels) or tuple(probs.shape[1:]) != tuple(arr.shape):
+        raise ValueError(f"head {recipe.name}: predict_volume returned {tuple(probs.shape)}, expected "
+                         f"({len(plans.labels)}, {', '.join(map(str, arr.shape))})")
+    return restore_geometry(probs, props)

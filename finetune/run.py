@@ -1,0 +1,178 @@
+"""Finetune one fold end to end: split -> plan + preprocess (cached) -> train -> predict the validation cases ->
+metrics (``summary.json``, ``per_case.csv``, a Table-2-style printout).
+
+    python finetune/run.py --task amos22|btcv|kits23|lits|path/to/DatasetXXX_Name [--head primus|mvr|med3d|window3d]
+        [--checkpoint backbone.pth] [--fold 0] [--output DIR] [--config extra.yaml ...] [key=value ...]
+
+``--checkpoint`` sets ``model.checkpoint`` and ``model.init=pretrained`` (MedDINOv3 release, official DINOv3 .pth,
+or our ``teacher_backbone.pth``); without it the config decides (``model.init=random`` for the paper's random-init
+row). ``--weights dinov3`` picks the 1e-4 encoder lr for official DINOv3 weights (3e-5 for MedDINOv3).
+Output folder (nnU-Net-like): ``config.yaml`` (resolved), ``plans.json``, ``splits_final.json``, ``metrics.jsonl``,
+``checkpoints/latest.pt``, ``model_final.pt``, ``validation/<case>.nii.gz``, ``summary.json``, ``per_case.csv``.
+Re-running the same command resumes training from the last checkpoint (``train.resume=auto``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: import the installed package, not sibling modules as top-level names
+
+import torch
+from omegaconf import OmegaConf
+
+from finetune.config import load_config
+from finetune.heads import available_heads, get_recipe
+from finetune.infer import predict_case
+from finetune.metrics import evaluate_case, evaluation_classes, format_table, summarize, write_per_case_csv, write_summary_json
+from finetune.preprocess import (Plans, load_plans, plan_from_training_cases, preprocess_dataset, read_volume,
+                                 save_label_nifti, save_plans)
+from finetune.splits import fold_split, nnunet_kfold_splits, save_splits_file
+from finetune.tasks import task_cases, task_eval_regions, task_labels
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, help="registered task name or an nnU-Net raw DatasetXXX_Name folder")
+    parser.add_argument("--head", default="primus", help=f"one of {', '.join(available_heads())}")
+    parser.add_argument("--checkpoint", default=None, help="backbone weights (sets model.init=pretrained)")
+    parser.add_argument("--weights", choices=("meddinov3", "dinov3"), default=None, help="origin of --checkpoint (encoder lr)")
+    parser.add_argument("--fold", default=None, help="0..4 or 'all' (default: config, 0)")
+    parser.add_argument("--output", default=None, help="output folder (default: config output_dir)")
+    parser.add_argument("--config", action="append", default=[], help="extra YAML merged last (e.g. configs/finetune/tiny.yaml)")
+    parser.add_argument("--skip-training", action="store_true", help="predict + evaluate with the existing model_final.pt")
+    parser.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. train.epochs=10")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.checkpoint:
+        overrides += [f"model.checkpoint={Path(args.checkpoint).resolve()}", "model.init=pretrained"]
+    if args.weights:
+        overrides.append(f"model.weights={args.weights}")
+    if args.fold is not None:
+        overrides.append(f"fold={args.fold}")
+    if args.output:
+        overrides.append(f"output_dir={Path(args.output).resolve()}")
+    cfg = load_config(args.task, args.head, args.config, overrides)
+    cfg.task.class_names = task_labels(cfg)
+    return cfg
+
+
+def prepare_fold(cfg, rank: int = 0):
+    """Cases, split, plans and the preprocessed cache of one fold. Returns (train cases, val cases, plans, dirs)."""
+    output_dir = Path(cfg.output_dir)
+    labels = list(cfg.task.class_names)
+    cases = task_cases(cfg)
+    by_id = {c.case_id: c for c in cases}
+    train_ids, val_ids = fold_split(list(by_id), cfg.fold, cfg.get("splits_file"))
+    plans_path = output_dir / "plans.json"
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.get("splits_file"):
+            save_splits_file(nnunet_kfold_splits(list(by_id)), output_dir / "splits_final.json")
+        if plans_path.exists():
+            plans = load_plans(plans_path)
+            if plans.labels != labels:
+                raise ValueError(f"{plans_path} was made for labels {plans.labels}, the task now has {labels}; "
+                                 "use a new --output folder")
+        else:
+            plans = plan_from_training_cases([by_id[i] for i in train_ids], labels, cfg)
+            save_plans(plans, plans_path)
+        cache = Path(cfg.preprocess.cache_dir) if cfg.preprocess.get("cache_dir") else output_dir.parent / "preprocessed"
+        dirs = preprocess_dataset([by_id[i] for i in sorted(set(train_ids) | set(val_ids))], plans, cache,
+                                  int(cfg.preprocess.class_locations_per_class), progress=bool(cfg.train.progress))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if rank != 0:
+            plans = load_plans(plans_path)
+            cache = Path(cfg.preprocess.cache_dir) if cfg.preprocess.get("cache_dir") else output_dir.parent / "preprocessed"
+            dirs = {i: cache / plans.digest() / i for i in sorted(set(train_ids) | set(val_ids))}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], plans, dirs
+
+
+def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.device) -> dict:
+    """Predict each validation case from its raw NIfTI, save it, and compute the metrics."""
+    output_dir = Path(cfg.output_dir)
+    classes = evaluation_classes(plans.labels, task_eval_regions(cfg))
+    tolerance = {"default": float(cfg.metrics.nsd_tolerance_mm),
+                 **{str(k): float(v) for k, v in (cfg.task.get("nsd_tolerance_mm") or {}).items()}}
+    per_case = {}
+    for case in val_cases:
+        t0 = time.time()
+        image = read_volume(case.image)
+        pred = predict_case(model, recipe, image, plans, cfg, device)
+        save_label_nifti(pred, image, output_dir / "validation" / f"{case.case_id}.nii.gz")
+        gt = read_volume(case.label).array.astype(int)
+        per_case[case.case_id] = evaluate_case(pred, gt, image.spacing_zyx, classes, tolerance,
+                                               str(cfg.metrics.nsd_method), bool(cfg.metrics.compute_hd95))
+        print(f"  {case.case_id}: " + ", ".join(f"{k} DSC {v['dice']:.3f}" for k, v in per_case[case.case_id].items())
+              + f"  ({time.time() - t0:.1f}s)", flush=True)
+    summary = summarize(per_case)
+    write_per_case_csv(per_case, output_dir / "per_case.csv")
+    write_summary_json(summary, output_dir / "summary.json",
+                       {"task": str(cfg.task.name), "head": str(cfg.head.name), "fold": str(cfg.fold),
+                        "nsd_method": str(cfg.metrics.nsd_method), "nsd_tolerance_mm": tolerance,
+                        "classes": classes, "cases": sorted(per_case)})
+    return summary
+
+
+def load_trained_model(cfg, recipe, model_path: Path, device: torch.device):
+    """Rebuild the architecture from the config (no backbone weight file needed) and load a trained state dict."""
+    build_cfg = OmegaConf.merge(cfg, {"model": {"init": "none"}})
+    model = recipe.build_model(build_cfg, len(cfg.task.class_names))
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and "optimizer" in state:
+        state = state["model"]
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    cfg = build_config(args)
+    recipe = get_recipe(str(cfg.head.name))
+    from finetune.train import fit, setup_distributed
+
+    rank, world, device = setup_distributed()
+    output_dir = Path(cfg.output_dir)
+    train_cases, val_cases, plans, dirs = prepare_fold(cfg, rank)
+    if rank == 0:
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        print(f"task {cfg.task.name}: {len(train_cases)} training / {len(val_cases)} validation cases (fold {cfg.fold}), "
+              f"classes {list(cfg.task.class_names)[1:]}, target spacing {['%.3f' % s for s in plans.target_spacing_yx]} mm",
+              flush=True)
+    train_dirs = [dirs[c.case_id] for c in train_cases]
+    val_dirs = [dirs[c.case_id] for c in val_cases]
+    if args.skip_training:
+        model = load_trained_model(cfg, recipe, output_dir / "model_final.pt", device)
+    elif recipe.fit is not None:
+        from finetune.data import load_preprocessed
+
+        model = recipe.fit(cfg, recipe, [load_preprocessed(d) for d in train_dirs],
+                           [load_preprocessed(d) for d in val_dirs], output_dir)
+    else:
+        model = fit(cfg, recipe, train_dirs, val_dirs, output_dir)
+    model = getattr(model, "module", model)
+    summary: dict = {}
+    if rank == 0:
+        if not (output_dir / "model_final.pt").exists():
+            torch.save(model.state_dict(), output_dir / "model_final.pt")
+        summary = evaluate_fold(cfg, model, recipe, val_cases, plans, device)
+        print()
+        print(format_table({str(cfg.task.name): summary}, f"MedDINOv3 ({cfg.head.name})"))
+        print(f"\nwrote {output_dir / 'summary.json'} and {output_dir / 'per_case.csv'}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Task registry: a task = a dataset folder + label names (+ evaluation regions), from `configs/finetune/<task>.yaml`.
+
+``resolve_task(task_arg, configs_dir)`` turns ``--task`` (a registered name such as ``amos22``, or a path to any
+nnU-Net raw ``DatasetXXX_Name`` folder) into a config fragment; ``task_cases(cfg)`` lists the labelled cases;
+``task_labels(cfg)`` gives the ordered class names (background first) the model predicts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.tasks.layouts import Case, discover_cases, filter_modality, read_dataset_json
+
+REGISTERED_TASKS = ("amos22", "btcv", "kits23", "lits")
+
+
+def resolve_task(task_arg: str, configs_dir: Path) -> DictConfig:
+    """Config fragment for ``--task``: the registered YAML, or a generic task for an nnU-Net raw folder."""
+    if task_arg in REGISTERED_TASKS or (configs_dir / f"{task_arg}.yaml").exists():
+        return OmegaConf.load(configs_dir / f"{task_arg}.yaml")
+    path = Path(task_arg)
+    if path.is_dir():
+        name = path.resolve().name
+        return OmegaConf.create({"task": {"name": name, "dataset_dir": str(path.resolve()), "layout": "nnunet"}})
+    raise ValueError(f"--task {task_arg!r} is neither a registered task ({', '.join(REGISTERED_TASKS)}) "
+                     "nor an existing nnU-Net raw dataset folder (DatasetXXX_Name with imagesTr/labelsTr/dataset.json)")
+
+
+def task_labels(cfg: DictConfig) -> list[str]:
+    """Class names indexed by label value: ``["background", name_1, ..., name_K]`` (contiguous ids required).
+
+    From ``task.labels`` if given, else from ``dataset.json`` (nnU-Net v2 ``{"name": id}`` or v1 ``{"id": "name"}``).
+    Region-valued v2 labels (lists) become ``task.eval_regions`` via ``task_eval_regions``.
+    """
+    labels = dict(OmegaConf.to_container(cfg.task.labels, resolve=True)) if cfg.task.get("labels") else {}
+    if not labels:
+        meta = read_dataset_json(Path(cfg.task.dataset_dir))
+        raw = meta.get("labels")
+        if not raw:
+            raise ValueError(f"{cfg.task.dataset_dir}: no task.labels in the config and no 'labels' in dataset.json")
+        if all(str(k).isdigit() for k in raw):  # v1: {"0": "background", "1": "liver"}
+            labels = {str(v): int(k) for k, v in raw.items()}
+        else:
+            labels = {}
+            for name, value in raw.items():
+                if isinstance(value, list):
+                    continue  # a region; training labels come from the integer entries / regions_class_order
+                labels[str(name)] = int(value)
+            if any(isinstance(v, list) for v in raw.values()):
+                order = meta.get("regions_class_order") or []
+                for value in order:
+                    if int(value) not in labels.values():
+                        labels[f"label_{int(value)}"] = int(value)
+    labels = {k: v for k, v in labels.items() if int(v) != 0}
+    ids = sorted(int(v) for v in labels.values())
+    if ids != list(range(1, len(ids) + 1)):
+        raise ValueError(f"task {cfg.task.name}: label ids must be 1..K without gaps, got {ids}")
+    names = ["background"] + [None] * len(ids)
+    for name, value in labels.items():
+        names[int(value)] = name
+    return names
+
+
+def task_eval_regions(cfg: DictConfig) -> dict[str, list[int]] | None:
+    """Evaluation classes as unions of label ids, or None for per-label evaluation."""
+    if cfg.task.get("eval_regions"):
+        return {str(k): [int(i) for i in v] for k, v in OmegaConf.to_container(cfg.task.eval_regions, resolve=True).items()}
+    meta = read_dataset_json(Path(cfg.task.dataset_dir)) if Path(str(cfg.task.dataset_dir)).is_dir() else {}
+    raw = meta.get("labels") or {}
+    regions = {str(k): (v if isinstance(v, list) else [v]) for k, v in raw.items()
+               if str(k) != "background" and not str(k).isdigit()}
+    if any(isinstance(v, list) for v in raw.values()):
+        return {k: [int(i) for i in v] for k, v in regions.items()}
+    return None
+
+
+def task_cases(cfg: DictConfig, require_labels: bool = True) -> list[Case]:
+    """The task's cases (modality-filtered), each with a label file unless ``require_labels=False``."""
+    cases = discover_cases(cfg.task.dataset_dir, str(cfg.task.get("layout", "auto")), str(cfg.task.name))
+    cases = filter_modality(cases, cfg.task.get("modality_filter"), str(cfg.task.name))
+    if require_labels:
+        unlabelled = [c.case_id for c in cases if c.label is None]
+        if unlabelled:
+            raise FileNotFoundError(f"{cfg.task.dataset_dir}: no label file for cases {unlabelled[:10]}")
+    if not cases:
+        raise FileNotFoundError(f"{cfg.task.dataset_dir}: no cases left after filtering")
+    return cases
+
+
+__all__ = ["Case", "REGISTERED_TASKS", "resolve_task", "task_cases", "task_eval_regions", "task_labels"]

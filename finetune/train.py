@@ -1,0 +1,216 @@
+"""The common training loop for every head (nnU-Net-style epochs of fixed length).
+
+``epochs x iters_per_epoch`` iterations (paper: 1000 x 250) of: batch from `finetune.data` -> recipe training step
+under autocast (bf16/fp16 on GPU, fp32 on CPU) -> backward (GradScaler for fp16) -> grad-norm clipping
+(``optim.grad_clip`` = 12) -> AdamW step -> lr of every group set to ``base_lr x factor`` where the factor decays
+linearly to 0 at the last iteration (after an optional linear warm-up). After each epoch: pseudo-Dice on
+``train.val_iters`` un-augmented validation batches (nnU-Net's online estimate: hard tp/fp/fn summed over the
+batches, Dice per class), one line in ``metrics.jsonl`` and an atomic checkpoint ``checkpoints/latest.pt``
+(model, optimizer, scaler, iteration), from which ``train.resume=auto`` continues bit-for-bit on CPU (batches are
+a function of the iteration). DDP: launched with torchrun (``WORLD_SIZE`` > 1) the model is wrapped in
+DistributedDataParallel and each rank draws its own batches (global batch = ``data.batch_size x world``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from finetune.data import PatchSampler, PreprocessedCase, batch_stream, load_preprocessed
+from finetune.infer import autocast_context
+from finetune.losses import pseudo_dice_stats
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)`` from the torchrun environment; a single CPU/GPU process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return rank, world, torch.device("cuda", local_rank)
+    return rank, world, torch.device("cpu")
+
+
+def lr_factor(iteration: int, total: int, warmup: int = 0) -> float:
+    """Linear warm-up over ``warmup`` iterations, then linear decay reaching 0 at ``total``."""
+    if warmup > 0 and iteration < warmup:
+        return (iteration + 1) / warmup
+    return max(0.0, (total - iteration) / max(total - warmup, 1))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _dice_from_stats(stats: torch.Tensor) -> list[float]:
+    tp, fp, fn = stats
+    return [float(2 * t / (2 * t + p + n)) if (2 * t + p + n) > 0 else float("nan") for t, p, n in zip(tp, fp, fn)]
+
+
+@torch.no_grad()
+def pseudo_dice(model: nn.Module, recipe, sampler: PatchSampler, cfg, loss_fn, device: torch.device, epoch: int,
+                n_batches: int) -> tuple[float, list[float]]:
+    """Validation loss and per-class pseudo-Dice on ``n_batches`` un-augmented validation batches."""
+    model.eval()
+    stats, losses = None, []
+    for i, batch in enumerate(batch_stream(sampler, epoch * n_batches, (epoch + 1) * n_batches, 0, stream=1, augment=False)):
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        with autocast_context(device, str(cfg.train.precision)):
+            loss, logits = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
+        losses.append(float(loss))
+        s = pseudo_dice_stats(logits.float().cpu(), label.cpu())
+        stats = s if stats is None else stats + s
+    if dist.is_initialized():
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    model.train()
+    return float(sum(losses) / max(len(losses), 1)), _dice_from_stats(stats)
+
+
+def _as_cases(cases: Sequence[PreprocessedCase | str | Path]) -> list[PreprocessedCase]:
+    return [c if isinstance(c, PreprocessedCase) else load_preprocessed(c) for c in cases]
+
+
+def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_cases: Sequence[PreprocessedCase | str | Path],
+        output_dir: Path, n_classes: Optional[int] = None, model: Optional[nn.Module] = None) -> nn.Module:
+    """Train ``recipe``'s model on preprocessed cases (objects with ``.case_id`` or their cache folders); returns the
+    trained model (unwrapped, eval mode, on its device).
+
+    ``n_classes`` defaults to ``len(cfg.task.class_names)`` (set by `finetune.run`). ``model`` may be passed in
+    (multi-stage recipes); otherwise ``recipe.build_model(cfg, n_classes)``. Writes ``metrics.jsonl``,
+    ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``.
+    """
+    if n_classes is None:
+        n_classes = len(cfg.task.class_names)
+    output_dir = Path(output_dir)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(int(cfg.seed))
+    if model is None:
+        model = recipe.build_model(cfg, n_classes)
+    model = model.to(device)
+    groups = recipe.param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=float(cfg.optim.eps),
+                                  weight_decay=float(cfg.optim.weight_decay))
+    precision = str(cfg.train.precision) if device.type == "cuda" else "fp32"
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    loss_fn = recipe.build_loss(cfg)
+    iters_per_epoch, epochs = int(cfg.train.iters_per_epoch), int(cfg.train.epochs)
+    total = iters_per_epoch * epochs
+    warmup = int(cfg.optim.get("warmup_iters", 0) or 0)
+
+    ckpt_path = output_dir / "checkpoints" / "latest.pt"
+    start = 0
+    resume = str(cfg.train.get("resume", "auto"))
+    resume_path = ckpt_path if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
+    if resume_path is not None and resume_path.exists():
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        if rank == 0:
+            print(f"resumed from {resume_path} at iteration {start}/{total}", flush=True)
+    elif resume not in ("auto", "none", "") and resume_path is not None:
+        raise FileNotFoundError(f"train.resume={resume}: checkpoint not found")
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if bool(cfg.train.get("compile", False)):
+        train_model = torch.compile(train_model)
+
+    train_cases = _as_cases(train_cases)
+    val_cases = _as_cases(val_cases) or train_cases
+    sampler = PatchSampler(train_cases, cfg, recipe.sampling, int(cfg.seed), rank)
+    val_sampler = PatchSampler(val_cases, cfg, recipe.sampling, int(cfg.seed) + 1, rank)
+    trainable = [p for g in groups for p in g["params"]]
+    grad_clip = float(cfg.optim.grad_clip)
+
+    progress = None
+    if rank == 0 and bool(cfg.train.get("progress", True)):
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start, desc=f"train {recipe.name}", unit="it", dynamic_ncols=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_model.train()
+    train_stats = torch.zeros(3, n_classes - 1, dtype=torch.float64)
+    epoch_losses: list[float] = []
+    t_epoch = time.time()
+    stream = batch_stream(sampler, start, total, int(cfg.data.num_workers), stream=0, augment=True)
+    for iteration, batch in zip(range(start, total), stream):
+        factor = lr_factor(iteration, total, warmup)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            loss, logits = recipe.training_step(train_model, {**batch, "image": image, "label": label}, loss_fn, cfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at iteration {iteration} (cases {batch['case_ids']})")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        epoch_losses.append(float(loss.detach()))
+        train_stats += pseudo_dice_stats(logits.detach().float().cpu(), label.cpu())
+        if progress is not None:
+            dices = [d for d in _dice_from_stats(train_stats) if not math.isnan(d)]
+            progress.set_postfix(loss=f"{epoch_losses[-1]:.4f}", pseudo_dice=f"{(sum(dices) / len(dices)) if dices else float('nan'):.3f}",
+                                 lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+            progress.update(1)
+        if (iteration + 1) % iters_per_epoch == 0 or iteration + 1 == total:
+            epoch = iteration // iters_per_epoch
+            val_loss, val_dice = pseudo_dice(train_model, recipe, val_sampler, cfg, loss_fn, device, epoch,
+                                             int(cfg.train.val_iters))
+            record = {"epoch": epoch, "iteration": iteration + 1, "train_loss": sum(epoch_losses) / len(epoch_losses),
+                      "val_loss": val_loss, "pseudo_dice": val_dice,
+                      "mean_pseudo_dice": _nanmean_list(val_dice), "train_pseudo_dice": _dice_from_stats(train_stats),
+                      "grad_norm": float(grad_norm), "lr": [g["lr"] for g in optimizer.param_groups],
+                      "epoch_seconds": time.time() - t_epoch}
+            if rank == 0:
+                with open(output_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
+                                   f"pseudo-Dice {[round(d, 3) for d in val_dice]}")
+                every = int(cfg.train.get("checkpoint_every_epochs", 1) or 1)
+                if (epoch + 1) % every == 0 or iteration + 1 == total:
+                    _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "iteration": iteration + 1}, ckpt_path)
+            epoch_losses, t_epoch = [], time.time()
+            train_stats.zero_()
+    if progress is not None:
+        progress.close()
+    if rank == 0:
+        _atomic_torch_save(model.state_dict(), output_dir / "model_final.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    model.eval()
+    return model
+
+
+def _nanmean_list(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
