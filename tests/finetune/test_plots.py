@@ -151,27 +151,28 @@ def test_overlays_cli(tmp_path: Path, spleen, capsys) -> None:
 
 
 def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, capsys) -> None:
-    """A finetune output folder as finetune.run writes it: summary.json (per_class, NaN -> null, classes as
-    {name: [ids]}), per_case.csv (long, gt_present), validation/<case>.nii.gz on the image grid."""
-    run = tmp_path / "run"
-    (run / "validation").mkdir(parents=True)
-    gt = nib.load(spleen["gt"])
-    pred = ndimage.binary_erosion(np.asanyarray(gt.dataobj) > 0, iterations=2).astype(np.uint8)
-    nib.save(nib.Nifti1Image(pred, gt.affine), run / "validation" / "spleen_2.nii.gz")
-    (run / "summary.json").write_text(json.dumps({
-        "mean": {"dice": 0.9, "nsd": 0.8, "hd95": None},
-        "per_class": {"spleen": {"dice": 0.9, "nsd": 0.8, "hd95": None, "n_cases": 1, "n_absent_in_gt": 0,
-                                 "n_false_positive_when_absent": 0}},
-        "n_cases": 1, "task": "msd_spleen", "head": "primus", "fold": "0", "classes": {"spleen": [1]},
-        "cases": ["spleen_2"],
-    }))
-    (run / "per_case.csv").write_text(
-        "case_id,class,dice,nsd,hd95,gt_present,gt_voxels,pred_voxels,nsd_tolerance_mm\n"
-        "spleen_2,spleen,0.9,0.8,nan,1,100,90,1.0\nother,spleen,0.0,0.0,nan,0,0,5,1.0\n"
-    )
+    """A finetune output folder written by finetune's own writers (metrics, summary, per-case CSV, prediction
+    NIfTI on the image grid) is turned into scores.png and one overlay per predicted NIfTI case."""
     from types import SimpleNamespace
 
-    nib.save(nib.Nifti1Image(pred, gt.affine), run / "validation" / "dicom_case.nii.gz")
+    from finetune.metrics import evaluate_case, summarize, write_per_case_csv, write_summary_json
+    from finetune.preprocess import read_volume, save_label_nifti
+
+    run = tmp_path / "run"
+    image = read_volume(spleen["image"])
+    gt = read_volume(spleen["gt"]).array.astype(int)  # [Z, Y, X]
+    pred = ndimage.binary_erosion(gt > 0, iterations=2).astype(np.uint8)
+    classes = {"spleen": [1]}
+    per_case = {
+        "spleen_2": evaluate_case(pred, gt, image.spacing_zyx, classes, 1.0, "boundary", False),
+        "dicom_case": evaluate_case(pred, np.zeros_like(gt), image.spacing_zyx, classes, 1.0, "boundary", False),
+    }
+    write_per_case_csv(per_case, run / "per_case.csv")
+    write_summary_json(summarize(per_case), run / "summary.json",
+                       {"task": "Dataset009_Spleen", "head": "primus", "fold": "0", "classes": classes})
+    save_label_nifti(pred, image, run / "validation" / "spleen_2.nii.gz")
+    save_label_nifti(pred, image, run / "validation" / "dicom_case.nii.gz")
+
     cases = [("dicom_case", tmp_path / "series_dir", None),
              SimpleNamespace(case_id="spleen_2", image=spleen["image"], label=spleen["gt"]),
              ("not_predicted", spleen["image"], spleen["gt"])]
@@ -180,7 +181,13 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, ca
     assert "dicom_case" in capsys.readouterr().err
     for path in written:
         assert _png(path)[1].std() > 20
-    assert plots.per_case_spread(run / "per_case.csv", ["dice"]) == {"dice": {}}  # one present case: no spread
+    scores = plots.per_class_scores(json.loads((run / "summary.json").read_text()), ["dice", "nsd"])
+    assert scores["dice"]["spleen"] == pytest.approx(per_case["spleen_2"]["spleen"]["dice"])
+    assert 0.5 < scores["dice"]["spleen"] < 1.0
+    # the case whose ground truth lacks the class is not in the spread (as it is not in the summary mean)
+    assert plots.per_case_spread(run / "per_case.csv", ["dice"]) == {"dice": {}}
+    _, gt_xyz, pred_xyz, _ = plots.load_case(spleen["image"], spleen["gt"], run / "validation" / "spleen_2.nii.gz")
+    assert np.array_equal(pred_xyz, pred.transpose(2, 1, 0)) and np.array_equal(gt_xyz, gt.transpose(2, 1, 0))
     assert plots.normalise_class_names({"spleen": [1], "kidney_and_tumor": [1, 2]}) == {1: "spleen"}
     assert plots.normalise_class_names({"background": 0, "liver": 1}) == {1: "liver"}
 
