@@ -167,3 +167,40 @@ def test_predict_volume_covers_a_real_volume_with_sliding_windows(spleen_crop) -
     probs = predict_volume(model, volume, (4, 16, 16), (2, 1, 1), overlap=0.25, gaussian=True)
     assert probs.shape == (2, 3, 20, 18)
     assert torch.allclose(probs.sum(0), torch.ones(3, 20, 18), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_window3d_trains_predicts_and_evaluates_spleen(real_data: Path, tmp_path: Path) -> None:
+    """Two-pass training (8 sub-cubes) inside the common loop, sliding-window prediction, metrics."""
+    import json
+    import shutil
+
+    from finetune.run import main
+
+    src = real_data / "ivadomed_msd_spleen"
+    ds = tmp_path / "Dataset501_Spleen"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    shutil.copy(src / "sub-spleen2_ct.nii.gz", ds / "imagesTr" / "spleen2_0000.nii.gz")
+    shutil.copy(src / "sub-spleen2_ct_seg-manual.nii.gz", ds / "labelsTr" / "spleen2.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
+                                                 "file_ending": ".nii.gz"}))
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
+    out = tmp_path / "run"
+    summary = main([
+        "--task", str(ds), "--head", "window3d", "--output", str(out),
+        "model.arch=vitt16", "model.init=random",
+        "model.backbone_overrides={embed_dim: 64, depth: 4, num_heads: 4, n_storage_tokens: 4}",
+        "train.epochs=1", "train.iters_per_epoch=2", "train.val_iters=1", "train.progress=false",
+        "train.precision=fp32", "data.num_workers=0", f"splits_file={splits}",
+        "preprocess.target_spacing_mm=[2.4,2.4]", "data.slab_depth=8", "data.patch_size=[64,64]",
+        "head.cubes_per_axis=[2,2,2]", "head.design_depth=8", "head.proj_channels=[8,8,16,16]",
+        "head.fusion_channels=8", "head.infer_overlap=0.25"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and np.isfinite(metrics[-1]["train_loss"]) and metrics[-1]["grad_norm"] > 0
+    pred = nib.load(str(out / "validation" / "spleen2.nii.gz"))
+    ref = nib.load(str(ds / "imagesTr" / "spleen2_0000.nii.gz"))
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
+    assert 0.0 <= summary["per_class"]["spleen"]["dice"] <= 1.0
+    assert json.loads((out / "summary.json").read_text())["head"] == "window3d"
