@@ -1,0 +1,96 @@
+"""Preprocessing on the real MSD spleen case: nnU-Net CT normalisation, in-plane resampling, geometry round trip,
+clear errors for mismatched image/label pairs."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from finetune.preprocess import (Plans, ct_normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
+                                 preprocess_volume, read_case, read_volume, restore_geometry)
+from finetune.tasks.layouts import Case
+
+PCFG = OmegaConf.create({"preprocess": {"crop_to_nonzero": True, "target_spacing_mm": None, "target_slice_px": None,
+                                        "image_order": 3, "foreground_samples_per_case": 10000,
+                                        "clip_percentiles": [0.5, 99.5]}})
+
+
+@pytest.fixture(scope="module")
+def spleen_case(real_data) -> Case:
+    d = real_data / "ivadomed_msd_spleen"
+    return Case("spleen2", d / "sub-spleen2_ct.nii.gz", d / "sub-spleen2_ct_seg-manual.nii.gz")
+
+
+def test_read_volume_is_axial_first(spleen_case):
+    vol = read_volume(spleen_case.image)
+    assert vol.array.shape == (26, 166, 164)                   # NIfTI (164, 166, 26) -> [Z, Y, X]
+    assert vol.spacing_zyx == pytest.approx((5.0, 0.7949, 0.7949), abs=1e-3)
+
+
+def test_plans_follow_nnunet_ct_normalisation(spleen_case):
+    labels = ["background", "spleen"]
+    plans = plan_from_training_cases([spleen_case], labels, PCFG)
+    image, label = read_case(spleen_case, 2)
+    fg = image.array[label > 0]
+    # all 96,672 foreground voxels > 10,000 samples: statistics of a random subset, close to the full ones
+    assert plans.mean == pytest.approx(fg.mean(), abs=3.0)
+    assert plans.clip_low == pytest.approx(np.percentile(fg, 0.5), abs=10)
+    assert plans.clip_high == pytest.approx(np.percentile(fg, 99.5), abs=10)
+    assert plans.target_spacing_yx == pytest.approx([0.7949, 0.7949], abs=1e-3)
+    norm = ct_normalize(image.array, plans)
+    assert norm.max() == pytest.approx((plans.clip_high - plans.mean) / plans.std, rel=1e-5)
+    # paper-style 896 px slices: spacing scaled so the median slice (166 px at 0.795 mm) becomes 896 px
+    cfg896 = OmegaConf.merge(PCFG, {"preprocess": {"target_slice_px": 896}})
+    p896 = plan_from_training_cases([spleen_case], labels, cfg896)
+    assert p896.target_spacing_yx[0] == pytest.approx(0.7949 * 166 / 896, rel=1e-3)
+    out, lab, props = preprocess_volume(image, p896, label)
+    assert out.shape[0] == 26 and max(out.shape[1:]) == 896 and lab.shape == out.shape
+
+
+def test_preprocess_then_restore_reproduces_the_label(spleen_case):
+    image, label = read_case(spleen_case, 2)
+    plans = Plans(target_spacing_yx=[1.3, 1.1], clip_low=-100, clip_high=300, mean=80, std=40,
+                  labels=["background", "spleen"])
+    arr, lab, props = preprocess_volume(image, plans, label)
+    assert arr.shape[1:] == (round(166 * 0.7949 / 1.3), round(164 * 0.7949 / 1.1))
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(lab.astype(np.int64)), 2).permute(3, 0, 1, 2).float()
+    back = restore_geometry(onehot, props)
+    assert back.shape == label.shape
+    inter = np.logical_and(back == 1, label == 1).sum()
+    assert 2 * inter / ((back == 1).sum() + (label == 1).sum()) > 0.95
+
+
+def test_nonzero_bbox_crops_padding():
+    a = np.zeros((4, 10, 10), np.float32)
+    a[1:3, 2:7, 3:9] = -1000.0
+    assert nonzero_bbox(a) == [[1, 3], [2, 7], [3, 9]]
+
+
+def test_mismatched_pairs_name_the_case(spleen_case, tmp_path):
+    img = nib.load(str(spleen_case.label))
+    shifted = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine @ np.diag([1, 1, 1, 1.0]) + np.array(
+        [[0, 0, 0, 5.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    nib.save(shifted, str(tmp_path / "shifted.nii.gz"))
+    with pytest.raises(ValueError, match="case spleen2: image and label affines differ"):
+        read_case(Case("spleen2", spleen_case.image, tmp_path / "shifted.nii.gz"), 2)
+    nib.save(img.slicer[:, :, :10], str(tmp_path / "short.nii.gz"))
+    with pytest.raises(ValueError, match="case spleen2: .*shape"):
+        read_case(Case("spleen2", spleen_case.image, tmp_path / "short.nii.gz"), 2)
+    with pytest.raises(ValueError, match="outside 0..0"):
+        read_case(spleen_case, 1)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="broken.nii.gz"):
+        read_volume(tmp_path / "broken.nii.gz")
+
+
+def test_cache_is_reused(spleen_case, tmp_path):
+    plans = Plans(target_spacing_yx=[2.0, 2.0], clip_low=-100, clip_high=300, mean=80, std=40,
+                  labels=["background", "spleen"])
+    dirs = preprocess_dataset([spleen_case], plans, tmp_path)
+    case_dir = dirs["spleen2"]
+    stamp = (case_dir / "image.npy").stat().st_mtime_ns
+    assert preprocess_dataset([spleen_case], plans, tmp_path)["spleen2"] == case_dir
+    assert (case_dir / "image.npy").stat().st_mtime_ns == stamp
+    assert (tmp_path / plans.digest() / "plans.json").exists()
