@@ -1,0 +1,95 @@
+"""Task registry: owners' layouts of AMOS22/BTCV/KiTS23/LiTS, nnU-Net raw, label maps, AMOS CT filter, regions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.config import load_config
+from finetune.tasks import task_cases, task_eval_regions, task_labels
+from finetune.tasks.layouts import discover_cases
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def _cfg(task: str, root: Path):
+    return load_config(task, "primus", [], [f"task.dataset_dir={root}"])
+
+
+def test_amos22_owners_layout_keeps_ct_only(tmp_path):
+    for split, ids in (("Tr", [1, 5, 507]), ("Va", [8, 600])):
+        for i in ids:
+            _touch(tmp_path / f"images{split}" / f"amos_{i:04d}.nii.gz")
+            _touch(tmp_path / f"labels{split}" / f"amos_{i:04d}.nii.gz")
+    cfg = _cfg("amos22", tmp_path)
+    assert [c.case_id for c in task_cases(cfg)] == ["amos_0001", "amos_0005", "amos_0008"]
+    names = task_labels(cfg)
+    assert len(names) == 16 and names[1] == "spleen" and names[15] == "prostate_uterus"
+
+
+def test_amos22_nnunet_raw_also_filtered(tmp_path):
+    for i in (3, 501):
+        _touch(tmp_path / "imagesTr" / f"amos_{i:04d}_0000.nii.gz")
+        _touch(tmp_path / "labelsTr" / f"amos_{i:04d}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    assert [c.case_id for c in task_cases(_cfg("amos22", tmp_path))] == ["amos_0003"]
+
+
+def test_btcv_kits23_lits_layouts(tmp_path):
+    for i in (1, 2):
+        _touch(tmp_path / "btcv" / "RawData" / "Training" / "img" / f"img{i:04d}.nii.gz")
+        _touch(tmp_path / "btcv" / "RawData" / "Training" / "label" / f"label{i:04d}.nii.gz")
+        _touch(tmp_path / "kits23" / "dataset" / f"case_{i:05d}" / "imaging.nii.gz")
+        _touch(tmp_path / "kits23" / "dataset" / f"case_{i:05d}" / "segmentation.nii.gz")
+        _touch(tmp_path / "lits" / "Training Batch 1" / f"volume-{i}.nii")
+        _touch(tmp_path / "lits" / "Training Batch 1" / f"segmentation-{i}.nii")
+    btcv = _cfg("btcv", tmp_path / "btcv")
+    assert [c.case_id for c in task_cases(btcv)] == ["btcv_0001", "btcv_0002"]
+    assert len(task_labels(btcv)) == 14
+    kits = _cfg("kits23", tmp_path / "kits23")
+    assert [c.case_id for c in task_cases(kits)] == ["case_00001", "case_00002"]
+    assert task_labels(kits) == ["background", "kidney", "tumour", "cyst"]
+    assert task_eval_regions(kits) == {"kidney_and_masses": [1, 2, 3], "masses": [2, 3], "tumour": [2]}
+    lits = _cfg("lits", tmp_path / "lits")
+    assert [c.case_id for c in task_cases(lits)] == ["lits_001", "lits_002"]
+    assert task_eval_regions(lits) is None
+
+
+def test_generic_nnunet_dataset_json_v1_v2_and_regions(tmp_path):
+    ds = tmp_path / "Dataset042_Thing"
+    _touch(ds / "imagesTr" / "x_001_0000.nii.gz")
+    _touch(ds / "labelsTr" / "x_001.nii.gz")
+    _touch(ds / "imagesTr" / "x_002_0000.nii.gz")   # unlabelled
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                 "labels": {"background": 0, "organ": 1, "lesion": 2}}))
+    cfg = load_config(str(ds), "primus")
+    assert cfg.task.name == "Dataset042_Thing"
+    assert task_labels(cfg) == ["background", "organ", "lesion"]
+    with pytest.raises(FileNotFoundError, match="x_002"):
+        task_cases(cfg)
+    assert len(task_cases(cfg, require_labels=False)) == 2
+    (ds / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"}}))
+    assert task_labels(load_config(str(ds), "primus")) == ["background", "liver"]
+    (ds / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "regions_class_order": [1, 2, 3],
+        "labels": {"background": 0, "kidney": [1, 2, 3], "masses": [2, 3], "tumor": 2}}))
+    cfg = load_config(str(ds), "primus")
+    assert task_labels(cfg) == ["background", "label_1", "tumor", "label_3"]
+    assert task_eval_regions(cfg) == {"kidney": [1, 2, 3], "masses": [2, 3], "tumor": [2]}
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT", "1": "PET"}}))
+    with pytest.raises(ValueError, match="2 input channels"):
+        discover_cases(ds)
+
+
+def test_bad_task_arguments(tmp_path):
+    with pytest.raises(ValueError, match="neither a registered task"):
+        load_config(str(tmp_path / "missing"), "primus")
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        discover_cases(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot tell the dataset layout"):
+        discover_cases(tmp_path / "empty")
