@@ -1,0 +1,152 @@
+"""End to end on real-CT shards: tiny stage 1 (finite losses, total decreases), preemption (SIGUSR1 -> checkpoint,
+exit, identical resume), NaN stop keeping the last good checkpoint, stages 2 and 3 chained by pretrain.pipeline,
+and stage 3 really mixing resolutions."""
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.train import checkpointing as ckpt_io
+from pretrain.train.loop import NonFiniteLossError, train
+
+STAGE1_TERMS = ("dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "total_loss")
+
+
+def test_tiny_stage1_losses_finite_and_total_decreases(tiny_reference_run: Path, metrics_of) -> None:
+    records = metrics_of(tiny_reference_run)
+    assert len(records) == 8
+    for r in records:
+        for k in (*STAGE1_TERMS, "lr", "wd", "mom", "teacher_temp", "grad_norm", "it_per_s"):
+            assert math.isfinite(r[k]), (r["iteration"], k)
+    first = sum(r["total_loss"] for r in records[:2]) / 2
+    last = sum(r["total_loss"] for r in records[-2:]) / 2
+    assert last < first - 0.1, (first, last)
+    # the schedules reach the loop: teacher temperature warms up, momentum rises
+    assert records[0]["teacher_temp"] == pytest.approx(0.04) and records[-1]["teacher_temp"] == pytest.approx(0.07)
+    assert records[-1]["mom"] > records[0]["mom"]
+    assert records[0]["last_layer_lr"] == 0.0 and records[-1]["last_layer_lr"] > 0
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    ct3m_shards: Path, tmp_path: Path, make_tiny_cfg
+) -> None:
+    from pretrain.data import build_ssl_loader
+
+    cfg = make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=4", "checkpointing.period=1",
+                        "logging.flops=false")
+
+    def poisoned():
+        for i, batch in enumerate(build_ssl_loader(cfg, 0, 1, 0)):
+            if i == 2:
+                batch["collated_global_crops"] = batch["collated_global_crops"] * float("nan")
+            yield batch
+
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2.*checkpoint_00000002\.pth"):
+        train(cfg, batches=poisoned())
+    assert [i for i, _ in ckpt_io.list_checkpoints(tmp_path / "checkpoints")] == [1, 2]
+    state = ckpt_io.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_00000002.pth")
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_and_resumes_identically(
+    tiny_reference_run: Path, ct3m_shards: Path, tmp_path: Path, make_tiny_cfg, metrics_of, reference_overrides,
+    repo_root: Path,
+) -> None:
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "pretrain.train", "--config", str(repo_root / "configs/pretrain/tiny.yaml"),
+           "--output-dir", str(out), "--resume", "auto", f"data.shards={ct3m_shards}", *reference_overrides]
+    proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log
+    assert "SIGUSR1 received: checkpointed at iteration" in log, log
+    stopped = ckpt_io.list_checkpoints(out / "checkpoints")[-1][0]
+    assert stopped < 8 and len(metrics.read_text().splitlines()) == stopped  # nothing lost but the current step
+    assert not (out / "teacher_backbone.pth").exists()
+
+    result = train(make_tiny_cfg(ct3m_shards, out, *reference_overrides), resume="auto")
+    assert result.finished
+    for a, b in zip(metrics_of(tiny_reference_run), metrics_of(out), strict=True):
+        assert a["total_loss"] == b["total_loss"], a["iteration"]
+
+
+def test_stage3_batches_mix_resolutions_as_configured(ct3m_shards: Path, tmp_path: Path, make_tiny_cfg) -> None:
+    from pretrain.data import build_ssl_loader
+
+    cfg = make_tiny_cfg(ct3m_shards, tmp_path, stage_files=("stage3.yaml",))
+    assert list(cfg.crops.global_crops_size) == [64, 96] and list(cfg.crops.local_crops_size) == [32, 48]
+    loader = build_ssl_loader(cfg, 0, 1, 0)
+    seen = []
+    for _ in range(10):
+        b = next(loader)
+        g, l, gram = (b[k].shape[-1] for k in ("collated_global_crops", "collated_local_crops",
+                                               "collated_gram_teacher_crops"))
+        assert b["collated_masks"].shape[1] == (g // 16) ** 2
+        seen.append((g, l, gram))
+    assert set(seen) == {(64, 32, 128), (96, 48, 192)}, seen  # paired sizes, Gram teacher at 2x
+
+
+@pytest.mark.slow
+def test_pipeline_chains_stage2_and_stage3_after_stage1(
+    tiny_reference_run: Path, ct3m_shards: Path, tmp_path: Path, metrics_of
+) -> None:
+    from pretrain.pipeline import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_reference_run, run_dir / "stage1")  # the finished tiny stage 1 (8 iterations)
+    rc = main(["--run-dir", str(run_dir), "--overlay", "tiny", f"data.shards={ct3m_shards}",
+               "train.iterations=8", "stage2:train.iterations=3", "stage3:train.iterations=4",
+               "logging.flops=false"])
+    assert rc == 0
+    s2, s3 = metrics_of(run_dir / "stage2"), metrics_of(run_dir / "stage3")
+    assert len(s2) == 3 and len(s3) == 4
+    for r in s2 + s3:
+        for k in (*STAGE1_TERMS, "gram_loss"):
+            assert math.isfinite(r[k]), (r["iteration"], k)
+        assert r["gram_weight"] == 2.0
+    assert {r["global_crops_size"] for r in s2} == {64}
+    assert {r["global_crops_size"] for r in s3} <= {64, 96}
+
+    # stage 2 continued from stage 1's final checkpoint; its Gram teacher is the stage-1 EMA teacher at 8
+    s2_ckpt = ckpt_io.load_checkpoint(run_dir / "stage2" / "checkpoints" / "checkpoint_00000003.pth")
+    snap = torch.load(run_dir / "stage1" / "teacher_snapshots" / "teacher_backbone_00000008.pth", weights_only=True)
+    assert all(torch.equal(s2_ckpt["gram_teacher"][k], v) for k, v in snap.items())
+    # stage 3's Gram teacher is the same; the final teacher backbone is exported for finetune
+    s3_ckpt = ckpt_io.load_checkpoint(run_dir / "stage3" / "checkpoints" / "checkpoint_00000004.pth")
+    assert all(torch.equal(s3_ckpt["gram_teacher"][k], v) for k, v in snap.items())
+    final = torch.load(run_dir / "teacher_backbone.pth", weights_only=True)
+    assert all(torch.equal(final[k], s3_ckpt["teacher"]["backbone." + k]) for k in final)
+    # re-running the finished pipeline skips every stage
+    assert main(["--run-dir", str(run_dir), "--overlay", "tiny", f"data.shards={ct3m_shards}",
+                 "train.iterations=8", "stage2:train.iterations=3", "stage3:train.iterations=4"]) == 0
+
+
+def test_stage3_starts_student_and_teacher_from_the_stage2_teacher(
+    tiny_reference_run: Path, ct3m_shards: Path, tmp_path: Path, make_tiny_cfg
+) -> None:
+    from pretrain.train.loop import initialise_weights
+    from pretrain.train.meta_arch import SSLMetaArch
+
+    ckpt = tiny_reference_run / "checkpoints" / "checkpoint_00000008.pth"
+    cfg = make_tiny_cfg(ct3m_shards, tmp_path, f"init.checkpoint={ckpt}", stage_files=("stage3.yaml",))
+    assert cfg.init.mode == "from_teacher"
+    meta = SSLMetaArch(cfg)
+    initialise_weights(meta, cfg, None)
+    teacher = ckpt_io.load_checkpoint(ckpt)["teacher"]
+    for tree in (meta.student, meta.teacher):
+        assert all(torch.equal(v, teacher[k]) for k, v in tree.state_dict().items())
