@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m pretrain.demo $(ARGS)
+	$(PY) -m finetune.demo $(ARGS)
 
 test: venv
 	$(PY) -m pytest $(ARGS)
