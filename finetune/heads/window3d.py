@@ -253,6 +253,15 @@ def two_pass_loss(model: Window3DModel, volume: torch.Tensor, target: torch.Tens
     return loss, first.logits
 
 
+def assemble_cubes(parts: Sequence[torch.Tensor], cubes_per_axis: Sequence[int]) -> torch.Tensor:
+    """Reassemble per-cube logits (``[B, C, d, h, w]`` each, in :func:`cube_slices` order) into ``[B, C, D, H, W]``
+    with autograd tracking and without per-cube copies of the full volume."""
+    kd, kh, kw = cubes_per_axis
+    grid = torch.stack(list(parts)).unflatten(0, (kd, kh, kw))  # [kd, kh, kw, B, C, d, h, w]
+    b, c, d, h, w = grid.shape[3:]
+    return grid.permute(3, 4, 0, 5, 1, 6, 2, 7).reshape(b, c, kd * d, kh * h, kw * w)
+
+
 def single_graph_backward(
     model: Window3DModel, volume: torch.Tensor, target: torch.Tensor, loss_fn: LossFn,
     cubes_per_axis: Sequence[int],
@@ -260,31 +269,17 @@ def single_graph_backward(
     """Reference for :func:`two_pass_backward`: all cubes in one autograd graph, one ``backward`` (all cube
     activations alive at once). Same loss, same parameter gradients, more memory."""
     slices = cube_slices(volume.shape[-3:], cubes_per_axis)
-    parts = [(sl, model(volume[(Ellipsis, *sl)])) for sl in slices]
-    c = parts[0][1].shape[1]
-    full = parts[0][1].new_zeros((volume.shape[0], c, *volume.shape[-3:]))
-    for sl, logits in parts:
-        full = _place(full, sl, logits)
+    full = assemble_cubes([model(volume[(Ellipsis, *sl)]) for sl in slices], cubes_per_axis)
     loss = loss_fn(full, target)
     loss.backward()
     return loss.detach(), full.detach()
 
 
-def _place(full: torch.Tensor, sl: tuple[slice, slice, slice], part: torch.Tensor) -> torch.Tensor:
-    """Out-of-place ``full[..., sl] = part`` that autograd tracks."""
-    full = full.clone()
-    full[(Ellipsis, *sl)] = part
-    return full
-
-
 # ---------------------------------------------------------------- inference
 def cubewise_logits(model: Window3DModel, window: torch.Tensor, cubes_per_axis: Sequence[int]) -> torch.Tensor:
     """Logits of a window ``[B, 1, D, H, W]`` decoded cube by cube exactly as in training (reassembled)."""
-    parts = [(sl, model(window[(Ellipsis, *sl)])) for sl in cube_slices(window.shape[-3:], cubes_per_axis)]
-    out = parts[0][1].new_zeros((window.shape[0], parts[0][1].shape[1], *window.shape[-3:]))
-    for sl, logits in parts:
-        out[(Ellipsis, *sl)] = logits
-    return out
+    cubes = cube_slices(window.shape[-3:], cubes_per_axis)
+    return assemble_cubes([model(window[(Ellipsis, *sl)]) for sl in cubes], cubes_per_axis)
 
 
 @torch.no_grad()
