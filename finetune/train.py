@@ -158,6 +158,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     t_epoch = time.time()
     stream = batch_stream(sampler, start, total, int(cfg.data.num_workers), stream=0, augment=True)
     for iteration, batch in zip(range(start, total), stream):
+        torch.manual_seed(int(cfg.seed) * 1_000_003 + rank * 7_919 + iteration)  # drop path etc.: resumable
         factor = lr_factor(iteration, total, warmup)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
