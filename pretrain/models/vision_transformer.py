@@ -82,10 +82,13 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "vits16": dict(_COMMON, embed_dim=384, depth=12, num_heads=6),
     "vitb16": dict(_COMMON, embed_dim=768, depth=12, num_heads=12),
     "vitl16": dict(_COMMON, embed_dim=1024, depth=24, num_heads=16),
-    # MedDINOv3's released CT ViT-B/16: LayerNorm eps 1e-6 and no qkv bias. The bias is visible in the
-    # weights (load_backbone infers it) but eps is not: load such files with arch="meddinov3_vitb16"
-    # or norm_eps=1e-6.
-    "meddinov3_vitb16": dict(_COMMON, embed_dim=768, depth=12, num_heads=12, qkv_bias=False, norm_eps=1e-6),
+    # MedDINOv3's released CT ViT-B/16, as its own code builds it (official `vit_base` defaults plus
+    # qkv_bias=False): LayerNorm eps 1e-6, no qkv bias, RoPE computed in bf16. load_backbone infers the
+    # missing bias and the RoPE dtype (from the stored `periods`) from the weights, but eps cannot be
+    # inferred: load such files with arch="meddinov3_vitb16" or norm_eps=1e-6.
+    "meddinov3_vitb16": dict(
+        _COMMON, embed_dim=768, depth=12, num_heads=12, qkv_bias=False, norm_eps=1e-6, pos_embed_rope_dtype="bf16"
+    ),
 }
 
 

@@ -166,6 +166,9 @@ def test_meddinov3_release_wrapper_without_qkv_bias(tmp_path):
             torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
         inferred_default_eps = load_backbone(path)
         assert inferred_default_eps.config.norm_eps == 1e-5 and not inferred_default_eps.config.qkv_bias
+    # MedDINOv3's code computes RoPE in bf16: the stored periods are bf16 and that is inferred too
+    assert src.rope_embed.periods.dtype == torch.bfloat16
+    assert load_backbone(path, norm_eps=1e-6).config.pos_embed_rope_dtype == "bf16"
 
 
 @pytest.mark.parametrize(
