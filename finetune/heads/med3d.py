@@ -41,8 +41,8 @@ class Med3DConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
     freeze_embedding: bool = True
-    pyramid_channels: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
-    decoder_channels: int = 256
+    pyramid_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 384])
+    decoder_channels: int = 192
     detail_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     detail_stream: bool = True
     gate: str = "spatial"  # "spatial" (1-channel attention map) | "channel" (one gate per channel)
