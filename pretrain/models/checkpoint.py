@@ -171,14 +171,18 @@ def read_backbone_checkpoint(path: str | os.PathLike, prefer: str = "teacher") -
             return _from_hf(path, tensors, prefix, json.loads(config_path.read_text()))
         sd, fmt = tensors, "official"
         trail: tuple[str, ...] = ()
+        top_keys: set = set()
     else:
-        sd, trail = _unwrap(_torch_load(path), path, prefer)
+        obj = _torch_load(path)
+        top_keys = set(obj) if isinstance(obj, Mapping) else set()
+        sd, trail = _unwrap(obj, path, prefer)
         fmt = "official" if not trail else "training"
     sd = _strip_wrapper_segments(sd)
     picked, prefix, ignored = _select_backbone(sd, path, prefer)
     if prefix or trail:
         fmt = "training"
-        if trail == ("teacher",) and prefix == "backbone." and {"dino_head", "ibot_head"} & set(ignored):
+        release_like = trail == ("teacher",) and prefix == "backbone." and top_keys == {"teacher"}
+        if release_like and {"dino_head", "ibot_head"} & set(ignored):
             fmt = "meddinov3_release"
     if ignored:
         logger.info("%s: using %r%s, ignoring non-backbone entries %s", path, "/".join(trail), prefix, ignored)

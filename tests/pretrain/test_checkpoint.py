@@ -180,8 +180,12 @@ def test_meddinov3_release_wrapper_without_qkv_bias(tmp_path):
         lambda sd: {"state_dict": _wrap(sd, "_orig_mod.module.")},
         lambda sd: _wrap({k.replace("blocks.1.", "blocks.1._checkpoint_wrapped_module."): v for k, v in sd.items()},
                          "backbone._orig_mod."),
+        lambda sd: {"format": "meddinov3-ssl-1", "iteration": 5, "gram_teacher": None,  # pretrain.train layout
+                    "student": {**_wrap({k: v * 0 for k, v in sd.items()}, "backbone."), "dino_head.w": torch.ones(2)},
+                    "teacher": {**_wrap(sd, "backbone."), "dino_head.w": torch.ones(2), "ibot_head.w": torch.ones(2)},
+                    "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}},
     ],
-    ids=["teacher+student", "module+ckptwrap", "orig_mod+module", "inner-ckptwrap"],
+    ids=["teacher+student", "module+ckptwrap", "orig_mod+module", "inner-ckptwrap", "pretrain.train"],
 )
 def test_training_checkpoint_wrappers_and_prefixes(wrap, official_sd, golden, tmp_path):
     path = tmp_path / "train.pth"
