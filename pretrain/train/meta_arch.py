@@ -300,6 +300,9 @@ class SSLMetaArch(nn.Module):
             gram_patches=gram_patches,
             gram_weight=gram_weight,
         )
+        # collapse diagnostic: per-image entropy (nats) of the teacher's DINO targets; log K = uniform collapse
+        plogp = teacher_cls_probs * teacher_cls_probs.clamp_min(1e-12).log()
+        logs["teacher_cls_entropy"] = float(-plogp.sum(-1).mean())
         (total * loss_scale).backward()
         return StepOutput(loss=total.detach(), logs=logs)
 
