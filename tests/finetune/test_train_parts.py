@@ -113,3 +113,17 @@ def test_primus_multiscale_shapes_and_options(tmp_path):
     assert frozen.decoder.classifier.weight.grad is not None
     with pytest.raises(ValueError, match="block_indices"):
         get_recipe("primus").build_model(OmegaConf.merge(cfg, {"head": {"block_indices": [2, 5, 8, 11]}}), 3)
+
+
+def test_channel_layernorm_normalises_over_channels():
+    from finetune.heads.common import ChannelLayerNorm
+
+    norm = ChannelLayerNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 8, 5, 6)
+    mean = x.mean(1, keepdim=True)
+    var = x.var(1, keepdim=True, unbiased=False)
+    ref = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)
