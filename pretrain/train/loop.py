@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -136,22 +134,31 @@ def wrap_model(meta: SSLMetaArch, cfg, device: torch.device, dist_env: D.DistEnv
                 for p in meta.gram_teacher.parameters():
                     dist.broadcast(p.data, src=0)
     elif mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+        from torch.distributed.fsdp import (  # noqa: PLC0415
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+
+        def shard_blocks(backbone: nn.Module) -> None:
+            # the backbone runs its blocks through ``forward_list`` (several crop groups at once): hook that too
+            for blk in backbone.blocks:
+                fully_shard(blk, **kw)
+                if hasattr(blk, "forward_list"):
+                    register_fsdp_forward_method(blk, "forward_list")
 
         mp = None
         if device.type == "cuda" and autocast_dtype_for(cfg, device) is not None:
             mp = MixedPrecisionPolicy(param_dtype=autocast_dtype_for(cfg, device), reduce_dtype=torch.float32)
         kw = {"mp_policy": mp} if mp is not None else {}
         for tree in (meta.student, meta.teacher):
-            for blk in tree["backbone"].blocks:
-                fully_shard(blk, **kw)
+            shard_blocks(tree["backbone"])
             fully_shard(tree["dino_head"], **kw)
             fully_shard(tree["ibot_head"], **kw)
         student_fwd = fully_shard(student_fwd, **kw)
         teacher_fwd = fully_shard(teacher_fwd, **kw)
         if meta.gram_teacher is not None:
-            for blk in meta.gram_teacher.blocks:
-                fully_shard(blk, **kw)
+            shard_blocks(meta.gram_teacher)
     elif mode != "none":
         raise ValueError(f"compute.distributed must be 'ddp' or 'fsdp', got {mode!r}")
     if bool(comp.get("compile", False)):
@@ -335,7 +342,7 @@ def step_flops(meta: SSLMetaArch, batch: dict, device: torch.device) -> float | 
         from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415
     except ImportError:
         return None
-    n_global = 2
+    n_global = int(meta.cfg.crops.get("global_crops_number", 2))
     g = batch["collated_global_crops"]
     B = g.shape[0] // n_global
     local = batch.get("collated_local_crops")
@@ -480,6 +487,11 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
     seed = int(cfg.train.seed)
     seed_everything(seed)  # identical initial weights on every rank
     meta = SSLMetaArch(cfg)
+    if int(cfg.crops.get("patch_size", meta.patch_size)) != meta.patch_size:
+        raise ValueError(
+            f"crops.patch_size={cfg.crops.patch_size} differs from the backbone patch size {meta.patch_size}: "
+            "the iBOT mask grid would not match the patch tokens"
+        )
     initialise_weights(meta, cfg, init_from)
     initialise_gram_teacher(meta, cfg)
     meta.to(device)
@@ -595,7 +607,7 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
                     )
                 for k, v in out.logs.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
-                n_images += batch["collated_global_crops"].shape[0] // 2
+                n_images += batch["collated_global_crops"].shape[0] // int(cfg.crops.get("global_crops_number", 2))
                 res = batch["collated_global_crops"].shape[-1]
             bad = not all(math.isfinite(v) for v in sums.values())
             if D.any_rank(bad):
@@ -614,6 +626,9 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
                     grad_norm = grad_norm.full_tensor()
                 grad_norm = float(grad_norm)
             optimizer.step()
+            if mode == "fsdp":  # FSDP2 keeps root parameters unsharded after forward: back to shards for the EMA
+                for fwd in (meta.student_forward, meta._teacher_forward):
+                    fwd.reshard()
             meta.update_teacher(sched["mom"])
 
             metrics = {k: v for k, v in sums.items()}

@@ -1,7 +1,6 @@
 """Checkpoints: atomic writes, keep-last-K, RNG round trip, weights_only loading, kill -9 and resume bit-identical."""
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess

@@ -137,8 +137,9 @@ def _losses(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(
-    ct3m_shards: Path, tmp_path: Path, make_tiny_cfg
+    ct3m_shards: Path, tmp_path: Path, make_tiny_cfg, mode: str
 ) -> None:
     tiny_cfg = make_tiny_cfg
     from pretrain.data import build_ssl_loader
@@ -147,7 +148,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(
     out2 = tmp_path / "two"
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(conftest_dir=str(Path(__file__).parent), shards=str(ct3m_shards),
-                                    out=str(out2), overrides=EQUIV_OVERRIDES + ["data.batch_size_per_rank=2"]))
+                                    out=str(out2), overrides=EQUIV_OVERRIDES + ["data.batch_size_per_rank=2", f"compute.distributed={mode}"]))
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -158,6 +159,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(
                                       stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    assert f"world 2 (torchrun, {mode})" in logs[0]
 
     # one process, batch 4 = the two ranks' batches side by side
     cfg1 = tiny_cfg(ct3m_shards, tmp_path / "one", *EQUIV_OVERRIDES, "data.batch_size_per_rank=4")
