@@ -150,3 +150,16 @@ def test_stage3_starts_student_and_teacher_from_the_stage2_teacher(
     teacher = ckpt_io.load_checkpoint(ckpt)["teacher"]
     for tree in (meta.student, meta.teacher):
         assert all(torch.equal(v, teacher[k]) for k, v in tree.state_dict().items())
+
+
+def test_gradient_accumulation_reaches_the_global_batch(ct3m_shards: Path, tmp_path: Path, make_tiny_cfg) -> None:
+    cfg = make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=2", "train.global_batch_size=8",
+                        "data.batch_size_per_rank=4", "logging.flops=false")
+    result = train(cfg)
+    assert result.finished
+    state = ckpt_io.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_00000002.pth")
+    assert state["loader"]["batches_consumed"] == 4  # 2 iterations x 2 micro-batches of 4 images
+    assert result.history[0]["samples_per_s"] > 0 and math.isfinite(result.history[-1]["total_loss"])
+    bad = make_tiny_cfg(ct3m_shards, tmp_path / "bad", "train.global_batch_size=6", "data.batch_size_per_rank=4")
+    with pytest.raises(ValueError, match="global_batch_size=6 is not a multiple"):
+        train(bad)
