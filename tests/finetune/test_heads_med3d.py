@@ -222,7 +222,7 @@ def test_med3d_two_stages_train_predict_and_evaluate_spleen(real_data: Path, tmp
     splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
     out = tmp_path / "run"
     summary = main(["--task", str(ds), "--head", "med3d", "--output", str(out), *TINY, *FAST, *TINY_HEAD,
-                    f"splits_file={splits}", "preprocess.target_spacing_mm=[2.4,2.4]", "data.patch_size=[64,64]",
+                    f"splits_file={splits}", "preprocess.target_slice_px=null", "preprocess.target_spacing_mm=[2.4,2.4]", "data.patch_size=[64,64]",
                     "head.stage1.epochs=1", "head.stage1.iters_per_epoch=2", "head.stage1.batch_size=2",
                     "head.stage2.epochs=1", "head.stage2.iters_per_epoch=2", "head.stage2.slab_depth=4",
                     "head.infer_overlap=0.25"])

@@ -178,7 +178,7 @@ def test_mvr_trains_predicts_and_evaluates_sem_2d(sem_dataset: Path, tmp_path: P
     splits.write_text(json.dumps([{"train": ids[:2], "val": ids[2:]}]))
     out = tmp_path / "run"
     summary = main(["--task", str(sem_dataset), "--head", "mvr", "--output", str(out), *TINY, *FAST,
-                    f"splits_file={splits}", "preprocess.target_spacing_mm=[6.0,6.0]", "data.patch_size=[64,64]",
+                    f"splits_file={splits}", "preprocess.target_slice_px=null", "preprocess.target_spacing_mm=[6.0,6.0]", "data.patch_size=[64,64]",
                     "data.batch_size=2", "train.iters_per_epoch=3", "head.scales=[1.0,1.5]", "head.flips=[[],[-1]]",
                     "head.few_shot_k=1"])
     pred = nib.load(str(out / "validation" / f"{ids[2]}.nii.gz"))
@@ -204,7 +204,7 @@ def test_mvr_trains_predicts_and_evaluates_spleen_volume(real_data: Path, tmp_pa
     splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
     out = tmp_path / "run"
     summary = main(["--task", str(ds), "--head", "mvr", "--output", str(out), *TINY, *FAST, f"splits_file={splits}",
-                    "preprocess.target_spacing_mm=[2.4,2.4]", "data.patch_size=[64,64]", "data.batch_size=4",
+                    "preprocess.target_slice_px=null", "preprocess.target_spacing_mm=[2.4,2.4]", "data.patch_size=[64,64]", "data.batch_size=4",
                     "train.iters_per_epoch=3", "head.scales=[1.0,1.5]", "head.flips=[[],[-1]]"])
     pred = nib.load(str(out / "validation" / "spleen2.nii.gz"))
     ref = nib.load(str(ds / "imagesTr" / "spleen2_0000.nii.gz"))

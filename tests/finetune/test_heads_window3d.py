@@ -194,7 +194,7 @@ def test_window3d_trains_predicts_and_evaluates_spleen(real_data: Path, tmp_path
         "model.backbone_overrides={embed_dim: 64, depth: 4, num_heads: 4, n_storage_tokens: 4}",
         "train.epochs=1", "train.iters_per_epoch=2", "train.val_iters=1", "train.progress=false",
         "train.precision=fp32", "data.num_workers=0", f"splits_file={splits}",
-        "preprocess.target_spacing_mm=[2.4,2.4]", "data.slab_depth=8", "data.patch_size=[64,64]",
+        "preprocess.target_slice_px=null", "preprocess.target_spacing_mm=[2.4,2.4]", "data.slab_depth=8", "data.patch_size=[64,64]",
         "head.cubes_per_axis=[2,2,2]", "head.design_depth=8", "head.proj_channels=[8,8,16,16]",
         "head.fusion_channels=8", "head.infer_overlap=0.25"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
