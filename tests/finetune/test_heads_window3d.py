@@ -204,3 +204,17 @@ def test_window3d_trains_predicts_and_evaluates_spleen(real_data: Path, tmp_path
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
     assert 0.0 <= summary["per_class"]["spleen"]["dice"] <= 1.0
     assert json.loads((out / "summary.json").read_text())["head"] == "window3d"
+
+
+def test_slice_resize_to_encoder_resolution(spleen_crop) -> None:
+    """``slice_size`` (the paper's resize to the native DINOv3 resolution) changes the features, not the output grid."""
+    image, _ = spleen_crop
+    bb = tiny_backbone()
+    native = Window3DModel(bb, 2, tiny_cfg()).eval()
+    resized = Window3DModel(bb, 2, tiny_cfg(slice_size=48)).eval()
+    resized.load_state_dict(native.state_dict())
+    with torch.no_grad():
+        assert resized.encode(image)[0].shape[-2:] == (3, 3)
+        out = resized(image)
+        assert out.shape == native(image).shape == (1, 2, *image.shape[-3:])
+        assert not torch.allclose(out, native(image))
