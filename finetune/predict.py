@@ -111,4 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")

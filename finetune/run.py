@@ -175,4 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")
