@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   installs into .venv and runs the end-to-end demo on the embedded CT sample
 #   make test   installs into .venv (with dev extras) and runs the whole test suite
+#   make evidence  runs benchmarks/ssl_signal.py: stage 1 on real CT vs random init (probe + feature health)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,6 +25,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest $(ARGS)
+
+evidence: venv
+	$(PY) benchmarks/ssl_signal.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
