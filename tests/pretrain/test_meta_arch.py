@@ -157,3 +157,32 @@ def test_real_ct_step_grads_only_in_the_student(ct3m_shards, make_tiny_cfg, tmp_
     grads = {n: p.grad for n, p in meta.student.named_parameters()}
     assert all(g is not None for g in grads.values())
     assert grads["backbone.mask_token"].abs().sum() > 0  # masked patches reach the student
+
+
+def test_gram_teacher_refresh_schedule(make_tiny_cfg, tmp_path) -> None:
+    from pretrain.train.loop import gram_refresh_due
+
+    cfg = make_tiny_cfg(tmp_path, tmp_path, "gram.teacher.refresh_every=10", "gram.teacher.max_refreshes=2",
+                        "gram.teacher.refresh_start=5")
+    due, done = [], 0
+    for it in range(60):
+        if gram_refresh_due(cfg, it, done):
+            due.append(it)
+            done += 1
+    assert due == [15, 25]  # every 10 iterations after 5, at most twice
+    off = make_tiny_cfg(tmp_path, tmp_path)
+    assert not any(gram_refresh_due(off, it, 0) for it in range(100))
+
+
+def test_gram_teacher_refresh_copies_the_ema_teacher(make_tiny_cfg, tmp_path) -> None:
+    cfg = make_tiny_cfg(tmp_path, tmp_path, "gram.use_loss=true", "gram.teacher.source=ema")
+    meta = SSLMetaArch(cfg)
+    with torch.no_grad():
+        for p in meta.teacher.parameters():
+            p.add_(1.0)
+    assert not meta.gram_teacher_initialized
+    meta.refresh_gram_teacher_from_ema()
+    assert meta.gram_teacher_initialized
+    teacher = meta.teacher["backbone"].state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in meta.gram_teacher.state_dict().items())
+    assert not any(p.requires_grad for p in meta.gram_teacher.parameters())
