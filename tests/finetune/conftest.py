@@ -67,3 +67,23 @@ def build_tiny_dataset(real: Path, root: Path) -> Path:
 def tiny_nnunet_dataset(real_data: Path, tmp_path_factory) -> Path:
     """Path of the Dataset901_TinyAbdomen folder (nnU-Net raw format, 6 real CT cases)."""
     return build_tiny_dataset(real_data, tmp_path_factory.mktemp("nnunet_raw"))
+
+
+@pytest.fixture
+def spleen_nnunet_dataset(real_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The MSD spleen case (manual mask) as a one-case nnU-Net raw dataset, plus a splits file that trains and
+    validates on it (a smoke set for the heads' end-to-end runs through ``finetune/run.py``)."""
+    import json
+    import shutil
+
+    src = real_data / "ivadomed_msd_spleen"
+    ds = tmp_path / "Dataset501_Spleen"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    shutil.copy(src / "sub-spleen2_ct.nii.gz", ds / "imagesTr" / "spleen2_0000.nii.gz")
+    shutil.copy(src / "sub-spleen2_ct_seg-manual.nii.gz", ds / "labelsTr" / "spleen2.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
+                                                 "file_ending": ".nii.gz"}))
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
+    return ds, splits

@@ -6,7 +6,6 @@ Real data: CT slabs around the spleen of the MSD case; the two-stage recipe trai
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -207,19 +206,10 @@ def test_sliding_window_along_depth(spleen_slab) -> None:
 
 # ---------------------------------------------------------------- end to end through finetune/run.py
 @pytest.mark.slow
-def test_med3d_two_stages_train_predict_and_evaluate_spleen(real_data: Path, tmp_path: Path) -> None:
+def test_med3d_two_stages_train_predict_and_evaluate_spleen(spleen_nnunet_dataset, tmp_path: Path) -> None:
     from finetune.run import main
 
-    src = real_data / "ivadomed_msd_spleen"
-    ds = tmp_path / "Dataset501_Spleen"
-    (ds / "imagesTr").mkdir(parents=True)
-    (ds / "labelsTr").mkdir()
-    shutil.copy(src / "sub-spleen2_ct.nii.gz", ds / "imagesTr" / "spleen2_0000.nii.gz")
-    shutil.copy(src / "sub-spleen2_ct_seg-manual.nii.gz", ds / "labelsTr" / "spleen2.nii.gz")
-    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
-                                                 "file_ending": ".nii.gz"}))
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
+    ds, splits = spleen_nnunet_dataset
     out = tmp_path / "run"
     summary = main(["--task", str(ds), "--head", "med3d", "--output", str(out), *TINY, *FAST, *TINY_HEAD,
                     f"splits_file={splits}", "preprocess.target_slice_px=null", "preprocess.target_spacing_mm=[2.4,2.4]", "data.patch_size=[64,64]",

@@ -189,19 +189,10 @@ def test_mvr_trains_predicts_and_evaluates_sem_2d(sem_dataset: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_mvr_trains_predicts_and_evaluates_spleen_volume(real_data: Path, tmp_path: Path) -> None:
+def test_mvr_trains_predicts_and_evaluates_spleen_volume(spleen_nnunet_dataset, tmp_path: Path) -> None:
     from finetune.run import main
 
-    src = real_data / "ivadomed_msd_spleen"
-    ds = tmp_path / "Dataset501_Spleen"
-    (ds / "imagesTr").mkdir(parents=True)
-    (ds / "labelsTr").mkdir()
-    shutil.copy(src / "sub-spleen2_ct.nii.gz", ds / "imagesTr" / "spleen2_0000.nii.gz")
-    shutil.copy(src / "sub-spleen2_ct_seg-manual.nii.gz", ds / "labelsTr" / "spleen2.nii.gz")
-    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
-                                                 "file_ending": ".nii.gz"}))
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
+    ds, splits = spleen_nnunet_dataset
     out = tmp_path / "run"
     summary = main(["--task", str(ds), "--head", "mvr", "--output", str(out), *TINY, *FAST, f"splits_file={splits}",
                     "preprocess.target_slice_px=null", "preprocess.target_spacing_mm=[2.4,2.4]", "data.patch_size=[64,64]", "data.batch_size=4",

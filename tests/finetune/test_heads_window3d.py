@@ -170,23 +170,13 @@ def test_predict_volume_covers_a_real_volume_with_sliding_windows(spleen_crop) -
 
 
 @pytest.mark.slow
-def test_window3d_trains_predicts_and_evaluates_spleen(real_data: Path, tmp_path: Path) -> None:
+def test_window3d_trains_predicts_and_evaluates_spleen(spleen_nnunet_dataset, tmp_path: Path) -> None:
     """Two-pass training (8 sub-cubes) inside the common loop, sliding-window prediction, metrics."""
     import json
-    import shutil
 
     from finetune.run import main
 
-    src = real_data / "ivadomed_msd_spleen"
-    ds = tmp_path / "Dataset501_Spleen"
-    (ds / "imagesTr").mkdir(parents=True)
-    (ds / "labelsTr").mkdir()
-    shutil.copy(src / "sub-spleen2_ct.nii.gz", ds / "imagesTr" / "spleen2_0000.nii.gz")
-    shutil.copy(src / "sub-spleen2_ct_seg-manual.nii.gz", ds / "labelsTr" / "spleen2.nii.gz")
-    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
-                                                 "file_ending": ".nii.gz"}))
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps([{"train": ["spleen2"], "val": ["spleen2"]}]))
+    ds, splits = spleen_nnunet_dataset
     out = tmp_path / "run"
     summary = main([
         "--task", str(ds), "--head", "window3d", "--output", str(out),
