@@ -146,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if rank == 0:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         print(f"task {cfg.task.name}: {len(train_cases)} training / {len(val_cases)} validation cases (fold {cfg.fold}), "
-              f"classes {list(cfg.task.class_names)[1:]}, target spacing {['%.3f' % s for s in plans.target_spacing_yx]} mm",
+              f"classes {list(cfg.task.class_names)[1:]}, target spacing {['%.3f' % s for s in plans.target_spacing_yx]} mm, "
+              f"{world} process(es) on {device}",
               flush=True)
     train_dirs = [dirs[c.case_id] for c in train_cases]
     val_dirs = [dirs[c.case_id] for c in val_cases]
