@@ -119,10 +119,7 @@ def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
 
 
 def _summary_scores(summary_path: Path) -> dict:
-    if not summary_path.is_file():
-        return {}
-    data = json.loads(summary_path.read_text())
-    return data
+    return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
 
 
 def print_summary(out: Path, outputs: dict, timings: dict, scores: dict) -> None:
