@@ -95,18 +95,7 @@ import torch  # noqa: E402
 EQUIV_OVERRIDES = ["dino.koleo_loss_weight=0", "student.overrides.pos_embed_rope_rescale_coords=null",
                    "train.iterations=2", "checkpointing.period=100", "logging.flops=false"]
 
-WORKER = r"""
-import sys
-sys.path.insert(0, {conftest_dir!r})
-from pathlib import Path
-from conftest import tiny_cfg
-from pretrain.data import build_ssl_loader
-from pretrain.train.distributed import read_dist_env
-from pretrain.train.loop import train
-env = read_dist_env()
-cfg = tiny_cfg(Path({shards!r}), Path({out!r}), *{overrides!r})
-train(cfg, batches=build_ssl_loader(cfg, env.rank, env.world_size, 0))
-"""
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def merge_rank_batches(batches: list[dict], n_global: int = 2) -> dict:
@@ -146,19 +135,15 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(
     from pretrain.train.loop import train
 
     out2 = tmp_path / "two"
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(conftest_dir=str(Path(__file__).parent), shards=str(ct3m_shards),
-                                    out=str(out2), overrides=EQUIV_OVERRIDES + ["data.batch_size_per_rank=2", f"compute.distributed={mode}"]))
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    # exactly the README's launcher: torchrun -m pretrain.train --config ... key=value (2 CPU ranks over gloo)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "pretrain.train",
+           "--config", str(REPO_ROOT / "configs" / "pretrain" / "tiny.yaml"), "--output-dir", str(out2),
+           f"data.shards={ct3m_shards}", *EQUIV_OVERRIDES, "data.batch_size_per_rank=2", f"compute.distributed={mode}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    logs = [proc.stdout]
+    assert proc.returncode == 0, proc.stdout
     assert f"world 2 (torchrun, {mode})" in logs[0]
 
     # one process, batch 4 = the two ranks' batches side by side
