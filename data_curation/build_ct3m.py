@@ -8,11 +8,12 @@ Stages (state in ``DIR/.state``; a rerun after a crash or ``kill -9`` continues 
 same samples, byte-identical shards included):
 
 1. discover cases with the source adapters; drop ``--exclude`` / ``--holdout-finetune`` cases;
-2. curate every case in a worker process (one volume in memory per worker) into a staging file; the finished case
-   is appended to ``volumes.jsonl`` (fsync) -- that line is what makes a case "done";
+2. curate every case in a worker process (one volume in memory per worker) into a staging file of finished,
+   encoded samples; the finished case is appended to ``volumes.jsonl`` (fsync) -- that line makes a case "done";
 3. de-duplicate across sources (fingerprints), order volumes with the seed, cut them into groups of
-   ``output.volumes_per_group`` (the shuffle buffer), shuffle each group's slices and write its shards (temp name
-   + rename); a finished group is appended to ``groups.jsonl``;
+   ``output.volumes_per_group`` (the shuffle buffer), shuffle each group's samples and copy them (byte ranges of
+   the staging files) into its shards (temp name, one fsync per shard, rename); a finished group is appended to
+   ``groups.jsonl``;
 4. write manifest.csv, stats.json, failures.jsonl (bad input), rejections.jsonl (filtered by design),
    duplicates.csv; print a summary table. Exit code 1 when any input failed, unless ``--allow-failures``.
 """
@@ -39,12 +40,12 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data_curation.dedup import Fingerprint, find_duplicates
-from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, encode_image, sample_json
+from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: staging files hold encoded samples (.samples), not .npy stacks
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -139,7 +140,10 @@ def apply_exclusions(cfg: dict, found: dict[str, list[Case]], names: list[str], 
 
 # ----------------------------------------------------------------------------------------------- state
 class State:
-    """Append-only JSONL state under ``out/.state``; a line is written (and fsynced) only after its work is durable."""
+    """Append-only JSONL state under ``out/.state``; a line is written (and fsynced) only after its work is durable.
+
+    One builder process owns an output directory, so each file is parsed once and then kept in memory (``append``
+    and ``rewrite`` keep the copy current). Callers must not modify the records ``read`` returns."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / ".state"
@@ -147,31 +151,39 @@ class State:
         self.parts = self.dir / "manifest_parts"
         for d in (self.dir, self.staging, self.parts):
             d.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, list[dict]] = {}
 
     def read(self, name: str) -> list[dict]:
-        path = self.dir / name
-        if not path.exists():
-            return []
-        records = []
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # torn last line from a kill: that record was never committed
-                    break
-        return records
+        if name not in self._records:
+            records = []
+            path = self.dir / name
+            if path.exists():
+                with open(path) as fh:
+                    for line in fh:
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError:  # torn last line from a kill: that record was never committed
+                            break
+            self._records[name] = records
+        return list(self._records[name])
 
     def append(self, name: str, record: dict) -> None:
+        records = self.read(name)
         with open(self.dir / name, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        self._records[name] = records + [record]
+
+    def rewrite(self, name: str, records: list[dict]) -> None:
+        """Atomically replace a JSONL file with ``records``."""
+        atomic_write_text(self.dir / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        self._records[name] = list(records)
 
     def truncate_torn(self, name: str) -> None:
         """Rewrite a JSONL file with only its complete lines (a kill can leave a partial last line)."""
-        path = self.dir / name
-        if path.exists():
-            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.read(name)))
+        if (self.dir / name).exists():
+            self.rewrite(name, self.read(name))
 
 
 def plan_hash(cfg: dict, cases: list[Case]) -> str:
@@ -305,9 +317,8 @@ def lost_staging(state: State, cases: list[Case]) -> set[str]:
                 continue
             path = state.staging / v["staging"]
             try:
-                arr = np.load(path, mmap_mode="r")
-                ok = arr.shape[0] == v["n_slices"]
-            except (OSError, ValueError):
+                ok = path.stat().st_size == v["staging_bytes"]
+            except OSError:
                 ok = False
             if not ok:
                 lost.add(rec["case"])
@@ -318,14 +329,14 @@ def case_records(state: State, cases: list[Case]) -> list[dict]:
     """Finished-case records in case order; volume ids that collide after sanitising (``a.b`` vs ``a_b``) keep the
     first and report the others as failures."""
     by_case = {r["case"]: r for r in state.read("volumes.jsonl")}
-    records = [by_case[c.uid] for c in cases if c.uid in by_case]
+    records = [dict(by_case[c.uid]) for c in cases if c.uid in by_case]  # copies: the state's records stay as read
     seen: set[str] = set()
     for r in records:
         for v in list(r["volumes"]):
             if v["uid"] in seen:
-                r["volumes"].remove(v)
-                r["rejections"].append({"file": r["case"], "reason": "case_id_collision", "filtered": False,
-                                        "detail": f"another volume already has the id {v['uid']}; rename one of the inputs"})
+                r["volumes"] = [x for x in r["volumes"] if x is not v]
+                r["rejections"] = r["rejections"] + [{"file": r["case"], "reason": "case_id_collision", "filtered": False,
+                                        "detail": f"another volume already has the id {v['uid']}; rename one of the inputs"}]
             seen.add(v["uid"])
     return records
 
@@ -340,10 +351,6 @@ def volume_groups(kept: list[dict], cfg: dict) -> list[list[dict]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def sample_key(source: str, case: str, slice_index: int) -> str:
-    return f"{source}-{case}-{slice_index:05d}"
-
-
 def _remove_shards_from(out: Path, first: int) -> None:
     """Delete shards (complete or temp) numbered ``first`` or higher: leftovers of an interrupted group."""
     for path in out.glob("ct3m-*.tar*"):
@@ -353,11 +360,11 @@ def _remove_shards_from(out: Path, first: int) -> None:
 
 
 def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress: bool) -> None:
+    """Stage 3: each group's samples, shuffled with the seed, copied from the staging files into shards. The samples
+    are already encoded (by the workers), so this is byte-range copies (in-kernel) + one fsync per shard."""
     done = {r["group"]: r for r in state.read("groups.jsonl")}
     next_shard = 0
     per_shard = int(cfg["output"]["samples_per_shard"])
-    fmt = cfg["output"]["image_format"]
-    level = int(cfg["output"].get("png_compress_level", 1))
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -371,32 +378,31 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
         _remove_shards_from(out, next_shard)
         items = [(vi, si) for vi, v in enumerate(vols) for si in range(v["n_slices"])]
         order = np.random.default_rng([int(cfg["seed"]), g]).permutation(len(items))
-        arrays = [np.load(state.staging / v["staging"], mmap_mode="r") for v in vols]
+        fds = [os.open(state.staging / v["staging"], os.O_RDONLY) for v in vols]
         rows = []
         n_shards = 0
-        for s0 in range(0, len(order), per_shard):
-            shard_name = SHARD_PATTERN % (next_shard + n_shards)
-            writer = ShardWriter(out / shard_name)
-            try:
-                for idx in order[s0:s0 + per_shard]:
-                    vi, si = items[idx]
-                    v = vols[vi]
-                    meta = dict(v["common"], **v["slices"][si])
-                    key = sample_key(v["common"]["source"], v["case"], meta["slice_index"])
-                    meta["key"] = key
-                    meta["image_format"] = fmt
-                    ext, data = encode_image(np.asarray(arrays[vi][si]), fmt, level)
-                    writer.add(key, {ext: data, "json": sample_json(meta)})
-                    rows.append((key, shard_name, v["common"]["source"], v["case"], meta["slice_index"]))
-            except BaseException:
-                writer.abort()
-                raise
-            closing.append(closer.submit(writer.close))  # fsync + rename overlap with encoding the next shard
-            n_shards += 1
-        for fut in closing:  # every shard of the group is durable before the group is recorded
-            fut.result()
-        closing.clear()
-        del arrays
+        try:
+            for s0 in range(0, len(order), per_shard):
+                shard_name = SHARD_PATTERN % (next_shard + n_shards)
+                writer = ShardWriter(out / shard_name)
+                try:
+                    for idx in order[s0:s0 + per_shard]:
+                        vi, si = items[idx]
+                        v = vols[vi]
+                        slice_index, offset, size = v["slices"][si]
+                        writer.copy_blob(fds[vi], offset, size)
+                        rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index))
+                except BaseException:
+                    writer.abort()
+                    raise
+                closing.append(closer.submit(writer.close))  # fsync + rename overlap with copying the next shard
+                n_shards += 1
+            for fut in closing:  # every shard of the group is durable before the group is recorded
+                fut.result()
+        finally:
+            closing.clear()
+            for fd in fds:
+                os.close(fd)
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
         atomic_write_text(state.parts / f"group-{g:06d}.csv", buf.getvalue())
@@ -587,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     plan_file = state.dir / "plan.json"
     if plan_file.exists():
         previous = json.loads(plan_file.read_text())
+        if previous.get("version") != STATE_VERSION:
+            print(f"{out} holds a partial build made by an older version of this builder; use a new --out or --restart", file=sys.stderr)
+            return 2
         if previous.get("plan_hash") != digest:
             print(f"{out} holds a build with a different config or input list; use a new --out or --restart", file=sys.stderr)
             return 2
@@ -600,8 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     lost = lost_staging(state, cases)
     if lost:  # only after an OS crash: state says done but the staging file did not reach the disk
         print(f"{len(lost)} staging file(s) missing or truncated: curating those cases again", file=sys.stderr)
-        keep = [r for r in state.read("volumes.jsonl") if r["case"] not in lost]
-        atomic_write_text(state.dir / "volumes.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        state.rewrite("volumes.jsonl", [r for r in state.read("volumes.jsonl") if r["case"] not in lost])
         curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)
     records = case_records(state, cases)
     duplicates = []

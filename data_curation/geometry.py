@@ -150,5 +150,5 @@ def center_crop_pad(slices: np.ndarray, size: tuple[int, int], pad_value: int) -
 
 def is_near_empty(slices: np.ndarray, body_threshold_hu: float, min_body_fraction: float) -> np.ndarray:
     """``[N]`` bool: slices where less than ``min_body_fraction`` of pixels exceed ``body_threshold_hu`` (air only)."""
-    frac = (slices > body_threshold_hu).reshape(len(slices), -1).mean(axis=1)
-    return frac < min_body_fraction
+    n_body = np.count_nonzero((slices > body_threshold_hu).reshape(len(slices), -1), axis=1)
+    return n_body < min_body_fraction * slices[0].size if len(slices) else np.zeros(0, dtype=bool)

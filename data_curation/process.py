@@ -1,10 +1,11 @@
 """One case -> staged slices: read, canonicalise, select, resample, drop near-empty slices, fingerprint.
 
 Runs inside a worker process and holds at most one volume in memory. Output per accepted volume:
-``<staging>/<source>__<case>.npy`` (int16 ``[N, h, w]``, the slices that will become samples, in slice order) and a
-record (returned to the parent, which appends it to the state file) with per-slice metadata, the dedup
-fingerprint and an HU histogram. Files are written under a temp name and renamed, so a kill never leaves a
-half-written staging file that looks complete.
+``<staging>/<source>__<case>.samples`` -- the finished samples (tar bytes of image + json, in slice order; the
+packer copies them into shards unchanged) -- and a record (returned to the parent, which appends it to the state
+file) with each sample's slice index and byte range, the dedup fingerprint and an HU histogram. Encoding happens
+here, in the workers, so it scales with ``--workers``. Files are written under a temp name and renamed, so a kill
+never leaves a half-written staging file that looks complete.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from data_curation.geometry import is_near_empty, output_geometry, resample_slic
 from data_curation.readers.common import CurationError, RawVolume
 from data_curation.readers.dicom import read_dicom_series
 from data_curation.readers.nifti import read_nifti
+from data_curation.shards import encode_image, sample_blob, sample_json, sample_key
 from data_curation.sources.base import Case
 
+STAGING_SUFFIX = ".samples"
 _INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")
 
 
@@ -64,50 +67,28 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
 
 
 def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging: Path) -> dict:
+    """Canonicalise, select, resample, skip empties, fingerprint -- and encode every kept slice straight into its
+    final sample bytes (image + json in tar form, :func:`data_curation.shards.sample_blob`) in a staging file, so
+    the packer only concatenates byte ranges. Holds the volume plus one batch of ``run.slice_batch`` slices."""
     vol = to_canonical_axial(raw)
     del raw
     z, h, w = vol.array.shape
     geo = cfg["geometry"]
     sl_cfg = cfg["slices"]
+    out_cfg = cfg["output"]
+    fmt = out_cfg["image_format"]
+    level = int(out_cfg.get("png_compress_level", 1))
     out_hw, out_spacing, crop_to = output_geometry((h, w), vol.spacing_mm, geo)
-    selected = set(select_slices(vol.positions_mm, sl_cfg.get("min_slice_step_mm")).tolist())
-    fp_cfg = cfg["dedup"]
-    grid = tuple(fp_cfg["grid"])
+    selected = np.zeros(z, dtype=bool)
+    selected[select_slices(vol.positions_mm, sl_cfg.get("min_slice_step_mm"))] = True
+    skip_empty = bool(sl_cfg.get("skip_empty", True))
+    grid = tuple(cfg["dedup"]["grid"])
     batch = int(cfg["run"]["slice_batch"])
     hist_cfg = cfg["stats"]["hu_histogram"]
-    n_bins = (int(hist_cfg["max"]) - int(hist_cfg["min"])) // int(hist_cfg["bin"])
-    hist = np.zeros(n_bins, dtype=np.int64)
-    descriptors, kept_imgs, kept_idx = [], [], []
-    n_empty = 0
-    for b0 in range(0, z, batch):
-        native = vol.array[b0:b0 + batch]
-        descriptors.append(slice_descriptors(native, grid[1:]))
-        idx = [i for i in range(b0, b0 + len(native)) if i in selected]
-        if not idx:
-            continue
-        out = resample_slices(np.ascontiguousarray(vol.array[idx]), out_hw, crop_to, geo)
-        empty = is_near_empty(out, float(sl_cfg["body_threshold_hu"]), float(sl_cfg["min_body_fraction"])) if sl_cfg.get("skip_empty", True) else np.zeros(len(out), bool)
-        n_empty += int(empty.sum())
-        for j, i in enumerate(idx):
-            if not empty[j]:
-                kept_imgs.append(out[j])
-                kept_idx.append(i)
+    hist_lo, hist_hi, hist_bin = int(hist_cfg["min"]), int(hist_cfg["max"]), int(hist_cfg["bin"])
+    hist_step = int(hist_cfg.get("pixel_step", 1))  # a statistic: every step-th pixel per axis is plenty
+    hist = np.zeros((hist_hi - hist_lo) // hist_bin, dtype=np.int64)
     uid = f"{case.source}/{case_name}"
-    fp = volume_fingerprint(uid, np.concatenate(descriptors), (z, h, w), (vol.slice_spacing_mm, *vol.spacing_mm), grid[0])
-    stack = np.stack(kept_imgs) if kept_imgs else np.zeros((0, *(crop_to or out_hw)), np.int16)
-    if len(stack):
-        step = int(hist_cfg.get("pixel_step", 1))  # a statistic: every step-th pixel per axis is plenty
-        sub = stack[:, ::step, ::step]
-        bins = (np.clip(sub, hist_cfg["min"], hist_cfg["max"] - 1).astype(np.int32) - int(hist_cfg["min"])) // int(hist_cfg["bin"])
-        hist += np.bincount(bins.ravel(), minlength=n_bins)
-    name = staging_name(uid)
-    tmp = staging / f"{name}.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, stack, allow_pickle=False)
-        if cfg["run"].get("fsync_staging", False):  # kill -9 needs no fsync; the builder re-verifies staging files
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, staging / f"{name}.npy")
     pos = vol.positions_mm
     gaps = np.diff(pos)
 
@@ -125,18 +106,54 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
         "orientation": "LPS",
         "dtype": "int16",
         "units": "HU",
+        "image_format": fmt,
     }
     common.update({k: vol.info[k] for k in _INFO_KEYS if k in vol.info})
+    descriptors = []
+    slices: list[list[int]] = []  # [slice_index, byte offset, byte size] of each sample in the staging file
+    n_empty = offset = 0
+    name = staging_name(uid)
+    tmp = staging / f"{name}{STAGING_SUFFIX}.tmp"
+    with open(tmp, "wb") as fh:
+        for b0 in range(0, z, batch):
+            native = vol.array[b0:b0 + batch]
+            descriptors.append(slice_descriptors(native, grid[1:]))
+            idx = np.flatnonzero(selected[b0:b0 + len(native)])
+            if not len(idx):
+                continue
+            src = native if len(idx) == len(native) else native[idx]
+            out = resample_slices(np.ascontiguousarray(src), out_hw, crop_to, geo)
+            keep = ~is_near_empty(out, float(sl_cfg["body_threshold_hu"]), float(sl_cfg["min_body_fraction"])) if skip_empty else np.ones(len(out), bool)
+            n_empty += int(len(out) - keep.sum())
+            if not keep.any():
+                continue
+            sub = out[keep][:, ::hist_step, ::hist_step]
+            hist += np.bincount(((np.clip(sub, hist_lo, hist_hi - 1).astype(np.int32) - hist_lo) // hist_bin).ravel(), minlength=len(hist))
+            for j in np.flatnonzero(keep):
+                i = int(b0 + idx[j])
+                key = sample_key(case.source, case_name, i)
+                meta = dict(common, key=key, slice_index=i, slice_position_mm=round(float(pos[i]), 4), slice_spacing_mm=local_gap(i))
+                ext, data = encode_image(out[j], fmt, level)
+                blob = sample_blob(key, {ext: data, "json": sample_json(meta)})
+                fh.write(blob)
+                slices.append([i, offset, len(blob)])
+                offset += len(blob)
+        if cfg["run"].get("fsync_staging", False):  # kill -9 needs no fsync; the builder re-verifies staging files
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, staging / f"{name}{STAGING_SUFFIX}")
+    fp = volume_fingerprint(uid, np.concatenate(descriptors), (z, h, w), (vol.slice_spacing_mm, *vol.spacing_mm), grid[0])
     return {
         "uid": uid,
+        "source": case.source,
         "case": case_name,
-        "staging": f"{name}.npy",
-        "n_slices": int(len(stack)),
+        "staging": f"{name}{STAGING_SUFFIX}",
+        "staging_bytes": offset,
+        "n_slices": len(slices),
         "n_native_slices": int(z),
         "n_empty_skipped": n_empty,
-        "n_subsampled_out": int(z - len(selected)),
-        "common": common,
-        "slices": [{"slice_index": int(i), "slice_position_mm": round(float(pos[i]), 4), "slice_spacing_mm": local_gap(i)} for i in kept_idx],
+        "n_subsampled_out": int(z - selected.sum()),
+        "slices": slices,
         "fingerprint": fp.as_dict(),
         "hu_histogram": hist.tolist(),
     }

@@ -1,12 +1,18 @@
-"""Webdataset shard writer (plain POSIX tar, readable by ``webdataset.WebDataset(url)`` and ``tar``).
+"""Webdataset shards (plain POSIX tar, readable by ``webdataset.WebDataset(url)`` and ``tar``), built from pre-encoded
+sample blobs.
 
-Crash safety: a shard is written to ``<name>.tmp`` and renamed to ``ct3m-%06d.tar`` only when complete, so a
-kill leaves either a complete shard or a temp file that the next run deletes. Tar headers are deterministic
-(mtime 0, uid/gid 0, no user names) so reruns produce byte-identical shards.
+A *sample blob* is the exact tar bytes of one sample: for each field, in sorted extension order, a 512-byte USTAR
+header (``<key>.<ext>``, deterministic: mtime 0, uid/gid 0, no user names) followed by the payload padded to 512
+bytes. Tar headers hold no offsets, so a blob is position-independent: workers encode each slice once, straight
+into a staging file, and the packer concatenates blobs in shuffled order into shards with ``os.copy_file_range``
+(an in-kernel copy: the parent never touches pixel data). Reruns produce byte-identical shards.
 
-Image field: ``npy`` (int16 HU ``[H, W]`` via ``np.save``) or ``png`` (16-bit PNG of HU + 32768). Measured on the
-real CT in ``shared/data`` (see ``configs/data/ct3m.yaml``): npy is ~2.5x larger but ~9x faster to decode and
-~50x faster to encode, so it is the default.
+Crash safety: a shard is written to ``<name>.tmp``, fsynced once when complete and renamed to ``ct3m-%06d.tar``, so a
+kill leaves either a complete shard or a temp file that the next run deletes.
+
+Image field: ``npy`` (int16 HU ``[H, W]``, exactly ``np.save``'s bytes) or ``png`` (16-bit PNG of HU + 32768).
+Measured on the real CT in ``shared/data`` (see ``configs/data/ct3m.yaml``): npy is ~2.5x larger but ~9x faster to
+decode and ~50x faster to encode, so it is the default.
 """
 from __future__ import annotations
 
@@ -14,25 +20,40 @@ import io
 import json
 import os
 import tarfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 SHARD_PATTERN = "ct3m-%06d.tar"
 PNG_OFFSET = 32768
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile (and GNU tar) pad the archive end to a multiple of this
+
+
+def sample_key(source: str, case: str, slice_index: int) -> str:
+    """Stable sample key ``<source>-<case>-<slice_index:05d>`` (no dots: webdataset splits keys at the first dot)."""
+    return f"{source}-{case}-{slice_index:05d}"
+
+
+@lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    """The ``.npy`` v1.0 header ``np.save`` writes for a C-contiguous array of this shape and dtype."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
 
 
 def encode_image(img: np.ndarray, fmt: str, png_compress_level: int = 1) -> tuple[str, bytes]:
-    """int16 HU ``[H, W]`` -> (field extension, bytes). Both encodings are lossless."""
+    """int16 HU ``[H, W]`` -> (field extension, bytes). Both encodings are lossless; npy bytes equal ``np.save``'s."""
     if img.dtype != np.int16 or img.ndim != 2:
         raise ValueError(f"expected int16 [H, W], got {img.dtype} {img.shape}")
-    buf = io.BytesIO()
     if fmt == "npy":
-        np.save(buf, img, allow_pickle=False)
-        return "npy", buf.getvalue()
+        return "npy", _npy_header(tuple(img.shape), img.dtype.str) + np.ascontiguousarray(img).tobytes()
     if fmt == "png":
         from PIL import Image
 
+        buf = io.BytesIO()
         Image.fromarray((img.astype(np.int32) + PNG_OFFSET).astype(np.uint16)).save(buf, format="PNG", compress_level=png_compress_level)
         return "png", buf.getvalue()
     raise ValueError(f"image_format must be 'npy' or 'png', got {fmt!r}")
@@ -47,39 +68,82 @@ def decode_image(ext: str, data: bytes) -> np.ndarray:
     return (np.asarray(Image.open(io.BytesIO(data))).astype(np.int32) - PNG_OFFSET).astype(np.int16)
 
 
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % _BLOCK)
+
+
+def sample_blob(key: str, fields: dict[str, bytes]) -> bytes:
+    """The tar bytes of one sample (``{ext: payload}``, written in sorted extension order)."""
+    if "." in key:
+        raise ValueError(f"sample key {key!r} contains a dot (webdataset splits keys at the first dot)")
+    return b"".join(_member(f"{key}.{ext}", fields[ext]) for ext in sorted(fields))
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
+    """Append ``size`` bytes of ``src_fd`` from ``offset`` at ``dst_fd``'s position: ``os.copy_file_range`` (in-kernel)
+    where the OS and filesystem allow it, else ``pread`` + ``write``."""
+    end = offset + size
+    kernel = hasattr(os, "copy_file_range")
+    while offset < end:
+        n = 0
+        if kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, end - offset, offset)
+            except OSError:  # EXDEV / ENOSYS / EINVAL on some kernels and filesystems
+                kernel = False
+                continue
+        else:
+            chunk = os.pread(src_fd, min(end - offset, 1 << 22), offset)
+            if chunk:
+                n = os.write(dst_fd, chunk)
+        if n <= 0:
+            raise OSError(f"source ends at offset {offset}, {end - offset} bytes short of the recorded sample")
+        offset += n
+
+
+def write_all(fh, data: bytes) -> None:
+    """``fh.write`` until every byte is written (an unbuffered file may accept fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view):]
+
+
 class ShardWriter:
-    """Write one shard: ``add(key, {ext: bytes})`` then ``close()`` (atomic rename). Use as a context manager."""
+    """Write one shard: ``add(key, {ext: bytes})`` / ``add_blob(bytes)`` / ``copy_blob(fd, offset, size)``, then
+    ``close()`` (end-of-archive, one fsync, atomic rename). Use as a context manager."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._fh = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+        self._fh = open(self.tmp, "wb", buffering=0)  # unbuffered: blobs are large and copy_blob writes at the fd
         self.count = 0
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
-        if "." in key:
-            raise ValueError(f"sample key {key!r} contains a dot (webdataset splits keys at the first dot)")
-        for ext in sorted(fields):
-            data = fields[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        self.add_blob(sample_blob(key, fields))
+
+    def add_blob(self, blob: bytes) -> None:
+        write_all(self._fh, blob)
+        self.count += 1
+
+    def copy_blob(self, src_fd: int, offset: int, size: int) -> None:
+        """Append a sample blob stored at ``offset`` in an open staging file."""
+        copy_range(src_fd, self._fh.fileno(), offset, size)
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
-        self._fh.flush()
+        size = os.fstat(self._fh.fileno()).st_size + 2 * _BLOCK  # end of archive: two zero blocks...
+        write_all(self._fh, b"\0" * (2 * _BLOCK + (-size % _RECORD)))  # ...then padding to a whole record, as tarfile does
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._tar.close()
         self._fh.close()
         self.tmp.unlink(missing_ok=True)
 

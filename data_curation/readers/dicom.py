@@ -205,14 +205,22 @@ def _padding_mask(raw: np.ndarray, ds) -> np.ndarray | None:
 
 
 def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> np.ndarray:
-    """Stored values -> HU (float64 only when the slope or intercept is not integral)."""
-    if frame.slope == 1.0 and float(frame.intercept).is_integer():
-        hu = raw.astype(np.int32) + int(frame.intercept)
+    """Stored values -> HU. The usual CT case (integer pixels, slope 1, integral intercept, every value within int16
+    before and after the shift) stays int16 with no intermediate copy; otherwise int32, or float64 when the slope
+    or intercept is not integral."""
+    if frame.slope == 1.0 and float(frame.intercept).is_integer() and np.issubdtype(raw.dtype, np.integer):
+        shift = int(frame.intercept)
+        lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+        if -32768 <= min(lo, lo + shift, shift) and max(hi, hi + shift, shift) <= 32767:
+            hu = raw.astype(np.int16)
+            hu += np.int16(shift)
+        else:
+            hu = raw.astype(np.int32) + shift
     else:
         hu = raw.astype(np.float64) * frame.slope + frame.intercept
     mask = _padding_mask(raw, ds)
     if mask is not None and mask.any():
-        hu = np.where(mask, fill_hu, hu)
+        hu[mask] = fill_hu
     return hu
 
 

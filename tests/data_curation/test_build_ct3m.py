@@ -183,7 +183,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, r
         assert proc.wait() == -signal.SIGKILL
     assert not (out / "manifest.csv").exists()  # really interrupted before the end
     # an OS crash can lose a staging file that the state already lists: it is detected and curated again
-    staged = sorted((out / ".state" / "staging").glob("*.npy"))
+    staged = sorted((out / ".state" / "staging").glob("*.samples"))
     assert staged
     staged[0].write_bytes(staged[0].read_bytes()[:1000])
     run_build(repo_root, "--out", str(out), "--workers", "1", *args)
