@@ -104,17 +104,28 @@ def read_exclusions(items: list[str]) -> set[str]:
 
 
 def holdout_cases(cfg: dict, found: dict[str, list[Case]]) -> dict[str, list[str]]:
-    """Fold-``holdout.fold`` validation cases of each finetune task, split with ``finetune.splits.fold_split``
-    over the task's labelled (training) cases as named by the source adapter."""
+    """Fold-``holdout.fold`` validation cases of each finetune task -> their uids here.
+
+    The split is the finetune package's own: ``finetune.splits.fold_split`` over the ids the finetune task gives the
+    cases it trains and validates on (each adapter's ``finetune_case_id``: e.g. LiTS ``volume-7`` is ``lits_007``
+    there). The naming matters -- the nnU-Net split sorts the ids -- so the split is computed on the finetune ids and
+    mapped back, never on this package's case names."""
     from finetune.splits import fold_split
 
     held: dict[str, list[str]] = {}
     for task, source in cfg["holdout"]["tasks"].items():
-        cases = [c.case_id for c in found.get(source, []) if c.split in ("train", "")]
-        if len(cases) < 5:
+        to_finetune = REGISTRY[source].finetune_case_id
+        if to_finetune is None:
+            raise SystemExit(f"holdout.tasks.{task}: source {source} has no finetune case-id rule (finetune_case_id)")
+        by_id: dict[str, Case] = {}
+        for case in found.get(source, []):
+            fid = to_finetune(case)
+            if fid is not None:
+                by_id[fid] = case
+        if len(by_id) < 5:
             continue
-        _, val = fold_split(sorted(cases), fold=int(cfg["holdout"]["fold"]))
-        held[task] = [f"{source}/{c}" for c in val]
+        _, val = fold_split(sorted(by_id), fold=int(cfg["holdout"]["fold"]))
+        held[task] = [by_id[f].uid for f in val]
     return held
 
 

@@ -16,4 +16,10 @@ def find(root: Path, options: dict) -> list[Case]:
     return nifti_cases("amos22", ct, lambda p: strip_nifti_suffix(p.name), split_from_path)
 
 
-ADAPTER = SourceAdapter("amos22", "amos22/images{Tr,Va,Ts}/amos_NNNN.nii.gz (ids >= 501 are MRI: skipped)", find, "https://zenodo.org/record/7155725")
+def finetune_case_id(case: Case) -> str | None:
+    """The finetune task splits every labelled CT case of imagesTr and imagesVa, named ``amos_0001`` like here."""
+    return case.case_id if case.split in ("train", "val") else None
+
+
+ADAPTER = SourceAdapter("amos22", "amos22/images{Tr,Va,Ts}/amos_NNNN.nii.gz (ids >= 501 are MRI: skipped)", find, "https://zenodo.org/record/7155725",
+                        finetune_case_id=finetune_case_id)

@@ -45,6 +45,9 @@ class SourceAdapter:
     find: Callable[[Path, dict], list[Case]]
     url: str = ""
     default_subdirs: tuple[str, ...] = field(default_factory=tuple)
+    #: for sources that are also finetune tasks (``--holdout-finetune``): the case id the finetune task
+    #: (``finetune/tasks/layouts.py``) gives this case, or None when the finetune task does not train/validate on it
+    finetune_case_id: Callable[[Case], str | None] | None = None
 
 
 def safe_id(text: str) -> str:

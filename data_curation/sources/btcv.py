@@ -13,4 +13,10 @@ def find(root: Path, options: dict) -> list[Case]:
     return nifti_cases("btcv", files, lambda p: strip_nifti_suffix(p.name), split_from_path)
 
 
-ADAPTER = SourceAdapter("btcv", "RawData/{Training,Testing}/img/imgNNNN.nii.gz", find, "https://www.synapse.org/#!Synapse:syn3193805")
+def finetune_case_id(case: Case) -> str | None:
+    """The finetune task names ``img0001`` ``btcv_0001`` and trains/validates on the labelled Training cases."""
+    return "btcv_" + case.case_id[len("img"):] if case.split == "train" else None
+
+
+ADAPTER = SourceAdapter("btcv", "RawData/{Training,Testing}/img/imgNNNN.nii.gz", find, "https://www.synapse.org/#!Synapse:syn3193805",
+                        finetune_case_id=finetune_case_id)

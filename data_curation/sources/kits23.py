@@ -13,4 +13,10 @@ def find(root: Path, options: dict) -> list[Case]:
     return nifti_cases("kits23", files, lambda p: p.parent.name, lambda p: "train")
 
 
-ADAPTER = SourceAdapter("kits23", "dataset/case_NNNNN/imaging.nii.gz", find, "https://github.com/neheller/kits23")
+def finetune_case_id(case: Case) -> str | None:
+    """The finetune task uses every case, named ``case_00000`` like here."""
+    return case.case_id
+
+
+ADAPTER = SourceAdapter("kits23", "dataset/case_NNNNN/imaging.nii.gz", find, "https://github.com/neheller/kits23",
+                        finetune_case_id=finetune_case_id)

@@ -14,4 +14,14 @@ def find(root: Path, options: dict) -> list[Case]:
     return nifti_cases("lits", files, lambda p: strip_nifti_suffix(p.name), lambda p: "test" if p.name.startswith("test-") else "train")
 
 
-ADAPTER = SourceAdapter("lits", "**/volume-N.nii[.gz], **/test-volume-N.nii[.gz]", find, "https://competitions.codalab.org/competitions/17094")
+def finetune_case_id(case: Case) -> str | None:
+    """The finetune task trains/validates on the labelled ``volume-N`` cases and names them ``lits_NNN`` (zero-padded:
+    the nnU-Net split sorts ids, and ``volume-10`` sorts before ``volume-2`` while ``lits_010`` does not)."""
+    if case.split != "train":
+        return None
+    number = case.case_id[len("volume-"):]
+    return f"lits_{int(number):03d}" if number.isdigit() else f"lits_{number}"
+
+
+ADAPTER = SourceAdapter("lits", "**/volume-N.nii[.gz], **/test-volume-N.nii[.gz]", find, "https://competitions.codalab.org/competitions/17094",
+                        finetune_case_id=finetune_case_id)

@@ -1,6 +1,7 @@
 """Every adapter finds exactly the image files of a fixture tree laid out as its owners distribute the dataset."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,59 @@ def test_folder_mixes_nifti_and_dicom(tmp_path, sample_ct, real_data):
     assert [(c.case_id, c.kind) for c in cases] == [("dicom_example", "dicom"), ("spleen_sub-spleen2_ct", "nifti"), ("ts_example_ct", "nifti")]
     dicom = cases[0]
     assert len(dicom.paths) == 20 and all(looks_like_dicom(Path(p)) for p in dicom.paths)
+
+
+def _owners_tree(task: str, root: Path, nii: Path) -> Path:
+    """A labelled fixture tree in the owners' layout of a finetune task -> the folder the finetune task is pointed at.
+    Ids are chosen so that naming matters: ``volume-10`` sorts before ``volume-2``, BTCV ids have gaps, AMOS has MRI
+    (> 500) and validation cases, and every source has unlabelled test cases that no split may touch."""
+    if task == "amos22":
+        for folder, ids in (("Tr", [1, 2, 3, 5, 8, 13, 21, 34, 500, 501, 555]), ("Va", [6, 9, 40, 507])):
+            for i in ids:
+                link(nii, root / f"images{folder}" / f"amos_{i:04d}.nii.gz")
+                link(nii, root / f"labels{folder}" / f"amos_{i:04d}.nii.gz")
+        link(nii, root / "imagesTs" / "amos_0100.nii.gz")
+        return root
+    if task == "btcv":
+        for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 21, 22, 23):
+            link(nii, root / "RawData/Training/img" / f"img{i:04d}.nii.gz")
+            link(nii, root / "RawData/Training/label" / f"label{i:04d}.nii.gz")
+        link(nii, root / "RawData/Testing/img/img0061.nii.gz")
+        return root / "RawData" / "Training"  # the finetune layout requires a label for every img/ file it finds
+    if task == "kits23":
+        for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 299, 300):
+            link(nii, root / "dataset" / f"case_{i:05d}" / "imaging.nii.gz")
+            link(nii, root / "dataset" / f"case_{i:05d}" / "segmentation.nii.gz")
+        return root
+    assert task == "lits"
+    for i in range(15):
+        batch = "Training Batch 1" if i < 7 else "Training Batch 2"
+        link(nii, root / batch / f"volume-{i}.nii")
+        link(nii, root / batch / f"segmentation-{i}.nii")
+    link(nii, root / "Test" / "test-volume-0.nii")
+    return root
+
+
+@pytest.mark.parametrize("task", ["amos22", "btcv", "kits23", "lits"])
+def test_holdout_excludes_exactly_the_finetune_validation_images(tmp_path, nii, repo_root, task):
+    """``--holdout-finetune`` drops the very image files the finetune task validates on in fold 0: the finetune side
+    runs its own case discovery and split (as ``finetune/run.py`` ``prepare_fold``), the curation side its adapter
+    and ``holdout_cases``; compared by file, so a naming difference that reorders the nnU-Net split fails here."""
+    from data_curation.build_ct3m import discover, holdout_cases, load_config
+    from finetune.config import load_config as finetune_config
+    from finetune.splits import fold_split
+    from finetune.tasks import task_cases
+
+    finetune_root = _owners_tree(task, tmp_path, nii)
+    ft_cfg = finetune_config(task, overrides=[f"task.dataset_dir={finetune_root}"])
+    by_id = {c.case_id: c for c in task_cases(ft_cfg)}
+    _, val = fold_split(list(by_id), ft_cfg.fold, ft_cfg.get("splits_file"))
+    expected = {os.path.abspath(by_id[i].image) for i in val}
+
+    cfg = load_config(repo_root / "configs" / "data" / "ct3m.yaml", [f"{task}={tmp_path}"])
+    found = discover(cfg, [task])
+    held = holdout_cases(cfg, found)
+    source = cfg["holdout"]["tasks"][task]
+    paths = {c.uid: os.path.abspath(c.paths[0]) for c in found[source]}
+    assert {paths[uid] for uid in held[task]} == expected
+    assert 2 <= len(expected) < len(by_id)
