@@ -1,15 +1,22 @@
-"""Curation throughput vs a decode-only baseline, measured in the same run on the real CT in shared/data.
+"""Curation throughput vs a decode-only baseline, and its scaling with --workers, measured in the same run on the
+real CT in shared/data.
 
-    .venv/bin/python benchmarks/curation.py [--repeat 3] [--workers 1 2] [--shared PATH]
+    .venv/bin/python benchmarks/curation.py [--repeat 6] [--rounds 3] [--shared PATH]
 
-Decode-only = just reading the inputs (nibabel ``dataobj`` -> array; pydicom ``pixel_array`` for every file).
+Inputs: the real CT files listed in ``INPUTS`` (NIfTI gz of three sizes, JPEG 2000 and uncompressed/tilted DICOM,
+plus the 512^2 JPEG 2000 series re-saved as a 512^2 .nii.gz), replicated ``--repeat`` times as symlinks so that
+two workers have enough volumes to share (the corpus holds too few CT volumes for a scaling measurement).
+
+Decode-only = just reading the inputs (nibabel ``dataobj`` -> array; pydicom ``pixel_array`` for every file), in
+one process and in a pool of 2 processes (the box's own scaling at that moment: the reference for the curation's).
 Curation = ``build_ct3m.main`` end to end (read + HU checks + canonical orientation + resample to 256x256 +
-fingerprints + staging + shuffled shard packing + reports), de-duplication off so the repeated inputs are all
-packed. Both are reported as native input slices per second per worker; the ratio (target <= 1.5x) compares
-one worker with the single-process decode. Scaling is reported for each ``--workers`` value. A warm-up run
-(one volume) precedes the timed runs, so imports and the worker pool's forkserver (which imports torch once per
-build) are not in them; that one-off start is measured separately in a fresh interpreter and printed.
-The machine is shared: run it twice and read the spread.
+fingerprints + encoding + staging + shuffled shard packing with fsync + reports), de-duplication off so the
+repeated inputs are all packed, with ``--workers 1`` and ``--workers 2``. The four measurements are interleaved in
+``--rounds`` rounds (order rotated per round) and the load average is printed with each, because the box is
+shared; medians are reported. Rates are native input slices per second. The ratio (target <= 1.5x) compares
+curation with one worker and the one-process decode of the same round. A warm-up run precedes the timed runs,
+so imports and the worker pool's forkserver (which imports torch once per build) are not in them; that one-off
+start is measured separately in a fresh interpreter and printed.
 """
 from __future__ import annotations
 
@@ -130,6 +137,22 @@ def pool_start_seconds() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def decode_one(item: tuple[Path, str]) -> int:
+    return decode_only([item])[0]
+
+
+def decode_pool(items: list[tuple[Path, str]], workers: int) -> tuple[int, float]:
+    """Decode-only in ``workers`` processes started like the builder's pool (one volume per task)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from data_curation.build_ct3m import _pool_context
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=_pool_context()) as ex:
+        n = sum(ex.map(decode_one, items))
+    return n, time.perf_counter() - t0
+
+
 def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
     from data_curation.build_ct3m import main
 
@@ -154,11 +177,16 @@ def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--repeat", type=int, default=3, help="copies of the input set (amortises per-run overheads)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeat", type=int, default=6, help="copies of the input set (volumes for 2 workers to share)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the four measurements (medians reported)")
+    p.add_argument("--no-encodings", action="store_true", help="skip the npy/PNG encoding measurement")
     args = p.parse_args()
     real = Path(args.shared) / "real"
     if not real.exists():
@@ -166,43 +194,74 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # one worker = one core, for decode and curation alike
+    runs: dict[str, list[float]] = {"decode x1": [], "decode x2": [], "curate w1": [], "curate w2": []}
+    ratios, loads = [], []
+    last_stats: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         items = build_tree(real, Path(tmp) / "in", args.repeat)
         decode_only(items[: len(INPUTS)])  # warm the page cache and imports (decode and curation alike)
-        PER_INPUT.clear()
         warm = Path(tmp) / "warm"
         warm.mkdir()
         os.symlink(items[0][0], warm / items[0][0].name)
-        curate(warm, 1)
-        n_dec, t_dec_a = decode_only(items)
-        results = {w: curate(Path(tmp) / "in", w) for w in args.workers}
+        curate(warm, 1)  # starts the forkserver (torch import) once, as a build does
+        decode_pool(items[:2], 2)
+        PER_INPUT.clear()
+        n_native = 0
+        print(f"inputs: {len(items)} volumes ({args.repeat} symlinked copies of {len(INPUTS)} real CT inputs: NIfTI gz, "
+              f"JPEG 2000 and uncompressed DICOM); load average (1 min) at start {load1():.2f} on {os.cpu_count()} CPUs")
+        order = list(runs)
+        for r in range(args.rounds):
+            seq = order[r % len(order):] + order[: r % len(order)]
+            got, load_before = {}, load1()
+            for name in seq:
+                if name == "decode x1":
+                    n, t = decode_only(items)
+                elif name == "decode x2":
+                    n, t = decode_pool(items, 2)
+                else:
+                    n, t, st = curate(Path(tmp) / "in", int(name[-1]))
+                    if name == "curate w1":
+                        last_stats = st
+                        last_stats["bench_wall"] = t
+                n_native = n_native or n
+                assert n == n_native, (name, n, n_native)
+                got[name] = t
+                runs[name].append(t)
+            ratios.append(got["curate w1"] / got["decode x1"])
+            loads.append((load_before, load1()))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items())
+                  + f"; ratio {ratios[-1]:.2f}x; load {load_before:.2f} -> {loads[-1][1]:.2f}")
         t_pool = pool_start_seconds()
-        _, t_dec_b = decode_only(items)
-    t_dec = (t_dec_a + t_dec_b) / 2
-    dec_rate = n_dec / t_dec
-    print(f"inputs: {len(items)} volumes ({args.repeat} x {len(INPUTS)} real CT: NIfTI gz, JPEG 2000 and uncompressed DICOM), "
-          f"{n_dec} native slices")
-    print(f"decode-only baseline      : {dec_rate:8.1f} slices/s   ({t_dec:.2f} s; runs {t_dec_a:.2f} / {t_dec_b:.2f} s)")
-    base = None
-    for w, (n, t, stats) in results.items():
-        rate = n / t
-        base = base or rate
-        print(f"curation --workers {w:<2}     : {rate:8.1f} slices/s total, {rate / w:8.1f} per worker   ({t:.2f} s, "
-              f"{stats['n_samples']} samples in {stats['n_shards']} shards)   scaling x{rate / base:.2f}")
-    n1, t1, st1 = results[args.workers[0]]
-    print(f"  inside the workers ({args.workers[0]} worker): reading {st1['bench_read_s']:.2f} s, whole per-volume work "
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    rate = {k: n_native / v for k, v in med.items()}
+    print(f"{n_native} native slices per run; medians over {args.rounds} rounds:")
+    print(f"  decode-only, 1 process      : {rate['decode x1']:8.1f} slices/s   ({med['decode x1']:.2f} s)")
+    print(f"  decode-only, 2 processes    : {rate['decode x2']:8.1f} slices/s   ({med['decode x2']:.2f} s)   "
+          f"box scaling x{rate['decode x2'] / rate['decode x1']:.2f}")
+    print(f"  curation --workers 1        : {rate['curate w1']:8.1f} slices/s   ({med['curate w1']:.2f} s)")
+    print(f"  curation --workers 2        : {rate['curate w2']:8.1f} slices/s   ({med['curate w2']:.2f} s)   "
+          f"{rate['curate w2'] / 2:.1f} per worker")
+    st1 = last_stats
+    print(f"  inside the workers (1 worker, last round): reading {st1['bench_read_s']:.2f} s, whole per-volume work "
           f"{st1['bench_volume_s']:.2f} s (x{st1['bench_volume_s'] / max(st1['bench_read_s'], 1e-9):.2f}); the rest of the run "
-          f"(discovery, packing shards, reports) {t1 - st1['bench_volume_s']:.2f} s")
+          f"(discovery, pool start, packing shards, reports) {st1['bench_wall'] - st1['bench_volume_s']:.2f} s; "
+          f"{st1['n_samples']} samples in {st1['n_shards']} shards")
+    n_dec_runs = len(runs["decode x1"])
     for i, (rel, _) in enumerate(INPUTS):
-        dec = PER_INPUT[i] / 2  # two decode-only passes
+        dec = PER_INPUT[i] / n_dec_runs
         work = st1["bench_per_input"][i]
-        print(f"  {rel.replace('@512nifti', 'example_ct_dicom as 512^2 .nii.gz'):<48s} decode-only {dec:6.2f} s   per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
-    ratio = (t1 / n1) / (t_dec / n_dec)
-    print(f"RATIO curation/decode-only (per slice, {args.workers[0]} worker): {ratio:.2f}x   (target <= 1.5x)")
+        print(f"  {rel.replace('@512nifti', 'example_ct_dicom as 512^2 .nii.gz'):<48s} decode-only {dec:6.2f} s   "
+              f"per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
+    print(f"load average (1 min) per round: " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loads))
+    print(f"RATIO curation/decode-only (1 worker vs 1 process, median of per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}): "
+          f"{float(np.median(ratios)):.2f}x   (target <= 1.5x)")
+    print(f"SCALING --workers 2 vs 1: x{med['curate w1'] / med['curate w2']:.2f}   (decode-only 2 vs 1 processes on the box "
+          f"at the same time: x{med['decode x1'] / med['decode x2']:.2f}; ideal x2.00 on an idle 2-core box)")
     print(f"(not in the timed runs: the one-off worker-pool start, {t_pool:.2f} s in a fresh interpreter (torch import), "
-          f"paid once per build; with it: {((t1 + t_pool) / n1) / (t_dec / n_dec):.2f}x)")
-    print("image field encodings (real CT, example_ct_dicom):")
-    measure_encodings(real)
+          f"paid once per build)")
+    if not args.no_encodings:
+        print("image field encodings (real CT, example_ct_dicom):")
+        measure_encodings(real)
 
 
 if __name__ == "__main__":
