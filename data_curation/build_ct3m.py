@@ -212,12 +212,42 @@ def plan_hash(cfg: dict, cases: list[Case]) -> str:
 _WORKER_CFG: dict = {}
 
 
-def _init_worker(cfg: dict, staging: str) -> None:
+def _process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie -- killed, not yet reaped -- counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no procfs: os.kill said it exists
+        return True
+
+
+def _exit_with_builder(builder_pid: int, poll_s: float) -> None:
+    """Daemon thread of a worker: end the worker when the builder process is gone (``kill -9``, OOM kill). Pool
+    workers are children of the forkserver, not of the builder, and would otherwise wait forever for work."""
+    import threading
+
+    def watch() -> None:
+        while _process_alive(builder_pid):
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-builder", daemon=True).start()
+
+
+def _init_worker(cfg: dict, staging: str, builder_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
     _WORKER_CFG["cfg"] = cfg
     _WORKER_CFG["staging"] = staging
+    if builder_pid is not None and builder_pid != os.getpid():
+        _exit_with_builder(builder_pid, float(cfg["run"]["orphan_poll_seconds"]))
 
 
 def _work(case: Case) -> dict:
@@ -255,7 +285,7 @@ def _run_pool(cases: list[Case], cfg: dict, staging: str, workers: int, record) 
     def run(batch: list[Case], n_workers: int) -> tuple[list[Case], list[Case]]:
         """-> (cases in flight when the pool broke, cases never submitted)."""
         queue = list(batch)
-        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, staging),
+        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, staging, os.getpid()),
                                  max_tasks_per_child=max_tasks) as ex:
             futures: dict = {}
             while queue and len(futures) < 2 * n_workers:

@@ -168,9 +168,29 @@ def _wait_for(path: Path, n_lines: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError("kill point not reached")
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc): the pool's forkserver, its workers, the resource tracker."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, run_build):
     """kill -9 during curation, then again during packing; the third run finishes. The result (shards byte for
-    byte, manifest, stats) equals an uninterrupted run made with 2 workers."""
+    byte, manifest, stats) equals an uninterrupted run made with 2 workers. The killed build's worker processes
+    (children of the pool's forkserver, not of the builder) do not linger."""
+    from data_curation.build_ct3m import _process_alive
+
     args = ["--root", f"folder={mixed_tree}", "--allow-failures", "output.samples_per_shard=16", "output.volumes_per_group=2"]
     ref = tmp_path / "ref"
     run_build(repo_root, "--out", str(ref), "--workers", "2", *args)
@@ -179,8 +199,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, r
     for state_file, lines in (("volumes.jsonl", 2), ("groups.jsonl", 1)):
         proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(out / ".state" / state_file, lines, proc)
+        family = _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
+        if state_file == "volumes.jsonl":
+            assert len(family) >= 2  # forkserver + worker (+ resource tracker)
+            t0 = time.time()
+            while any(_process_alive(p) for p in family) and time.time() - t0 < 15:
+                time.sleep(0.1)
+            assert not [p for p in family if _process_alive(p)], "worker processes outlived the killed build"
     assert not (out / "manifest.csv").exists()  # really interrupted before the end
     # an OS crash can lose a staging file that the state already lists: it is detected and curated again
     staged = sorted((out / ".state" / "staging").glob("*.samples"))
