@@ -62,6 +62,9 @@ def load_config(path: str | Path, roots: list[str] | None = None, dotlist: list[
         if name not in REGISTRY:
             raise SystemExit(f"--root {name}: unknown source; known: {', '.join(REGISTRY)}")
         out["sources"].setdefault(name, {})["root"] = path_
+    hist = out["stats"]["hu_histogram"]
+    if (int(hist["max"]) - int(hist["min"])) % int(hist["bin"]):
+        raise SystemExit(f"stats.hu_histogram: max - min ({hist['max']} - {hist['min']}) must be a multiple of bin ({hist['bin']})")
     return out
 
 

@@ -127,8 +127,9 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
             n_empty += int(len(out) - keep.sum())
             if not keep.any():
                 continue
-            sub = out[keep][:, ::hist_step, ::hist_step]
-            hist += np.bincount(((np.clip(sub, hist_lo, hist_hi - 1).astype(np.int32) - hist_lo) // hist_bin).ravel(), minlength=len(hist))
+            values = np.clip(out[keep, ::hist_step, ::hist_step], hist_lo, hist_hi - 1).ravel().astype(np.intp)
+            values -= hist_lo
+            hist += np.bincount(values, minlength=hist_hi - hist_lo).reshape(len(hist), hist_bin).sum(axis=1)  # 1-HU counts -> bins
             for j in np.flatnonzero(keep):
                 i = int(b0 + idx[j])
                 key = sample_key(case.source, case_name, i)

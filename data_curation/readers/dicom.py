@@ -219,8 +219,8 @@ def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> np.ndarray:
     else:
         hu = raw.astype(np.float64) * frame.slope + frame.intercept
     mask = _padding_mask(raw, ds)
-    if mask is not None and mask.any():
-        hu[mask] = fill_hu
+    if mask is not None:
+        np.copyto(hu, fill_hu, where=mask, casting="unsafe")
     return hu
 
 
@@ -377,23 +377,24 @@ def _deshear(stack: np.ndarray, shift_rows: np.ndarray, shift_cols: np.ndarray, 
     return out
 
 
-def _shift_int(img: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
-    h, w = img.shape
-    out = np.full((h, w), fill, dtype=np.float32)
-    if abs(dy) < h and abs(dx) < w:
-        out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-    return out
-
-
 def shift_bilinear(img: np.ndarray, dy: float, dx: float, fill: int) -> np.ndarray:
-    """``out[y + dy, x + dx] = img[y, x]`` with bilinear weights for the fractional part (int16 in, int16 out)."""
+    """``out[y + dy, x + dx] = img[y, x]`` with bilinear weights for the fractional part (int16 in, int16 out); pixels
+    shifted in from outside are ``fill``. The four integer shifts are views of one fill-padded copy."""
     if abs(dy) < 1e-6 and abs(dx) < 1e-6:
         return img.copy()
+    h, w = img.shape
     iy, ix = int(np.floor(dy)), int(np.floor(dx))
     fy, fx = dy - iy, dx - ix
+    m = max(abs(iy), abs(ix)) + 1
+    if m > max(h, w) + 1:  # moved entirely out of the field of view
+        return np.full(img.shape, fill, dtype=np.int16)
+    padded = np.full((h + 2 * m, w + 2 * m), fill, dtype=np.float32)
+    padded[m:m + h, m:m + w] = img
     acc = np.zeros(img.shape, dtype=np.float32)
+    term = np.empty(img.shape, dtype=np.float32)
     for oy, wy in ((iy, 1 - fy), (iy + 1, fy)):
         for ox, wx in ((ix, 1 - fx), (ix + 1, fx)):
             if wy * wx > 1e-6:
-                acc += (wy * wx) * _shift_int(img, oy, ox, fill)
+                np.multiply(padded[m - oy:m - oy + h, m - ox:m - ox + w], np.float32(wy * wx), out=term)
+                acc += term
     return np.rint(acc).astype(np.int16)

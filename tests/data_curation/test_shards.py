@@ -91,6 +91,12 @@ def test_tarfile_reference_bytes(tmp_path, dicom_slice):
             info.size, info.mtime, info.mode, info.uname, info.gname = len(fields[ext]), 0, 0o444, "", ""
             tf.addfile(info, io.BytesIO(fields[ext]))
     assert ours.read_bytes() == ref.getvalue()
+    for name, size in (("x" * 100, 131200), ("lits-volume-7-00003.npy", 0), ("a", 8**11 - 1)):  # headers alone
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+        assert shards._header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="100 bytes"):
+        shards._header("y" * 101, 1)
 
 
 def test_short_staging_file_is_an_error(tmp_path, dicom_slice):
