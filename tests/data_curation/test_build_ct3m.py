@@ -68,6 +68,16 @@ def read_samples(out: Path) -> dict[str, tuple[str, dict]]:
 
 
 @pytest.fixture(scope="module")
+def sample_tree(tmp_path_factory, sample_ct) -> Path:
+    """The two embedded NIfTI CT volumes (TotalSegmentator example, MSD spleen) under one ``folder`` root, as the demo
+    curates them (``data_curation/sample_ct`` also holds a DICOM finetune validation case, kept out of curation)."""
+    root = tmp_path_factory.mktemp("sample")
+    for name in ("totalsegmentator", "msd_spleen"):
+        os.symlink(sample_ct / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
 def mixed_tree(tmp_path_factory, real_data, sample_ct) -> Path:
     """Real CT of several kinds under one ``folder`` root: NIfTI (int32 RAS, float32, LPS int16), DICOM series
     (uncompressed with padding, JPEG 2000) and awkward files that must be filtered or fail."""
@@ -83,10 +93,10 @@ def mixed_tree(tmp_path_factory, real_data, sample_ct) -> Path:
     return root
 
 
-def test_sample_build_reads_back(tmp_path, repo_root, run_build):
-    """The demo command: shards + manifest + stats, read with stock webdataset and plain tar."""
+def test_sample_build_reads_back(tmp_path, repo_root, sample_tree, run_build):
+    """The demo's curation: shards + manifest + stats, read with stock webdataset and plain tar."""
     out = tmp_path / "out"
-    proc = run_script(repo_root, "--out", str(out), "--root", "folder=data_curation/sample_ct", "output.samples_per_shard=40")
+    proc = run_script(repo_root, "--out", str(out), "--root", f"folder={sample_tree}", "output.samples_per_shard=40")
     assert "TOTAL" in proc.stdout
     samples = read_samples(out)
     shards = sorted(out.glob("ct3m-*.tar"))
@@ -115,7 +125,7 @@ def test_sample_build_reads_back(tmp_path, repo_root, run_build):
     assert img.dtype == np.int16 and img.shape == (256, 256) and -1024 <= img.min() < img.max() <= 4000
     # everything done: a rerun is a no-op that produces the same outputs
     before = {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")}
-    run_build(repo_root, "--out", str(out), "--root", "folder=data_curation/sample_ct", "output.samples_per_shard=40")
+    run_build(repo_root, "--out", str(out), "--root", f"folder={sample_tree}", "output.samples_per_shard=40")
     assert {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")} == before
 
 
@@ -285,13 +295,13 @@ def test_no_phi_in_outputs(tmp_path, repo_root, real_data, run_build):
             assert needle not in low, f"{needle!r} leaked into {name}"
 
 
-def test_list_sources_and_dry_run(tmp_path, repo_root, sample_ct, run_build):
-    proc = run_build(repo_root, "--list-sources", "--root", "folder=data_curation/sample_ct", "--root", f"btcv={tmp_path}")
+def test_list_sources_and_dry_run(tmp_path, repo_root, sample_tree, run_build):
+    proc = run_build(repo_root, "--list-sources", "--root", f"folder={sample_tree}", "--root", f"btcv={tmp_path}")
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
     assert set(lines) >= {"btcv", "amos22", "msd_spleen", "abdomenatlas", "folder"}
     assert lines["folder"].split()[1] == "2" and lines["btcv"].split()[1] == "0" and lines["kits23"].split()[1] == "-"
     out = tmp_path / "dry"
-    proc = run_build(repo_root, "--out", str(out), "--dry-run", "--root", "folder=data_curation/sample_ct")
+    proc = run_build(repo_root, "--out", str(out), "--dry-run", "--root", f"folder={sample_tree}")
     total = [line for line in proc.stdout.splitlines() if line.startswith("TOTAL")][0].split()
     assert total[1] == "2" and int(total[2]) == 112 + 26
     assert not out.exists()
@@ -320,12 +330,12 @@ def test_holdout_finetune_uses_the_nnunet_split(tmp_path, repo_root, sample_ct, 
     assert total[1] == str(len(ids) - 3)
 
 
-def test_worker_crash_is_isolated(tmp_path, repo_root):
+def test_worker_crash_is_isolated(tmp_path, repo_root, sample_tree):
     """A case that kills its worker process (segfault, OOM kill) is recorded as failed; the others are curated.
     (Subprocess: forkserver workers inherit the environment of the server's first start.)"""
     out = tmp_path / "out"
     env = dict(os.environ, CT3M_FAULT_INJECT_CASE="folder/totalsegmentator_example_ct")
-    proc = subprocess.run([sys.executable, *SCRIPT, "--out", str(out), "--root", "folder=data_curation/sample_ct", "--workers", "2"],
+    proc = subprocess.run([sys.executable, *SCRIPT, "--out", str(out), "--root", f"folder={sample_tree}", "--workers", "2"],
                           cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 1, proc.stderr
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
