@@ -1,11 +1,12 @@
 """Curation throughput vs a decode-only baseline, and its scaling with --workers, measured in the same run on the
 real CT in shared/data.
 
-    .venv/bin/python benchmarks/curation.py [--repeat 6] [--rounds 3] [--shared PATH]
+    .venv/bin/python benchmarks/curation.py [--repeat 5] [--rounds 3] [--shared PATH]
 
 Inputs: the real CT files listed in ``INPUTS`` (NIfTI gz of three sizes, JPEG 2000 and uncompressed/tilted DICOM,
-plus the 512^2 JPEG 2000 series re-saved as a 512^2 .nii.gz), replicated ``--repeat`` times as symlinks so that
-two workers have enough volumes to share (the corpus holds too few CT volumes for a scaling measurement).
+plus the 512^2 JPEG 2000 series re-saved as a 512^2 .nii.gz and as uncompressed DICOM -- same pixels, the
+containers most CT-3M sources use), replicated ``--repeat`` times as symlinks so that two workers have enough
+volumes to share (the corpus holds too few CT volumes for a scaling measurement).
 
 Decode-only = just reading the inputs (nibabel ``dataobj`` -> array; pydicom ``pixel_array`` for every file), in
 one process and in a pool of 2 processes (the box's own scaling at that moment: the reference for the curation's).
@@ -45,7 +46,9 @@ INPUTS = [  # (relative path in shared/data/real, kind); "@512nifti" is made in 
     ("dcm_qa_ct/GE_head_tilt_varspacing", "dicom"),  # uncompressed, tilted, 28 x 512^2
     ("dcmqi_ct3slice/dicom", "dicom"),
     ("@512nifti", "nifti"),  # example_ct_dicom re-saved as int16 .nii.gz: a 512^2 NIfTI like most CT-3M sources
+    ("@512dicom", "dicom"),  # example_ct_dicom re-saved uncompressed: 512^2 DICOM as TCIA Pancreas-CT / CHAOS ship it
 ]
+MADE = {"@512nifti": "example_ct_dicom as 512^2 .nii.gz", "@512dicom": "example_ct_dicom uncompressed"}
 
 
 def make_512_nifti(real: Path, dst: Path) -> Path:
@@ -64,12 +67,24 @@ def make_512_nifti(real: Path, dst: Path) -> Path:
     return path
 
 
+def make_uncompressed_dicom(real: Path, dst: Path) -> Path:
+    """The real 512x512x20 Siemens series (JPEG 2000 lossless) re-saved uncompressed, file by file (same pixels and
+    headers): the shared corpus has no 512^2 uncompressed CT series, the form most DICOM sources of CT-3M ship."""
+    out = dst / "example_ct_dicom_uncompressed"
+    out.mkdir()
+    for f in sorted((real / "totalsegmentator" / "example_ct_dicom").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.decompress()
+        ds.save_as(out / f.name, enforce_file_format=True)
+    return out
+
+
 def build_tree(real: Path, dst: Path, repeat: int) -> list[tuple[Path, str]]:
     items = []
-    made = make_512_nifti(real, dst.parent)
+    made = {"@512nifti": make_512_nifti(real, dst.parent), "@512dicom": make_uncompressed_dicom(real, dst.parent)}
     for r in range(repeat):
         for i, (rel, kind) in enumerate(INPUTS):
-            src = made if rel == "@512nifti" else real / rel
+            src = made.get(rel) or real / rel
             if kind == "nifti":
                 target = dst / f"r{r}" / f"v{i}_{src.name}"
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +199,7 @@ def load1() -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--repeat", type=int, default=6, help="copies of the input set (volumes for 2 workers to share)")
+    p.add_argument("--repeat", type=int, default=5, help="copies of the input set (volumes for 2 workers to share)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the four measurements (medians reported)")
     p.add_argument("--no-encodings", action="store_true", help="skip the npy/PNG encoding measurement")
     args = p.parse_args()
@@ -208,7 +223,7 @@ def main() -> None:
         PER_INPUT.clear()
         n_native = 0
         print(f"inputs: {len(items)} volumes ({args.repeat} symlinked copies of {len(INPUTS)} real CT inputs: NIfTI gz, "
-              f"JPEG 2000 and uncompressed DICOM); load average (1 min) at start {load1():.2f} on {os.cpu_count()} CPUs")
+              f"JPEG 2000 and uncompressed DICOM, two of them the real 512^2 series re-saved); load average (1 min) at start {load1():.2f} on {os.cpu_count()} CPUs")
         order = list(runs)
         for r in range(args.rounds):
             seq = order[r % len(order):] + order[: r % len(order)]
@@ -250,7 +265,7 @@ def main() -> None:
     for i, (rel, _) in enumerate(INPUTS):
         dec = PER_INPUT[i] / n_dec_runs
         work = st1["bench_per_input"][i]
-        print(f"  {rel.replace('@512nifti', 'example_ct_dicom as 512^2 .nii.gz'):<48s} decode-only {dec:6.2f} s   "
+        print(f"  {MADE.get(rel, rel):<48s} decode-only {dec:6.2f} s   "
               f"per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
     print(f"load average (1 min) per round: " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loads))
     print(f"RATIO curation/decode-only (1 worker vs 1 process, median of per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}): "

@@ -42,8 +42,9 @@ def slice_descriptors(slices: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarra
 
     # every ``step``-th pixel is plenty for block means of a 16x16 grid and keeps this off the critical path
     step = max(1, min(slices.shape[1] // (grid_hw[0] * 8), slices.shape[2] // (grid_hw[1] * 8)))
-    x = torch.from_numpy(np.ascontiguousarray(slices[:, ::step, ::step])).to(torch.float32).clamp_(-1024, 2000).unsqueeze(1)
-    return F.adaptive_avg_pool2d(x, grid_hw).squeeze(1).numpy()
+    x = slices[:, ::step, ::step].astype(np.float32)
+    np.clip(x, -1024, 2000, out=x)
+    return F.adaptive_avg_pool2d(torch.from_numpy(x).unsqueeze(1), grid_hw).squeeze(1).numpy()
 
 
 def volume_fingerprint(uid: str, per_slice: np.ndarray, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float], grid_z: int) -> Fingerprint:

@@ -113,7 +113,7 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
     out = slices
     if (h, w) != tuple(out_hw):
         mode = cfg.get("interpolation", "linear")
-        x = torch.from_numpy(np.ascontiguousarray(slices)).to(torch.float32).unsqueeze(1)
+        x = torch.from_numpy(slices.astype(np.float32)).unsqueeze(1)  # numpy's int16 -> float32 is ~3x torch's .to
         down = out_hw[0] <= h and out_hw[1] <= w
         if mode == "nearest":
             y = F.interpolate(x, size=out_hw, mode="nearest-exact")
@@ -130,15 +130,16 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
             y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=bool(cfg.get("antialias", True)) and down)
         else:
             raise ValueError(f"geometry.interpolation must be linear|cubic|nearest|area, got {mode!r}")
-        y = y.squeeze(1).round_()
+        y = y.squeeze(1).numpy()  # elementwise work in numpy: its rint / int16 casts are several times faster on CPU
+        np.rint(y, out=y)  # half to even, as torch.round
         if mode == "cubic":  # the only kernel with negative weights: it can overshoot the int16 range
-            y.clamp_(-32768, 32767)
+            np.clip(y, -32768, 32767, out=y)
         if crop_to is None:
-            return y.to(torch.int16).numpy()
+            return y.astype(np.int16)
         # float -> int16 conversion fused with the crop/pad copy (the values are already integral)
         out = np.full((n, *crop_to), int(cfg.get("pad_value_hu", -1024)), dtype=np.int16)
         sy, sx, dy, dx, ch, cw = _crop_pad_windows(tuple(out_hw), crop_to)
-        torch.from_numpy(out)[:, dy:dy + ch, dx:dx + cw].copy_(y[:, sy:sy + ch, sx:sx + cw])
+        np.copyto(out[:, dy:dy + ch, dx:dx + cw], y[:, sy:sy + ch, sx:sx + cw], casting="unsafe")
         return out
     if crop_to is not None:
         out = center_crop_pad(out, crop_to, int(cfg.get("pad_value_hu", -1024)))
