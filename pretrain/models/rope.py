@@ -158,3 +158,84 @@ class RopePositionEmbedding(nn.Module):
             f"head_dim={self.head_dim}, base={self.base}, normalize_coords={self.normalize_coords!r}, "
             f"shift={self.shift_coords}, jitter={self.jitter_coords}, rescale={self.rescale_coords}"
         )
+
+
+def _rotate_into(out1: Tensor, out2: Tensor, x1: Tensor, x2: Tensor, sin: Tensor, cos: Tensor, sign: float) -> None:
+    """``out1 = x1*cos - sign*x2*sin``, ``out2 = x2*cos + sign*x1*sin`` written in place (any strides).
+
+    ``sign=+1`` is the forward rotation, ``sign=-1`` its transpose (the backward). Each product is
+    rounded before the sum, exactly like the official ``x*cos + rotate_half(x)*sin`` (no fused
+    multiply-add), so fp32 results are bit-identical to :func:`rope_apply`.
+    """
+    tmp = torch.empty(x2.shape, dtype=out1.dtype, device=out1.device)
+    torch.mul(x1, cos, out=out1)
+    torch.mul(x2, sin, out=tmp)
+    out1.sub_(tmp) if sign > 0 else out1.add_(tmp)
+    torch.mul(x2, cos, out=out2)
+    torch.mul(x1, sin, out=tmp)
+    out2.add_(tmp) if sign > 0 else out2.sub_(tmp)
+
+
+class _RopeSplitQKV(torch.autograd.Function):
+    """Fused ``qkv [B, N, 3*H*Dh] -> q, k [B, H, N, Dh] (rotated, contiguous), v [B, H, N, Dh] (a view)``.
+
+    Why a custom function: written with plain tensor ops, this step costs several full-size copies in
+    backward (autograd zero-fills a ``qkv``-sized gradient per slice, then sums and re-lays it out) and
+    large temporaries that, on CPU, are fresh ``mmap`` allocations paid for in page faults. Here the
+    forward writes q and k once, and the backward writes the three gradients straight into one
+    ``qkv``-shaped buffer. Math is in the tables' dtype (fp32), cast back to the input dtype, as DINOv3.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, sin: Tensor, cos: Tensor, num_heads: int):  # type: ignore[override]
+        B, N, C = qkv.shape
+        head_dim = C // (3 * num_heads)
+        q, k, v = qkv.view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        rotated = []
+        for x in (q, k):
+            out = torch.empty(B, num_heads, N, head_dim, dtype=sin.dtype, device=qkv.device)
+            _rotate_into(*out.chunk(2, dim=-1), *x.chunk(2, dim=-1), sin, cos, sign=1.0)
+            rotated.append(out.to(qkv.dtype))
+        ctx.save_for_backward(sin, cos)
+        ctx.num_heads = num_heads
+        return rotated[0], rotated[1], v
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor | None, grad_k: Tensor | None, grad_v: Tensor | None):  # type: ignore[override]
+        sin, cos = ctx.saved_tensors
+        like = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        B, H, N, Dh = like.shape
+        grad = torch.empty(B, N, 3, H, Dh, dtype=like.dtype, device=like.device)
+        slots = grad.permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh] views into ``grad``
+        for i, g in enumerate((grad_q, grad_k)):
+            if g is None:
+                slots[i].zero_()
+            elif g.dtype == sin.dtype:
+                _rotate_into(*slots[i].chunk(2, dim=-1), *g.chunk(2, dim=-1), sin, cos, sign=-1.0)
+            else:  # low-precision activations: rotate back in fp32 like autograd of the official code
+                tmp = torch.empty(B, H, N, Dh, dtype=sin.dtype, device=g.device)
+                _rotate_into(*tmp.chunk(2, dim=-1), *g.chunk(2, dim=-1), sin, cos, sign=-1.0)
+                slots[i].copy_(tmp)
+        if grad_v is None:
+            slots[2].zero_()
+        else:
+            slots[2].copy_(grad_v)
+        return grad.view(B, N, 3 * H * Dh), None, None, None
+
+
+def rope_split_qkv(qkv: Tensor, num_heads: int, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Split a fused projection ``qkv [B, N, 3*D]`` into per-head ``q, k, v [B, H, N, D/H]`` and rotate q, k.
+
+    ``rope`` holds half-width tables ``(sin, cos)``, each ``[N, Dh/2]``, whose cls/storage rows are the
+    identity (``sin=0, cos=1``), so every token goes through one rotation and prefix tokens come out
+    unchanged, bit for bit. Same result as the official ``x*cos + rotate_half(x)*sin`` with the tiled
+    ``[N_patches, Dh]`` tables applied to patch tokens only (bit-identical in fp32).
+    """
+    B, N, C = qkv.shape
+    if rope is None:
+        q, k, v = qkv.view(B, N, 3, num_heads, C // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+    sin, cos = rope
+    if sin.shape != (N, C // (6 * num_heads)) or cos.shape != sin.shape:
+        raise ValueError(f"RoPE tables {tuple(sin.shape)} do not fit {N} tokens of head width {C // (3 * num_heads)}")
+    return _RopeSplitQKV.apply(qkv.contiguous(), sin, cos, num_heads)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .rope import RopePositionEmbedding
+from .rope import RopePositionEmbedding, rope_split_qkv
 
 RopeTables = tuple[Tensor, Tensor]  # (sin, cos), each [N, Dh/2]: identity rows for prefix tokens
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,21 +181,6 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-def _rotate_qk(qk: Tensor, rope: RopeTables) -> Tensor:
-    """Rotate stacked ``qk [2, B, H, N, Dh]`` by half-width tables ``[N, Dh/2]``.
-
-    Same arithmetic as the official ``x*cos + rotate_half(x)*sin`` with tiled tables (bit-identical in
-    fp32), without materialising the tiled tables, the negation or the prefix split/concat: prefix rows
-    of the tables are ``cos=1, sin=0``. Computed in the tables' dtype (fp32) like the official code.
-    """
-    sin, cos = rope
-    in_dtype = qk.dtype
-    qk = qk.to(sin.dtype)
-    x1, x2 = qk.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(in_dtype)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with fused qkv, RoPE on patch tokens and SDPA (or xformers)."""
 
@@ -220,11 +205,7 @@ class SelfAttention(nn.Module):
     def attend(self, qkv: Tensor, rope: RopeTables | None) -> Tensor:
         """``qkv [B, N, 3D] -> [B, N, D]`` (attention output before ``proj``)."""
         B, N, _ = qkv.shape
-        qkv = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
-        qk, v = qkv[:2], qkv[2]
-        if rope is not None:
-            qk = _rotate_qk(qk, rope)
-        q, k = qk.unbind(0)
+        q, k, v = rope_split_qkv(qkv, self.num_heads, rope)  # each [B, H, N, Dh]
         if self.backend == "xformers" and q.is_cuda:
             from xformers.ops import memory_efficient_attention
 
@@ -432,11 +413,13 @@ class DinoVisionTransformer(nn.Module):
 
     def _output_dict(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
         x_norm = self.norm(x)
-        n = self.n_prefix_tokens
+        # one split (its backward is a single concat) rather than three slices (three zero-filled,
+        # full-size gradients summed in backward)
+        cls, storage, patches = x_norm.split([1, self.n_storage_tokens, x.shape[1] - self.n_prefix_tokens], dim=1)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_storage_tokens": x_norm[:, 1:n],
-            "x_norm_patchtokens": x_norm[:, n:],
+            "x_norm_clstoken": cls.squeeze(1),
+            "x_storage_tokens": storage,
+            "x_norm_patchtokens": patches,
             "x_prenorm": x,
             "masks": masks,
         }

@@ -13,8 +13,8 @@ from pretrain.models.rope import (
     patch_center_coords,
     rope_apply,
     rope_periods,
+    rope_split_qkv,
 )
-from pretrain.models.vision_transformer import _rotate_qk
 
 
 def test_periods_base_formula():
@@ -102,16 +102,65 @@ def test_augment_coords_distributions():
     assert factors.min() < 0.6 and factors.max() > 1.7
 
 
-def test_fast_rotation_is_bit_identical_to_reference():
+def _half_tables(sin: torch.Tensor, cos: torch.Tensor, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    half = sin.shape[-1] // 2
+    return torch.cat([torch.zeros(n_prefix, half), sin[:, :half]]), torch.cat([torch.ones(n_prefix, half), cos[:, :half]])
+
+
+def _reference_split_qkv(qkv, num_heads, sin, cos, n_prefix):
+    """The official recipe: permute, rotate patch tokens of q and k with tiled tables, concat the prefix back."""
+    B, N, C = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q = torch.cat([q[:, :, :n_prefix], rope_apply(q[:, :, n_prefix:], sin, cos)], dim=2)
+    k = torch.cat([k[:, :, :n_prefix], rope_apply(k[:, :, n_prefix:], sin, cos)], dim=2)
+    return q, k, v
+
+
+def test_fused_rotation_is_bit_identical_to_reference():
     torch.manual_seed(0)
     rope = RopePositionEmbedding(96, num_heads=6).eval()
     sin, cos = rope(H=3, W=4)  # [12, 16]
     n_prefix = 5
-    qk = torch.randn(2, 2, 6, n_prefix + 12, 16)
-    half = sin.shape[-1] // 2
-    sin_h = torch.cat([torch.zeros(n_prefix, half), sin[:, :half]])
-    cos_h = torch.cat([torch.ones(n_prefix, half), cos[:, :half]])
-    fast = _rotate_qk(qk, (sin_h, cos_h))
-    ref_patches = rope_apply(qk[..., n_prefix:, :], sin, cos)
-    assert torch.equal(fast[..., n_prefix:, :], ref_patches)
-    assert torch.equal(fast[..., :n_prefix, :], qk[..., :n_prefix, :])  # cls/storage untouched
+    qkv = torch.randn(2, n_prefix + 12, 3 * 96)
+    q, k, v = rope_split_qkv(qkv, 6, _half_tables(sin, cos, n_prefix))
+    rq, rk, rv = _reference_split_qkv(qkv, 6, sin, cos, n_prefix)
+    assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(v, rv)
+    assert torch.equal(q[:, :, :n_prefix], qkv.view(2, -1, 3, 6, 16)[:, :n_prefix, 0].transpose(1, 2))  # prefix untouched
+    assert q.is_contiguous() and k.is_contiguous()  # what SDPA's CPU kernels like
+
+
+def test_fused_rotation_gradients_match_autograd_of_reference():
+    """The hand-written backward equals autograd through the reference (fp32), for q, k and v together."""
+    torch.manual_seed(1)
+    rope = RopePositionEmbedding(64, num_heads=4).eval()
+    sin, cos = rope(H=2, W=5)
+    n_prefix = 3
+    qkv = torch.randn(3, n_prefix + 10, 3 * 64, dtype=torch.float32)
+    weights = [torch.randn(3, 4, n_prefix + 10, 16) for _ in range(3)]
+    grads = []
+    for fn in (lambda t: rope_split_qkv(t, 4, _half_tables(sin, cos, n_prefix)),
+               lambda t: _reference_split_qkv(t, 4, sin, cos, n_prefix)):
+        t = qkv.clone().requires_grad_(True)
+        sum((o * w).sum() for o, w in zip(fn(t), weights)).backward()
+        grads.append(t.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
+    # only q and k used (v unused): v's slot of the gradient is zero
+    t = qkv.clone().requires_grad_(True)
+    q, k, _ = rope_split_qkv(t, 4, _half_tables(sin, cos, n_prefix))
+    (q.sum() + k.sum()).backward()
+    assert torch.count_nonzero(t.grad.view(3, -1, 3, 64)[:, :, 2]) == 0
+
+
+def test_fused_rotation_low_precision_inputs_compute_in_table_dtype():
+    """bf16 activations are rotated in fp32 and cast back, as DINOv3 does (``q.to(rope dtype)``)."""
+    torch.manual_seed(2)
+    rope = RopePositionEmbedding(64, num_heads=4).eval()
+    sin, cos = rope(H=2, W=2)
+    qkv = torch.randn(2, 1 + 4, 3 * 64).to(torch.bfloat16).requires_grad_(True)
+    q, k, v = rope_split_qkv(qkv, 4, _half_tables(sin, cos, 1))
+    rq, rk, _ = _reference_split_qkv(qkv.detach().float(), 4, sin, cos, 1)
+    assert q.dtype == torch.bfloat16 and torch.equal(q, rq.to(torch.bfloat16)) and torch.equal(k, rk.to(torch.bfloat16))
+    (q.float().sum() + k.float().square().sum() + v.float().sum()).backward()
+    assert qkv.grad.dtype == torch.bfloat16 and torch.isfinite(qkv.grad.float()).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        rope_split_qkv(qkv, 4, _half_tables(sin, cos, 2))
