@@ -263,10 +263,12 @@ def _work(case: Case) -> dict:
 
 def _pool_context():
     """forkserver: torch is imported once in the server and workers fork from it (cheap start, and safe: the server
-    never ran parallel torch work); spawn where forkserver does not exist."""
+    never ran parallel torch work); spawn where forkserver does not exist. The builder module is preloaded too: a
+    new worker re-imports the main script, which then finds its imports (omegaconf...) already loaded -- 0.02 s
+    instead of 0.3 s per worker start, measured."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["data_curation.process"])
+        ctx.set_forkserver_preload(["data_curation.process", "data_curation.build_ct3m"])
         return ctx
     return mp.get_context("spawn")
 
