@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .rope import rope_periods
-from .vision_transformer import _SWIGLU_ALIGN, ARCH_PRESETS, DinoVisionTransformer, ViTConfig
+from .vision_transformer import _SWIGLU_ALIGN, ARCH_PRESETS, DinoVisionTransformer, ViTConfig, merge_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -299,15 +299,60 @@ def _group_block_keys(items: list[str]) -> list[str]:
     return out
 
 
+# MedDINOv3's code builds its backbone with the official ``vit_base(..., qkv_bias=False)`` and the default
+# ``norm_layer="layernorm"``, i.e. LayerNorm eps 1e-6; the LVD-1689M ViT-B/16 uses "layernormbf16" (1e-5).
+MEDDINOV3_RELEASE_NORM_EPS: float = ARCH_PRESETS["meddinov3_vitb16"]["norm_eps"]
+
+
+def _default_norm_eps(ckpt: BackboneCheckpoint, inferred: Mapping[str, Any]) -> float | None:
+    """LayerNorm eps for an inferred architecture whose file does not state it (None: the ``vitb16`` preset's).
+
+    eps is not stored in the weights. A MedDINOv3 release layout (``teacher`` wrapper holding
+    ``backbone.*`` plus ``dino_head``/``ibot_head``, no qkv bias) is what MedDINOv3's own code writes and
+    reads back with eps 1e-6, so that layout gets 1e-6; any other file gets the DINOv3 preset's 1e-5.
+    Both choices are logged with the option that overrides them.
+    """
+    if ckpt.format == "meddinov3_release" and not inferred.get("qkv_bias", True):
+        logger.warning(
+            "%s: MedDINOv3 release layout (teacher backbone + dino/ibot heads, no qkv bias); LayerNorm eps is "
+            "not stored in the weights, using %g as MedDINOv3's code does. Pass norm_eps=1e-5 (finetune: "
+            "model.backbone_overrides.norm_eps=1e-5) if this checkpoint was trained with DINOv3's 1e-5.",
+            ckpt.path, MEDDINOV3_RELEASE_NORM_EPS,
+        )
+        return MEDDINOV3_RELEASE_NORM_EPS
+    if not inferred.get("qkv_bias", True):
+        logger.warning(
+            "%s: no qkv bias (as in the MedDINOv3 release) but no MedDINOv3 wrapper either; LayerNorm eps is not "
+            "stored in the weights, using the DINOv3 default %g. If this is a MedDINOv3 backbone, pass "
+            "norm_eps=1e-6 or arch='meddinov3_vitb16' (finetune: model.arch=meddinov3_vitb16).",
+            ckpt.path, ARCH_PRESETS["vitb16"]["norm_eps"],
+        )
+    return None
+
+
 def _model_config(ckpt: BackboneCheckpoint, arch: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     if arch is not None:
         if arch not in ARCH_PRESETS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCH_PRESETS)}")
-        return {**ARCH_PRESETS[arch], **overrides}
+        return merge_overrides(ARCH_PRESETS[arch], overrides)
     inferred = infer_arch(ckpt.state_dict)
     if "num_heads" not in inferred and "num_heads" not in ckpt.arch_hints:
         inferred["num_heads"] = max(1, inferred["embed_dim"] // 64)
-    return {**ARCH_PRESETS["vitb16"], **inferred, **ckpt.arch_hints, **overrides}
+    if "norm_eps" not in overrides and "norm_eps" not in ckpt.arch_hints and "norm_layer" not in overrides:
+        eps = _default_norm_eps(ckpt, inferred)
+        if eps is not None:
+            inferred["norm_eps"] = eps
+    return merge_overrides({**ARCH_PRESETS["vitb16"], **inferred, **ckpt.arch_hints}, overrides)
+
+
+def _arch_hint(ckpt: BackboneCheckpoint, arch: str | None) -> str:
+    """A one-line suggestion appended to a mismatch error when the file's layout points to another preset."""
+    if arch is None or ckpt.format != "meddinov3_release":
+        return ""
+    if ARCH_PRESETS[arch].get("qkv_bias", True) and "blocks.0.attn.qkv.bias" not in ckpt.state_dict:
+        return ("\n  hint: this is the MedDINOv3 release layout (no qkv bias): load it with arch=None (inferred, "
+                "LayerNorm eps 1e-6) or arch='meddinov3_vitb16' (finetune: model.arch=meddinov3_vitb16)")
+    return ""
 
 
 def load_backbone(
@@ -316,11 +361,12 @@ def load_backbone(
     """Load a backbone from any supported format; returns the model in eval mode.
 
     ``arch=None`` infers the architecture from the weights (and from config/metadata for HF/export),
-    taking what cannot be inferred (LayerNorm eps, RoPE coordinate settings) from the ``vitb16`` preset.
+    taking what cannot be inferred (RoPE coordinate settings, LayerNorm eps) from the ``vitb16`` preset,
+    except that a MedDINOv3 release file (``teacher`` wrapper with dino/ibot heads, no qkv bias) gets
+    LayerNorm eps 1e-6, the value MedDINOv3's code builds it with (logged, with the override to pass).
     A given ``arch`` is taken literally (preset + overrides) and the weights must fit it. ``overrides``
-    (``ViTConfig`` names) win over everything, e.g. ``norm_eps=1e-6`` for MedDINOv3's release, which is
-    equivalent to ``arch="meddinov3_vitb16"``. Any missing/unexpected/mis-shaped key raises one
-    :class:`CheckpointError` listing them all.
+    (``ViTConfig`` names) win over everything, e.g. ``norm_eps=1e-5``. Any missing/unexpected/mis-shaped
+    key raises one :class:`CheckpointError` listing them all.
     """
     ckpt = read_backbone_checkpoint(path, prefer=prefer)
     cfg = _model_config(ckpt, arch, overrides)
@@ -334,6 +380,7 @@ def load_backbone(
         raise CheckpointError(
             f"{ckpt.path} ({ckpt.format} format) does not match {how} "
             f"(embed_dim={model.embed_dim}, depth={model.n_blocks}, heads={model.num_heads}):\n{report}"
+            f"{_arch_hint(ckpt, arch)}"
         )
     model.load_state_dict(ckpt.state_dict, strict=True)
     return model.eval()

@@ -84,8 +84,9 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "vitl16": dict(_COMMON, embed_dim=1024, depth=24, num_heads=16),
     # MedDINOv3's released CT ViT-B/16, as its own code builds it (official `vit_base` defaults plus
     # qkv_bias=False): LayerNorm eps 1e-6, no qkv bias, RoPE computed in bf16. load_backbone infers the
-    # missing bias and the RoPE dtype (from the stored `periods`) from the weights, but eps cannot be
-    # inferred: load such files with arch="meddinov3_vitb16" or norm_eps=1e-6.
+    # missing bias and the RoPE dtype (from the stored `periods`) from the weights; eps is not stored, so
+    # load_backbone(path) with no arch takes 1e-6 for the release layout (teacher wrapper + dino/ibot
+    # heads, no qkv bias) and logs it; arch="meddinov3_vitb16" or norm_eps=1e-6 say it explicitly.
     "meddinov3_vitb16": dict(
         _COMMON, embed_dim=768, depth=12, num_heads=12, qkv_bias=False, norm_eps=1e-6, pos_embed_rope_dtype="bf16"
     ),
@@ -507,4 +508,12 @@ def build_backbone(arch: str = "vitb16", **overrides: Any) -> DinoVisionTransfor
     """
     if arch not in ARCH_PRESETS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCH_PRESETS)}")
-    return DinoVisionTransformer(**{**ARCH_PRESETS[arch], **overrides})
+    return DinoVisionTransformer(**merge_overrides(ARCH_PRESETS[arch], overrides))
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{**base, **overrides}``, where an official ``norm_layer`` override also replaces the base's eps."""
+    merged = {**base, **overrides}
+    if "norm_layer" in overrides and "norm_eps" not in overrides:
+        merged.pop("norm_eps", None)  # let ``norm_layer`` set it
+    return merged

@@ -3,6 +3,7 @@ round trips through our export and the Hugging Face layout, and clear errors on 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -159,16 +160,43 @@ def test_meddinov3_release_wrapper_without_qkv_bias(tmp_path):
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
         ref = src(x)
-        # qkv bias absence is inferred from the weights; eps is not inferable and comes from the preset/override
-        for model in (load_backbone(path, norm_eps=1e-6), load_backbone(path, arch="meddinov3_vitb16",
-                                                                            embed_dim=64, depth=2, num_heads=4)):
+        # qkv bias absence is inferred from the weights; eps (not stored) defaults to MedDINOv3's 1e-6 for this
+        # layout, and the explicit ways give the same model
+        for model in (load_backbone(path), load_backbone(path, norm_eps=1e-6),
+                      load_backbone(path, arch="meddinov3_vitb16", embed_dim=64, depth=2, num_heads=4)):
             assert not model.config.qkv_bias and model.config.norm_eps == 1e-6
             torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
-        inferred_default_eps = load_backbone(path)
-        assert inferred_default_eps.config.norm_eps == 1e-5 and not inferred_default_eps.config.qkv_bias
+        explicit = load_backbone(path, norm_eps=1e-5)  # the override still wins
+        assert explicit.config.norm_eps == 1e-5 and not torch.equal(explicit(x), ref)
     # MedDINOv3's code computes RoPE in bf16: the stored periods are bf16 and that is inferred too
     assert src.rope_embed.periods.dtype == torch.bfloat16
-    assert load_backbone(path, norm_eps=1e-6).config.pos_embed_rope_dtype == "bf16"
+    assert load_backbone(path).config.pos_embed_rope_dtype == "bf16"
+
+
+def test_meddinov3_eps_choice_is_logged_with_the_override(tmp_path, caplog):
+    """The eps default for a MedDINOv3 release is announced (file + option); a flat no-bias file is warned about."""
+    torch.manual_seed(0)
+    src = build_backbone("meddinov3_vitb16", embed_dim=64, depth=2, num_heads=4)
+    release = tmp_path / "release.pth"
+    torch.save({"teacher": {**_wrap(src.state_dict(), "backbone."), "dino_head.w": torch.zeros(2),
+                            "ibot_head.w": torch.zeros(2)}}, release)
+    flat = tmp_path / "flat_no_bias.pth"
+    torch.save(src.state_dict(), flat)
+    with caplog.at_level(logging.WARNING, logger="pretrain.models.checkpoint"):
+        load_backbone(release)
+    assert str(release) in caplog.text and "eps" in caplog.text and "norm_eps=1e-5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain.models.checkpoint"):
+        assert load_backbone(flat).config.norm_eps == 1e-5  # no MedDINOv3 wrapper: DINOv3 default, with a warning
+    assert str(flat) in caplog.text and "norm_eps=1e-6" in caplog.text and "meddinov3_vitb16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain.models.checkpoint"):
+        load_backbone(release, norm_eps=1e-6)  # explicit: nothing to warn about
+    assert "eps" not in caplog.text
+    # a preset with qkv bias does not fit; the error says which option does
+    with pytest.raises(CheckpointError, match="meddinov3_vitb16") as err:
+        load_backbone(release, arch="vitb16", embed_dim=64, depth=2, num_heads=4)
+    assert "missing from checkpoint" in str(err.value) and "attn.qkv.bias" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,9 @@ def test_swiglu_and_options():
         assert no_ls.forward_features(torch.randn(1, 3, 32, 32))["x_storage_tokens"].shape == (1, 0, 192)
     official_eps = DinoVisionTransformer(embed_dim=64, depth=1, num_heads=4, norm_layer="layernorm")
     assert official_eps.norm.eps == 1e-6
+    # the official ``norm_layer`` name also works as a preset override (it replaces the preset's eps)
+    assert build_backbone("vitt16", depth=1, norm_layer="layernorm").norm.eps == 1e-6
+    assert build_backbone("vitt16", depth=1, norm_layer="layernorm", norm_eps=1e-3).norm.eps == 1e-3
     assert set(ARCH_PRESETS) >= {"vitt16", "vits16", "vitb16", "vitl16", "meddinov3_vitb16"}
     assert ARCH_PRESETS["meddinov3_vitb16"]["norm_eps"] == 1e-6 and not ARCH_PRESETS["meddinov3_vitb16"]["qkv_bias"]
 
