@@ -102,9 +102,13 @@ def build_tree(real: Path, dst: Path, repeat: int) -> list[tuple[Path, str]]:
 PER_INPUT: dict[int, float] = {}
 
 
+DECODE_CPU: list[float] = []
+
+
 def decode_only(items: list[tuple[Path, str]]) -> tuple[int, float]:
-    """Native slices and seconds to just read every input (per-input seconds accumulate in ``PER_INPUT``)."""
-    n, t_all = 0, time.perf_counter()
+    """Native slices and seconds to just read every input (per-input seconds accumulate in ``PER_INPUT``, CPU
+    seconds of each call in ``DECODE_CPU``)."""
+    n, t_all, cpu0 = 0, time.perf_counter(), time.process_time()
     for idx, (path, kind) in enumerate(items):
         t0 = time.perf_counter()
         if kind == "nifti":
@@ -115,6 +119,7 @@ def decode_only(items: list[tuple[Path, str]]) -> tuple[int, float]:
                 pydicom.dcmread(f).pixel_array
                 n += 1
         PER_INPUT[idx % len(INPUTS)] = PER_INPUT.get(idx % len(INPUTS), 0.0) + time.perf_counter() - t0
+    DECODE_CPU.append(time.process_time() - cpu0)
     return n, time.perf_counter() - t_all
 
 
@@ -173,11 +178,12 @@ def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
 
     out = Path(tempfile.mkdtemp(prefix="ct3m_bench_"))
     try:
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
             code = main(["--out", str(out), "--root", f"folder={tree}", "--workers", str(workers), "--no-progress",
                          "--allow-failures", "dedup.enabled=false"])
         seconds = time.perf_counter() - t0
+        parent_cpu = time.process_time() - cpu0
         assert code == 0, code
         import json
 
@@ -187,6 +193,8 @@ def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
         stats["bench_read_s"] = sum(r["read_seconds"] for r in records)
         stats["bench_volume_s"] = sum(r["seconds"] for r in records)
         stats["bench_per_input"] = {i: sum(r["seconds"] for r in records if f"_v{i}_" in r["case"]) for i in range(len(INPUTS))}
+        stats["bench_cpu_s"] = parent_cpu + sum(r["cpu_seconds"] for r in records)  # builder process + per-case worker CPU
+        stats["bench_phases"] = printed.getvalue().strip().splitlines()[-1].split("overall; ", 1)[1].split(")")[0]
         return native, seconds, stats
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -210,7 +218,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # one worker = one core, for decode and curation alike
     runs: dict[str, list[float]] = {"decode x1": [], "decode x2": [], "curate w1": [], "curate w2": []}
-    ratios, loads = [], []
+    ratios, cpu_ratios, loads = [], [], []
     last_stats: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         items = build_tree(real, Path(tmp) / "in", args.repeat)
@@ -231,6 +239,7 @@ def main() -> None:
             for name in seq:
                 if name == "decode x1":
                     n, t = decode_only(items)
+                    cpu_dec = DECODE_CPU[-1]
                 elif name == "decode x2":
                     n, t = decode_pool(items, 2)
                 else:
@@ -238,14 +247,16 @@ def main() -> None:
                     if name == "curate w1":
                         last_stats = st
                         last_stats["bench_wall"] = t
+                        cpu_cur = st["bench_cpu_s"]
                 n_native = n_native or n
                 assert n == n_native, (name, n, n_native)
                 got[name] = t
                 runs[name].append(t)
             ratios.append(got["curate w1"] / got["decode x1"])
+            cpu_ratios.append(cpu_cur / cpu_dec)
             loads.append((load_before, load1()))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items())
-                  + f"; ratio {ratios[-1]:.2f}x; load {load_before:.2f} -> {loads[-1][1]:.2f}")
+                  + f"; ratio {ratios[-1]:.2f}x (CPU {cpu_cur:.2f} / {cpu_dec:.2f} s = {cpu_ratios[-1]:.2f}x); load {load_before:.2f} -> {loads[-1][1]:.2f}")
         t_pool = pool_start_seconds()
     med = {k: float(np.median(v)) for k, v in runs.items()}
     rate = {k: n_native / v for k, v in med.items()}
@@ -260,7 +271,7 @@ def main() -> None:
     print(f"  inside the workers (1 worker, last round): reading {st1['bench_read_s']:.2f} s, whole per-volume work "
           f"{st1['bench_volume_s']:.2f} s (x{st1['bench_volume_s'] / max(st1['bench_read_s'], 1e-9):.2f}); the rest of the run "
           f"(discovery, pool start, packing shards, reports) {st1['bench_wall'] - st1['bench_volume_s']:.2f} s; "
-          f"{st1['n_samples']} samples in {st1['n_shards']} shards")
+          f"{st1['n_samples']} samples in {st1['n_shards']} shards; builder phases: {st1['bench_phases']}")
     n_dec_runs = len(runs["decode x1"])
     for i, (rel, _) in enumerate(INPUTS):
         dec = PER_INPUT[i] / n_dec_runs
@@ -270,6 +281,8 @@ def main() -> None:
     print(f"load average (1 min) per round: " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loads))
     print(f"RATIO curation/decode-only (1 worker vs 1 process, median of per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}): "
           f"{float(np.median(ratios)):.2f}x   (target <= 1.5x)")
+    print(f"CPU-time ratio (builder + worker CPU seconds vs decode CPU seconds; less sensitive to the load, per round "
+          f"{', '.join(f'{x:.2f}' for x in cpu_ratios)}): {float(np.median(cpu_ratios)):.2f}x")
     print(f"SCALING --workers 2 vs 1: x{med['curate w1'] / med['curate w2']:.2f}   (decode-only 2 vs 1 processes on the box "
           f"at the same time: x{med['decode x1'] / med['decode x2']:.2f}; ideal x2.00 on an idle 2-core box)")
     print(f"(not in the timed runs: the one-off worker-pool start, {t_pool:.2f} s in a fresh interpreter (torch import), "

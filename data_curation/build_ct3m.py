@@ -274,7 +274,7 @@ def _pool_context():
 
 
 def _crash_record(case: Case, detail: str) -> dict:
-    return {"case": case.uid, "source": case.source, "volumes": [], "seconds": 0.0, "read_seconds": 0.0,
+    return {"case": case.uid, "source": case.source, "volumes": [], "seconds": 0.0, "read_seconds": 0.0, "cpu_seconds": 0.0,
             "rejections": [{"file": case.paths[0] if case.paths else case.uid, "reason": "worker_crashed", "detail": detail, "filtered": False}]}
 
 
@@ -650,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     state.truncate_torn("volumes.jsonl")
     state.truncate_torn("groups.jsonl")
     progress = not args.no_progress
+    t_curate = time.perf_counter()
     curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)
 
     lost = lost_staging(state, cases)
@@ -665,14 +666,18 @@ def main(argv: list[str] | None = None) -> int:
     dropped = {d["dropped"] for d in duplicates}
     kept = [v for r in records for v in r["volumes"] if v["n_slices"] > 0 and v["uid"] not in dropped]
     groups = volume_groups(kept, cfg)
+    t_pack = time.perf_counter()
     pack(groups, cfg, out, state, progress)
+    t_reports = time.perf_counter()
     atomic_write_text(state.dir / "complete", "packed\n")
     for leftover in state.staging.glob("*"):
         leftover.unlink()
     stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups))
     print_summary(stats)
-    elapsed = time.perf_counter() - t_start
-    print(f"{elapsed:.1f} s this run ({stats['n_samples'] / max(elapsed, 1e-9):.0f} samples/s overall) -> {out}")
+    t_end = time.perf_counter()
+    elapsed = t_end - t_start
+    print(f"{elapsed:.1f} s this run ({stats['n_samples'] / max(elapsed, 1e-9):.0f} samples/s overall; setup {t_curate - t_start:.2f} s, "
+          f"curate {t_pack - t_curate:.2f} s, pack {t_reports - t_pack:.2f} s, reports {t_end - t_reports:.2f} s) -> {out}")
     if n_failed:
         print(f"{n_failed} input(s) failed: see {out / 'failures.jsonl'}", file=sys.stderr)
         if not args.allow_failures:

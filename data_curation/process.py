@@ -46,7 +46,7 @@ def read_case(case: Case, cfg: dict) -> tuple[list[RawVolume], list[dict]]:
 
 def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
     """Curate one case. Never raises for bad input: problems come back in ``rejections``."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         raws, rejections = read_case(case, cfg)
     except Exception as exc:  # a reader bug must not stop the run; it is reported as a failure of this case
@@ -63,7 +63,8 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
     if not raws and not rejections:
         rejections.append({"file": case.paths[0] if case.paths else case.uid, "reason": "no_slices_kept", "detail": "no image found", "filtered": True})
     return {"case": case.uid, "source": case.source, "volumes": volumes, "rejections": rejections,
-            "seconds": round(time.perf_counter() - t0, 3), "read_seconds": round(t_read, 3)}
+            "seconds": round(time.perf_counter() - t0, 3), "read_seconds": round(t_read, 3),
+            "cpu_seconds": round(time.process_time() - cpu0, 3)}
 
 
 def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging: Path) -> dict:
