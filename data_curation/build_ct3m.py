@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +167,7 @@ class State:
         for d in (self.dir, self.staging, self.parts):
             d.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, list[dict]] = {}
+        self._lock = threading.Lock()  # pack threads append to groups.jsonl
 
     def read(self, name: str) -> list[dict]:
         if name not in self._records:
@@ -182,12 +184,14 @@ class State:
         return list(self._records[name])
 
     def append(self, name: str, record: dict) -> None:
-        records = self.read(name)
-        with open(self.dir / name, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._records[name] = records + [record]
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self._lock:
+            records = self.read(name)
+            with open(self.dir / name, "a") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._records[name] = records + [record]
 
     def rewrite(self, name: str, records: list[dict]) -> None:
         """Atomically replace a JSONL file with ``records``."""
@@ -410,67 +414,82 @@ def volume_groups(kept: list[dict], cfg: dict) -> list[list[dict]]:
 
 
 def _remove_shards_from(out: Path, first: int) -> None:
-    """Delete shards (complete or temp) numbered ``first`` or higher: leftovers of an interrupted group."""
+    """Delete shards (complete or temp) numbered ``first`` or higher: leftovers beyond the end of this build."""
     for path in out.glob("ct3m-*.tar*"):
         m = re.fullmatch(r"ct3m-(\d+)\.tar(\.tmp)?", path.name)
         if m and int(m.group(1)) >= first:
             path.unlink()
 
 
-def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress: bool) -> None:
-    """Stage 3: each group's samples, shuffled with the seed, copied from the staging files into shards. The samples
-    are already encoded (by the workers), so this is byte-range copies (in-kernel) + one fsync per shard."""
-    done = {r["group"]: r for r in state.read("groups.jsonl")}
-    next_shard = 0
+def shard_layout(groups: list[list[dict]], per_shard: int) -> list[tuple[int, int]]:
+    """(first shard, number of shards) of every group: fixed by the plan, so groups can be packed in any order."""
+    layout, first = [], 0
+    for vols in groups:
+        n_shards = -(-sum(v["n_slices"] for v in vols) // per_shard)
+        layout.append((first, n_shards))
+        first += n_shards
+    return layout
+
+
+def pack_group(g: int, vols: list[dict], first_shard: int, cfg: dict, out: Path, state: State, closer) -> None:
+    """One group: its samples in seeded shuffled order, copied (byte ranges of the staging files, in-kernel) into
+    shards ``first_shard, ...``; each shard is fsynced once and renamed when complete (``closer`` threads, overlapping
+    the next shard's copy); the group is recorded only when all its shards are durable."""
     per_shard = int(cfg["output"]["samples_per_shard"])
-    from concurrent.futures import ThreadPoolExecutor
+    items = [(vi, si) for vi, v in enumerate(vols) for si in range(v["n_slices"])]
+    for i in range(first_shard, first_shard + -(-len(items) // per_shard)):  # leftovers of an interrupted attempt
+        (out / (SHARD_PATTERN % i)).unlink(missing_ok=True)
+        (out / f"{SHARD_PATTERN % i}.tmp").unlink(missing_ok=True)
+    order = np.random.default_rng([int(cfg["seed"]), g]).permutation(len(items))
+    fds = [os.open(state.staging / v["staging"], os.O_RDONLY) for v in vols]
+    rows, closing = [], []
+    try:
+        for k, s0 in enumerate(range(0, len(order), per_shard)):
+            shard_name = SHARD_PATTERN % (first_shard + k)
+            writer = ShardWriter(out / shard_name)
+            try:
+                for idx in order[s0:s0 + per_shard]:
+                    vi, si = items[idx]
+                    v = vols[vi]
+                    slice_index, offset, size = v["slices"][si]
+                    writer.copy_blob(fds[vi], offset, size)
+                    rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index))
+            except BaseException:
+                writer.abort()
+                raise
+            closing.append(closer.submit(writer.close))
+        for fut in closing:  # every shard of the group is durable before the group is recorded
+            fut.result()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    atomic_write_text(state.parts / f"group-{g:06d}.csv", buf.getvalue())
+    state.append("groups.jsonl", {"group": g, "first_shard": first_shard, "n_shards": len(closing), "n_samples": len(rows),
+                                  "volumes": [v["uid"] for v in vols]})
+    for v in vols:
+        (state.staging / v["staging"]).unlink(missing_ok=True)
+
+
+def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress: bool, threads: int = 1) -> None:
+    """Stage 3: every group not yet recorded is packed (:func:`pack_group`), ``threads`` groups at a time (the work
+    is in-kernel copies and fsyncs, which release the GIL). Samples are already encoded by the workers."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm import tqdm
 
-    closer = ThreadPoolExecutor(1)
-    closing: list = []
-    for g, vols in enumerate(tqdm(groups, desc="pack", unit="group", disable=not progress, dynamic_ncols=True)):
-        if g in done:
-            next_shard = done[g]["first_shard"] + done[g]["n_shards"]
-            continue
-        _remove_shards_from(out, next_shard)
-        items = [(vi, si) for vi, v in enumerate(vols) for si in range(v["n_slices"])]
-        order = np.random.default_rng([int(cfg["seed"]), g]).permutation(len(items))
-        fds = [os.open(state.staging / v["staging"], os.O_RDONLY) for v in vols]
-        rows = []
-        n_shards = 0
-        try:
-            for s0 in range(0, len(order), per_shard):
-                shard_name = SHARD_PATTERN % (next_shard + n_shards)
-                writer = ShardWriter(out / shard_name)
-                try:
-                    for idx in order[s0:s0 + per_shard]:
-                        vi, si = items[idx]
-                        v = vols[vi]
-                        slice_index, offset, size = v["slices"][si]
-                        writer.copy_blob(fds[vi], offset, size)
-                        rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index))
-                except BaseException:
-                    writer.abort()
-                    raise
-                closing.append(closer.submit(writer.close))  # fsync + rename overlap with copying the next shard
-                n_shards += 1
-            for fut in closing:  # every shard of the group is durable before the group is recorded
-                fut.result()
-        finally:
-            closing.clear()
-            for fd in fds:
-                os.close(fd)
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(rows)
-        atomic_write_text(state.parts / f"group-{g:06d}.csv", buf.getvalue())
-        state.append("groups.jsonl", {"group": g, "first_shard": next_shard, "n_shards": n_shards, "n_samples": len(rows),
-                                      "volumes": [v["uid"] for v in vols]})
-        for v in vols:
-            (state.staging / v["staging"]).unlink(missing_ok=True)
-        next_shard += n_shards
-    closer.shutdown()
-    _remove_shards_from(out, next_shard)
+    done = {r["group"] for r in state.read("groups.jsonl")}
+    layout = shard_layout(groups, int(cfg["output"]["samples_per_shard"]))
+    todo = [g for g in range(len(groups)) if g not in done]
+    threads = max(1, min(threads, len(todo)))
+    with ThreadPoolExecutor(threads) as packers, ThreadPoolExecutor(threads + 1) as closer, \
+            tqdm(total=len(groups), initial=len(groups) - len(todo), desc="pack", unit="group", disable=not progress, dynamic_ncols=True) as bar:
+        futures = [packers.submit(pack_group, g, groups[g], layout[g][0], cfg, out, state, closer) for g in todo]
+        for fut in as_completed(futures):
+            fut.result()
+            bar.update(1)
+    _remove_shards_from(out, sum(n for _, n in layout))
 
 
 # ----------------------------------------------------------------------------------------------- stage 4: report
@@ -679,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [v for r in records for v in r["volumes"] if v["n_slices"] > 0 and v["uid"] not in dropped]
     groups = volume_groups(kept, cfg)
     t_pack = time.perf_counter()
-    pack(groups, cfg, out, state, progress)
+    pack(groups, cfg, out, state, progress, int(cfg["run"].get("pack_threads") or max(1, int(cfg["run"]["workers"]))))
     t_reports = time.perf_counter()
     atomic_write_text(state.dir / "complete", "packed\n")
     for leftover in state.staging.glob("*"):

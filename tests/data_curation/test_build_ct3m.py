@@ -197,7 +197,8 @@ def _descendants(pid: int) -> set[int]:
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, run_build):
     """kill -9 during curation, then again during packing; the third run finishes. The result (shards byte for
-    byte, manifest, stats) equals an uninterrupted run made with 2 workers. The killed build's worker processes
+    byte, manifest, stats) equals an uninterrupted run made with 2 workers (so 2 threads packing groups in whatever
+    order they finish; the resumed run packs with one). The killed build's worker processes
     (children of the pool's forkserver, not of the builder) do not linger."""
     from data_curation.build_ct3m import _process_alive
 
