@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 NormalizeCoords = Literal["min", "max", "separate"]
 
@@ -201,6 +202,7 @@ class _RopeSplitQKV(torch.autograd.Function):
         return rotated[0], rotated[1], v
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_q: Tensor | None, grad_k: Tensor | None, grad_v: Tensor | None):  # type: ignore[override]
         sin, cos = ctx.saved_tensors
         like = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
