@@ -72,6 +72,7 @@ def decode_image(ext: str, data: bytes) -> np.ndarray:
 # such a TarInfo (tested), built directly: tarfile's generic header code costs more than encoding a slice.
 _HEADER_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155 + 12)  # typeflag, linkname, magic .. end
 _MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_CONSTANT_SUM = sum(_MODE_IDS) + sum(b"00000000000\0") + 8 * 32 + sum(_HEADER_TAIL)  # the checksum field counts as spaces
 
 
 def _header(name: str, size: int) -> bytes:
@@ -80,9 +81,9 @@ def _header(name: str, size: int) -> bytes:
         raise ValueError(f"sample name {name!r} is longer than the 100 bytes a tar header holds; shorten the case id")
     if size >= 8**11:
         raise ValueError(f"{name}: {size} bytes do not fit a USTAR size field")
-    head = raw + b"\0" * (100 - len(raw)) + _MODE_IDS + b"%011o\0" % size + b"00000000000\0"
-    checksum = sum(head) + 8 * 32 + sum(_HEADER_TAIL)  # the checksum field counts as eight spaces
-    return head + b"%06o\0 " % checksum + _HEADER_TAIL
+    size_field = b"%011o\0" % size
+    checksum = sum(raw) + sum(size_field) + _CONSTANT_SUM
+    return raw + b"\0" * (100 - len(raw)) + _MODE_IDS + size_field + b"00000000000\0" + b"%06o\0 " % checksum + _HEADER_TAIL
 
 
 def _member(name: str, data: bytes) -> bytes:
