@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import io
 import os
 import shutil
@@ -162,14 +163,19 @@ def decode_one(item: tuple[Path, str]) -> int:
 
 
 def decode_pool(items: list[tuple[Path, str]], workers: int) -> tuple[int, float]:
-    """Decode-only in ``workers`` processes started like the builder's pool (one volume per task)."""
+    """Decode-only in ``workers`` processes started like the builder's pool (one volume per task, largest first as
+    the builder schedules them)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from data_curation.build_ct3m import _pool_context
 
+    def size(item: tuple[Path, str]) -> int:
+        files = [item[0]] if item[1] == "nifti" else sorted(item[0].iterdir())
+        return os.path.getsize(files[0]) * len(files)
+
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=_pool_context()) as ex:
-        n = sum(ex.map(decode_one, items))
+        n = sum(ex.map(decode_one, sorted(items, key=size, reverse=True)))
     return n, time.perf_counter() - t0
 
 
@@ -195,6 +201,7 @@ def curate(tree: Path, workers: int) -> tuple[int, float, dict]:
         stats["bench_per_input"] = {i: sum(r["seconds"] for r in records if f"_v{i}_" in r["case"]) for i in range(len(INPUTS))}
         stats["bench_cpu_s"] = parent_cpu + sum(r["cpu_seconds"] for r in records)  # builder process + per-case worker CPU
         stats["bench_phases"] = printed.getvalue().strip().splitlines()[-1].split("overall; ", 1)[1].split(")")[0]
+        stats["bench_phase_s"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", stats["bench_phases"])}
         return native, seconds, stats
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -218,7 +225,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # one worker = one core, for decode and curation alike
     runs: dict[str, list[float]] = {"decode x1": [], "decode x2": [], "curate w1": [], "curate w2": []}
-    ratios, cpu_ratios, loads = [], [], []
+    ratios, cpu_ratios, loads, cpu_w2_over_w1, predicted = [], [], [], [], []
     last_stats: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         items = build_tree(real, Path(tmp) / "in", args.repeat)
@@ -248,12 +255,18 @@ def main() -> None:
                         last_stats = st
                         last_stats["bench_wall"] = t
                         cpu_cur = st["bench_cpu_s"]
+                        ph = st["bench_phase_s"]
+                        serial = t - ph["curate"]  # setup, pool start, pack, reports: the builder process alone
+                        predicted.append(t / (serial + ph["curate"] / 2))
+                    else:
+                        cpu_w2 = st["bench_cpu_s"]
                 n_native = n_native or n
                 assert n == n_native, (name, n, n_native)
                 got[name] = t
                 runs[name].append(t)
             ratios.append(got["curate w1"] / got["decode x1"])
             cpu_ratios.append(cpu_cur / cpu_dec)
+            cpu_w2_over_w1.append(cpu_w2 / cpu_cur)
             loads.append((load_before, load1()))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items())
                   + f"; ratio {ratios[-1]:.2f}x (CPU {cpu_cur:.2f} / {cpu_dec:.2f} s = {cpu_ratios[-1]:.2f}x); load {load_before:.2f} -> {loads[-1][1]:.2f}")
@@ -285,6 +298,9 @@ def main() -> None:
           f"{', '.join(f'{x:.2f}' for x in cpu_ratios)}): {float(np.median(cpu_ratios)):.2f}x")
     print(f"SCALING --workers 2 vs 1: x{med['curate w1'] / med['curate w2']:.2f}   (decode-only 2 vs 1 processes on the box "
           f"at the same time: x{med['decode x1'] / med['decode x2']:.2f}; ideal x2.00 on an idle 2-core box)")
+    print(f"  work added by the second worker: CPU seconds --workers 2 / --workers 1 = x{float(np.median(cpu_w2_over_w1)):.2f}; "
+          f"predicted from the measured split of the --workers 1 run into the builder's serial phases and the per-volume "
+          f"curation (Amdahl, 2 free cores, perfect balance): x{float(np.median(predicted)):.2f}")
     print(f"(not in the timed runs: the one-off worker-pool start, {t_pool:.2f} s in a fresh interpreter (torch import), "
           f"paid once per build)")
     if not args.no_encodings:
