@@ -617,14 +617,9 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
                     + f"). Training stopped; the last good checkpoint is kept: {last_ckpt or 'none yet'}. "
                     "Lower optim.lr or check the input data, then resume with --resume auto."
                 )
-            grad_norm = None
+            grad_norms = None
             if clip is not None and float(clip) > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in meta.student.parameters() if p.grad is not None], float(clip)
-                )
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                grad_norm = float(grad_norm)
+                grad_norms = clip_student_gradients(meta.student, float(clip))
             optimizer.step()
             if mode == "fsdp":  # FSDP2 keeps root parameters unsharded after forward: back to shards for the EMA
                 for fwd in (meta.student_forward, meta._teacher_forward):
@@ -641,8 +636,8 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
                 lc = batch["collated_local_crops"]
                 if lc.numel():
                     record["local_crops_size"] = int(lc.shape[-1])
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
+            if grad_norms is not None:
+                record.update({("grad_norm" if k == "total" else f"grad_norm_{k}"): v for k, v in grad_norms.items()})
             dt = time.perf_counter() - t_it
             record["iter_time_s"] = dt
             record["samples_per_s"] = n_images * dist_env.world_size / max(dt, 1e-9)
@@ -695,6 +690,26 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
             preempt.uninstall()
     result.history = history
     return result
+
+
+def clip_student_gradients(student: nn.ModuleDict, max_norm: float) -> dict[str, float]:
+    """Clip the gradient norm of each part of the student (``backbone``, ``dino_head``, ``ibot_head``) to
+    ``max_norm`` separately, as the official DINOv2/v3 loops do (one ``clip_grad_norm_`` per student module): a
+    large head gradient (e.g. iBOT on near-zero masked tokens at random init) must not shrink the backbone's step.
+
+    Returns the pre-clip norms per part and their root-sum-square (``total``, the norm of the whole student).
+    """
+    norms: dict[str, float] = {}
+    for name, module in student.items():
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            continue
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
+            norm = norm.full_tensor()
+        norms[name] = float(norm)
+    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
 
 
 def student_no_sync(meta: SSLMetaArch):

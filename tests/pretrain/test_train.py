@@ -163,3 +163,23 @@ def test_gradient_accumulation_reaches_the_global_batch(ct3m_shards: Path, tmp_p
     bad = make_tiny_cfg(ct3m_shards, tmp_path / "bad", "train.global_batch_size=6", "data.batch_size_per_rank=4")
     with pytest.raises(ValueError, match="global_batch_size=6 is not a multiple"):
         train(bad)
+
+
+def test_gradients_are_clipped_per_student_module_as_the_official_loop() -> None:
+    """DINOv2/v3 clip backbone, DINO head and iBOT head separately: a huge head gradient leaves the backbone's alone."""
+    from pretrain.train.loop import clip_student_gradients
+
+    torch.manual_seed(0)
+    student = torch.nn.ModuleDict({name: torch.nn.Linear(4, 3) for name in ("backbone", "dino_head", "ibot_head")})
+    wanted = {"backbone": 1.0, "dino_head": 1000.0, "ibot_head": 5.0}
+    for name, module in student.items():
+        grads = [torch.randn_like(p) for p in module.parameters()]
+        scale = wanted[name] / math.sqrt(sum(float(g.square().sum()) for g in grads))
+        for p, g in zip(module.parameters(), grads):
+            p.grad = g * scale
+    norms = clip_student_gradients(student, 3.0)
+    for name, before in wanted.items():
+        assert norms[name] == pytest.approx(before, rel=1e-5)
+        after = math.sqrt(sum(float(p.grad.square().sum()) for p in student[name].parameters()))
+        assert after == pytest.approx(min(before, 3.0), rel=1e-5), name
+    assert norms["total"] == pytest.approx(math.sqrt(sum(v * v for v in wanted.values())), rel=1e-5)
