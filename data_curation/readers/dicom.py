@@ -163,7 +163,9 @@ def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict
 def _decode_file(path: str, ds=None) -> tuple[np.ndarray, "pydicom.Dataset"]:
     """Pixel array of one file (``[rows, cols]`` or ``[frames, rows, cols]``), raw stored values."""
     ds = ds if ds is not None else pydicom.dcmread(path)
-    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    ts = ds.file_meta.get("TransferSyntaxUID") or UID("1.2.840.10008.1.2")
+    if not isinstance(ts, UID):
+        ts = UID(str(ts))
     if ts.is_compressed:
         from pydicom.pixels import get_decoder
 
