@@ -237,8 +237,6 @@ def _process_alive(pid: int) -> bool:
 def _exit_with_builder(builder_pid: int, poll_s: float) -> None:
     """Daemon thread of a worker: end the worker when the builder process is gone (``kill -9``, OOM kill). Pool
     workers are children of the forkserver, not of the builder, and would otherwise wait forever for work."""
-    import threading
-
     def watch() -> None:
         while _process_alive(builder_pid):
             time.sleep(poll_s)
