@@ -10,15 +10,17 @@ Steps, all on real CT, seeds fixed:
 1. curate the embedded TotalSegmentator example CT (plus ``--extra-ct`` folders) into CT-3M shards with
    ``data_curation/build_ct3m.py``; the probe volume (MSD spleen, manual mask) is held out of pretraining;
 2. stage 1 (``python -m pretrain.train``, DINO + iBOT + KoLeo) with a small ViT for a fixed iteration budget;
-3. a linear (1x1-conv) probe on frozen patch features, trained on alternating z-blocks of slices and scored on
-   the others (DSC per class over the held-out slices), for: random init, the stage-1 EMA teacher, and each
+3. a linear (1x1-conv) probe on frozen patch features, two-fold over alternating z-blocks of slices (train on
+   blocks A, predict blocks B, and the reverse; DSC per class over the whole volume, every slice predicted by
+   the probe that did not see it, plus each fold's DSC as a spread), for: random init, the stage-1 EMA teacher, and each
    ``--external`` checkpoint (official DINOv3 / MedDINOv3 weights, read by ``pretrain.models.load_backbone``);
 4. feature health of the same models: effective rank (RankMe) of patch and class tokens, mean pairwise cosine
    similarity (collapse -> ~1), the KoLeo / teacher-entropy / loss trajectories of the run, PCA map PNGs;
 5. one printed table and ``OUT/ssl_signal.json``.
 
 Re-running with the same ``--out`` reuses the finished curation and training (both resume), so only the
-measurements are repeated; they are deterministic.
+measurements are repeated; they are deterministic. (The curation refuses an ``--out`` built with another curation
+config or input list: use a new ``--out`` then.) ``pretrain.iterations=N`` on the command line sets the budget.
 """
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ def pretrain_stage1(cfg, shards: Path, out: Path) -> Path:
     for c in cfg.pretrain.configs:
         cmd += ["--config", str(repo_path(c))]
     cmd += ["--output-dir", str(run_dir), "--resume", "auto", *[str(o) for o in cfg.pretrain.overrides],
+            f"train.iterations={int(cfg.pretrain.iterations)}",
             f"data.shards={shards}", f"train.seed={cfg.seed}", f"data.seed={cfg.seed}",
             f"compute.num_threads={cfg.threads}"]
     run(cmd, out / "stage1.log")
@@ -129,15 +132,24 @@ def measure_model(model, tasks: list[dict], cfg, transform) -> dict:
         all_patch.append(patch.reshape(-1, patch.shape[-1]))
         all_cls.append(cls)
         labels = torch.from_numpy(task["labels"])
-        train, test = ev.split_slices(len(vol.hu), int(pc.split_block_slices))
-        probe = ev.fit_linear_probe(patch[train], labels[train], len(task["classes"]) + 1, steps=int(pc.steps),
-                                    lr=float(pc.lr), weight_decay=float(pc.weight_decay),
-                                    standardize=bool(pc.standardize), seed=int(cfg.seed))
-        pred = ev.predict_probe(probe, patch[test], labels.shape[-2:]).numpy()
-        gt = task["labels"][test]
+        blocks_a, blocks_b = ev.split_slices(len(vol.hu), int(pc.split_block_slices))
+        # two folds over the alternating z-blocks (train A -> test B, then train B -> test A): every slice is
+        # predicted once by a probe that never saw it; DSC over the whole volume plus each fold's own DSC
+        pred = np.zeros_like(task["labels"])
+        folds = []
+        for train, test in ((blocks_a, blocks_b), (blocks_b, blocks_a)):
+            probe = ev.fit_linear_probe(patch[train], labels[train], len(task["classes"]) + 1, steps=int(pc.steps),
+                                        lr=float(pc.lr), weight_decay=float(pc.weight_decay),
+                                        standardize=bool(pc.standardize), seed=int(cfg.seed))
+            pred[test] = ev.predict_probe(probe, patch[test], labels.shape[-2:]).numpy()
+            gt = task["labels"][test]
+            fold_dsc = {name: dice(pred[test] == i, gt == i) for i, name in enumerate(task["classes"], start=1)}
+            folds.append({"dsc": fold_dsc, "mean_dsc": float(np.nanmean(list(fold_dsc.values()))),
+                          "train_loss": probe.final_loss, "train_slices": train, "test_slices": test})
+        gt = task["labels"]
         per_class = {name: dice(pred == i, gt == i) for i, name in enumerate(task["classes"], start=1)}
         result["probe"][task["name"]] = {"dsc": per_class, "mean_dsc": float(np.nanmean(list(per_class.values()))),
-                                         "train_loss": probe.final_loss, "train_slices": train, "test_slices": test}
+                                         "folds": folds}
     patch_all = ev.sample_rows(torch.cat(all_patch), int(cfg.health.max_patches), int(cfg.seed))
     cls_all = torch.cat(all_cls)
     result["health"] = {
@@ -210,10 +222,11 @@ def table(report: dict) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     for t in tasks:
-        lines.append(f"\nDSC per class, {t} (held-out slices):")
+        lines.append(f"\nDSC per class, {t} (every slice predicted by the fold that held it out; fold A / B means):")
         for name, m in report["models"].items():
             per = ", ".join(f"{c} {fmt(v)}" for c, v in m["probe"][t]["dsc"].items())
-            lines.append(f"  {name}: {per}")
+            folds = " / ".join(fmt(f["mean_dsc"]) for f in m["probe"][t]["folds"])
+            lines.append(f"  {name}: {per}  (folds {folds})")
     tr = report["trajectories"]
     lines.append(f"\nstage-1 trajectories ({tr['iterations']} iterations; 5 evenly spaced points):")
     for k, v in tr.items():

@@ -72,8 +72,9 @@ def test_fast_stage1_learns_without_collapse(repo_root, sample_ct, tmp_path):
     # collapse = every input mapped to one direction: effective rank ~1 and pairwise cosine ~1
     for name in ("teacher", "student"):
         assert health[name]["patch_rank"] > 10.0 and health[name]["patch_cos"] < 0.9, health
-    # LayerScale 1e-5 makes the class token of a random-init ViT (nearly) input independent (cosine ~1); KoLeo on
-    # the student's class tokens must spread them. (The EMA teacher follows only slowly: not asserted after
-    # a few dozen iterations; the full benchmark reports it.)
-    assert health["random"]["cls_cos"] > 0.99
+    # a random-init ViT gives nearly the same class token to every image (cosine ~0.99-1: LayerScale keeps the
+    # blocks' contribution small); KoLeo on the student's class tokens must spread them. (The EMA teacher follows
+    # only slowly: not asserted after a few dozen iterations; the full benchmark reports it.)
+    assert health["random"]["cls_cos"] > 0.95, health
     assert health["student"]["cls_cos"] < 0.9 and health["student"]["cls_rank"] > 2.0, health
+    assert health["student"]["cls_rank"] > health["random"]["cls_rank"] + 1.0, health
