@@ -73,9 +73,14 @@ def amos22_cases(root: Path) -> list[Case]:
 
 
 def btcv_cases(root: Path) -> list[Case]:
-    """Owners' layout ``.../Training/img/imgXXXX.nii.gz`` + ``.../Training/label/labelXXXX.nii.gz``."""
+    """Owners' layout ``.../Training/img/imgXXXX.nii.gz`` + ``.../Training/label/labelXXXX.nii.gz``.
+
+    The owners' ``RawData/Testing/img`` (the challenge's unlabelled test scans) has no ``label`` folder beside it:
+    those images are not part of the task. A missing file inside a ``label`` folder still surfaces as an
+    unlabelled case (an error in ``task_cases``).
+    """
     cases = []
-    for image_dir in sorted(p for p in root.rglob("img") if p.is_dir()):
+    for image_dir in sorted(p for p in root.rglob("img") if p.is_dir() and (p.parent / "label").is_dir()):
         for image in _niftis(image_dir):
             number = strip_nifti(image.name)[len("img"):]
             label = next((p for p in (image_dir.parent / "label" / f"label{number}{s}" for s in NIFTI_SUFFIXES)

@@ -47,6 +47,9 @@ def test_btcv_kits23_lits_layouts(tmp_path):
         _touch(tmp_path / "kits23" / "dataset" / f"case_{i:05d}" / "segmentation.nii.gz")
         _touch(tmp_path / "lits" / "Training Batch 1" / f"volume-{i}.nii")
         _touch(tmp_path / "lits" / "Training Batch 1" / f"segmentation-{i}.nii")
+        # the owners' unlabelled challenge test scans sit beside Training and are not task cases
+        _touch(tmp_path / "btcv" / "RawData" / "Testing" / "img" / f"img{60 + i:04d}.nii.gz")
+        _touch(tmp_path / "lits" / "Testing Batch" / f"test-volume-{i}.nii")
     btcv = _cfg("btcv", tmp_path / "btcv")
     assert [c.case_id for c in task_cases(btcv)] == ["btcv_0001", "btcv_0002"]
     assert len(task_labels(btcv)) == 14
