@@ -73,48 +73,90 @@ def run_step(name: str, cmd: list[str], log_dir: Path, index: int, total: int) -
     return elapsed
 
 
-def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
-    """A two-case nnU-Net raw dataset (spleen) from the embedded sample, plus its ``splits_final.json``.
+# case id -> (image: NIfTI file or DICOM series folder, label NIfTI, spleen label value), relative to sample_ct/
+DEMO_CASES = {
+    "totalseg_example": ("totalsegmentator/example_ct.nii.gz",
+                         "totalsegmentator/example_seg_fast_force_split.nii.gz", TOTALSEG_SPLEEN_ID),
+    "msd_spleen2": ("msd_spleen/sub-spleen2_ct.nii.gz", "msd_spleen/sub-spleen2_ct_seg-manual.nii.gz", 1),
+    "totalseg_dicom": ("totalsegmentator_dicom/example_ct_dicom", "totalsegmentator_dicom/example_seg_dicom.nii.gz",
+                       TOTALSEG_SPLEEN_ID),
+}
+DEMO_SPLIT = {"train": ["totalseg_example", "totalseg_dicom"], "val": ["msd_spleen2"]}
 
-    Training case: the TotalSegmentator example CT with its spleen label (a TotalSegmentator prediction);
-    validation case: the MSD spleen case with its manual mask. Two cases cannot make nnU-Net's five folds, so an
-    explicit split file says which is which. Images are linked (copied if links are unavailable), labels written
-    as uint8 with each image's own affine.
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Atomic NIfTI write with both qform and sform set to ``affine`` (so every reader agrees on the geometry)."""
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+
+
+def _label_on_grid(label_img: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray, label_path: Path) -> np.ndarray:
+    """The label array reoriented onto an image grid that differs from it only by axis flips/permutations.
+
+    Label maps are often stored in another orientation than the image (the TotalSegmentator DICOM example's labels
+    are LAS, its series LPS): they are aligned by affine, never by raw array order.
     """
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label_img.affine),
+                                                nib.orientations.io_orientation(affine))
+    data = nib.orientations.apply_orientation(np.asarray(label_img.dataobj), transform)
+    moved = label_img.affine @ nib.orientations.inv_ornt_aff(transform, label_img.shape)
+    if data.shape != tuple(shape) or not np.allclose(moved, affine, atol=1e-3):
+        raise ValueError(f"{label_path}: label grid {label_img.shape} does not match its image {tuple(shape)} "
+                         "after reorientation by affine")
+    return data
+
+
+def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
+    """A three-case nnU-Net raw dataset (spleen) from the embedded sample, plus its ``splits_final.json``.
+
+    Training cases: the TotalSegmentator example CT (whole abdomen, 3 mm, spleen ~33 HU) and the TotalSegmentator
+    DICOM example (another patient and scanner, contrast-enhanced, spleen ~80 HU; JPEG 2000 DICOM read by
+    ``finetune.dicom``), both with TotalSegmentator-predicted labels. Validation case: the MSD spleen case with its
+    MANUAL mask (contrast-enhanced, a tight crop around the spleen). With only the non-contrast case to learn from,
+    the intensity normalisation fitted on it clips the validation spleen at its upper bound; the second training case
+    covers the contrast phase. Three cases cannot make nnU-Net's five folds, so an explicit split file says which is
+    which. NIfTI images are linked (copied if links are unavailable); the DICOM series is converted to NIfTI (int16
+    HU, RAS affine); labels are written as uint8 on each image's own grid.
+    """
+    from finetune.dicom import read_dicom_series
+
     dataset = out_dir / "Dataset001_DemoSpleen"
     images, labels = dataset / "imagesTr", dataset / "labelsTr"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
-    sources = {
-        "totalseg_example": (sample_dir / "totalsegmentator" / "example_ct.nii.gz",
-                             sample_dir / "totalsegmentator" / "example_seg_fast_force_split.nii.gz", TOTALSEG_SPLEEN_ID),
-        "msd_spleen2": (sample_dir / "msd_spleen" / "sub-spleen2_ct.nii.gz",
-                        sample_dir / "msd_spleen" / "sub-spleen2_ct_seg-manual.nii.gz", 1),
-    }
-    for case_id, (image_path, label_path, spleen_id) in sources.items():
-        for p in (image_path, label_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"demo sample file missing: {p} (the repository's data_curation/sample_ct)")
+    for case_id, (image_rel, label_rel, spleen_id) in DEMO_CASES.items():
+        image_path, label_path = sample_dir / image_rel, sample_dir / label_rel
+        for path in (image_path, label_path):
+            if not path.exists():
+                raise FileNotFoundError(f"demo sample file missing: {path} (the repository's data_curation/sample_ct)")
         target = images / f"{case_id}_0000.nii.gz"
-        if not target.exists():
-            try:
-                target.symlink_to(image_path.resolve())
-            except OSError:
-                target.write_bytes(image_path.read_bytes())
+        if image_path.is_dir():
+            volume = read_dicom_series(image_path)
+            affine = volume.affine
+            shape = volume.array.shape[::-1]
+            if not target.exists():
+                _save_nifti(np.rint(volume.array.transpose(2, 1, 0)).astype(np.int16), affine, target)
+        else:
+            header = nib.load(str(image_path))
+            affine, shape = header.affine, header.shape
+            if not target.exists():
+                try:
+                    target.symlink_to(image_path.resolve())
+                except OSError:
+                    target.write_bytes(image_path.read_bytes())
         label_img = nib.load(str(label_path))
-        spleen = (np.asarray(label_img.dataobj) == spleen_id).astype(np.uint8)
-        out = nib.Nifti1Image(spleen, label_img.affine)
-        out.set_qform(label_img.affine, code=1)
-        out.set_sform(label_img.affine, code=1)
-        tmp = labels / f".{case_id}.tmp.nii.gz"
-        nib.save(out, str(tmp))
-        tmp.replace(labels / f"{case_id}.nii.gz")
+        spleen = (_label_on_grid(label_img, shape, affine, label_path) == spleen_id).astype(np.uint8)
+        _save_nifti(spleen, affine, labels / f"{case_id}.nii.gz")
     meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
-            "numTraining": len(sources), "file_ending": ".nii.gz",
+            "numTraining": len(DEMO_CASES), "file_ending": ".nii.gz",
             "description": "MedDINOv3 demo: spleen, built from the repository's embedded real CT sample"}
     (dataset / "dataset.json").write_text(json.dumps(meta, indent=2))
     splits = out_dir / "splits_final.json"
-    splits.write_text(json.dumps([{"train": ["totalseg_example"], "val": ["msd_spleen2"]}], indent=2))
+    splits.write_text(json.dumps([DEMO_SPLIT], indent=2))
     return dataset, splits
 
 
@@ -177,7 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         dataset, splits = build_demo_dataset(REPO_ROOT / "data_curation" / "sample_ct", out / "finetune_data")
         task = str(dataset)
         extra.append(f"splits_file={splits}")
-        print(f"    nnU-Net raw dataset {dataset} (train: totalseg_example, val: msd_spleen2)", flush=True)
+        print(f"    nnU-Net raw dataset {dataset} (train: {', '.join(DEMO_SPLIT['train'])}; "
+              f"validation: {', '.join(DEMO_SPLIT['val'])})", flush=True)
     else:
         task = str(cfg.finetune.task)
         print(f"    task {task}", flush=True)
@@ -216,6 +259,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              logs, 6, total)
     run_step("pictures-scores", [py, "-m", "finetune.plots", "bars", "--summary", ft / "summary.json",
                                  "--out", pics / "finetune_scores.png"], logs, 6, total)
+    if str(cfg.finetune.task) == DEMO_TASK:
+        # each validation case: CT, its reference mask and the finetuned model's prediction, a few slices
+        for val_case in DEMO_SPLIT["val"]:
+            run_step(f"pictures-overlays-{val_case}", [
+                py, "-m", "finetune.plots", "overlays", "--image", Path(task) / "imagesTr" / f"{val_case}_0000.nii.gz",
+                "--gt", Path(task) / "labelsTr" / f"{val_case}.nii.gz", "--pred", ft / "validation" / f"{val_case}.nii.gz",
+                "--labels", "1=spleen", "--out", pics / f"overlays_{val_case}.png"], logs, 6, total)
     timings["pictures"] = time.time() - t0
 
     scores = _summary_scores(ft / "summary.json")

@@ -27,20 +27,29 @@ def test_build_demo_dataset_is_nnunet_raw_with_the_sample_geometry(sample_ct, tm
     dataset, splits = demo.build_demo_dataset(sample_ct, tmp_path)
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "spleen": 1}
-    assert json.loads(splits.read_text()) == [{"train": ["totalseg_example"], "val": ["msd_spleen2"]}]
-    for case, source_label, spleen_id in (
-        ("totalseg_example", sample_ct / "totalsegmentator" / "example_seg_fast_force_split.nii.gz", 1),
-        ("msd_spleen2", sample_ct / "msd_spleen" / "sub-spleen2_ct_seg-manual.nii.gz", 1),
+    assert json.loads(splits.read_text()) == [{"train": ["totalseg_example", "totalseg_dicom"], "val": ["msd_spleen2"]}]
+    # mean HU inside the spleen, as verified for these files in shared/data/real/SOURCES.md
+    for case, source_label, spleen_id, spleen_hu in (
+        ("totalseg_example", sample_ct / "totalsegmentator" / "example_seg_fast_force_split.nii.gz", 1, 33),
+        ("msd_spleen2", sample_ct / "msd_spleen" / "sub-spleen2_ct_seg-manual.nii.gz", 1, 86),
+        ("totalseg_dicom", sample_ct / "totalsegmentator_dicom" / "example_seg_dicom.nii.gz", 1, 80),
     ):
         image = nib.load(str(dataset / "imagesTr" / f"{case}_0000.nii.gz"))
         label = nib.load(str(dataset / "labelsTr" / f"{case}.nii.gz"))
         assert image.shape == label.shape
         np.testing.assert_allclose(image.affine, label.affine, atol=1e-5)
-        expected = np.asarray(nib.load(str(source_label)).dataobj) == spleen_id
+        source = nib.load(str(source_label))
         got = np.asarray(label.dataobj)
         assert got.dtype == np.uint8 and set(np.unique(got)) == {0, 1}
-        np.testing.assert_array_equal(got.astype(bool), expected)
-        assert expected.sum() > 1000  # a real spleen in both cases
+        # same voxels in world space: compare through nibabel's canonical (RAS) orientation
+        expected = np.asarray(nib.as_closest_canonical(source).dataobj) == spleen_id
+        np.testing.assert_array_equal(np.asarray(nib.as_closest_canonical(label).dataobj).astype(bool), expected)
+        assert expected.sum() > 1000  # a real spleen in every case
+        hu = np.asarray(image.dataobj, dtype=np.float32)[got > 0].mean()
+        assert abs(hu - spleen_hu) < 3, (case, hu)
+    dicom_image = nib.load(str(dataset / "imagesTr" / "totalseg_dicom_0000.nii.gz"))
+    assert dicom_image.shape == (512, 512, 20) and dicom_image.get_data_dtype() == np.int16
+    np.testing.assert_allclose(dicom_image.header.get_zooms(), (0.9765625, 0.9765625, 2.0), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -60,7 +69,8 @@ def test_demo_runs_end_to_end_and_says_where_outputs_are(tmp_path, capsys):
     assert pred.shape == source.shape
     np.testing.assert_allclose(pred.affine, source.affine, atol=1e-4)
     pictures = sorted(p.name for p in (out / "pictures").glob("*.png"))
-    assert pictures == ["finetune_scores.png", "pca.png", "pretrain_curves.png", "similarity_stages.png"]
+    assert pictures == ["finetune_scores.png", "overlays_msd_spleen2.png", "pca.png", "pretrain_curves.png",
+                        "similarity_stages.png"]
     saved = json.loads((out / "demo_summary.json").read_text())
     assert saved["outputs"] == result["outputs"]
     for value in result["outputs"].values():
