@@ -134,23 +134,18 @@ def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
             if not path.exists():
                 raise FileNotFoundError(f"demo sample file missing: {path} (the repository's data_curation/sample_ct)")
         target = images / f"{case_id}_0000.nii.gz"
-        if image_path.is_dir():
-            volume = read_dicom_series(image_path)
-            affine = volume.affine
-            shape = volume.array.shape[::-1]
-            if not target.exists():
-                _save_nifti(np.rint(volume.array.transpose(2, 1, 0)).astype(np.int16), affine, target)
-        else:
-            header = nib.load(str(image_path))
-            affine, shape = header.affine, header.shape
-            if not target.exists():
+        if not target.exists():  # a re-run keeps the converted image (decoding the DICOM series is the slow part)
+            if image_path.is_dir():
+                volume = read_dicom_series(image_path)
+                _save_nifti(np.rint(volume.array.transpose(2, 1, 0)).astype(np.int16), volume.affine, target)
+            else:
                 try:
                     target.symlink_to(image_path.resolve())
                 except OSError:
                     target.write_bytes(image_path.read_bytes())
-        label_img = nib.load(str(label_path))
-        spleen = (_label_on_grid(label_img, shape, affine, label_path) == spleen_id).astype(np.uint8)
-        _save_nifti(spleen, affine, labels / f"{case_id}.nii.gz")
+        image = nib.load(str(target))  # header only: the grid every label is written on
+        spleen = (_label_on_grid(nib.load(str(label_path)), image.shape, image.affine, label_path) == spleen_id)
+        _save_nifti(spleen.astype(np.uint8), image.affine, labels / f"{case_id}.nii.gz")
     meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
             "numTraining": len(DEMO_CASES), "file_ending": ".nii.gz",
             "description": "MedDINOv3 demo: spleen, built from the repository's embedded real CT sample"}
