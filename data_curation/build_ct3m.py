@@ -245,10 +245,32 @@ def _exit_with_builder(builder_pid: int, poll_s: float) -> None:
     threading.Thread(target=watch, name="exit-with-builder", daemon=True).start()
 
 
+def tune_malloc(run_cfg: dict) -> bool:
+    """glibc only: keep freed memory in the worker's heap for the next slice instead of handing it back to the OS.
+
+    A worker allocates and frees several 0.1-0.5 MB arrays per slice (decoded pixels, HU, resampled slice, sample
+    bytes). With glibc's defaults each of those is a fresh ``mmap`` (or a heap top trimmed after every free), so
+    every slice pays page faults on memory it just released; that was a third of the DICOM reader's own work,
+    measured. Arrays of ``run.malloc_mmap_threshold_mb`` or more (whole volumes) still come from and go back to the
+    OS, so a worker keeps at most about ``run.malloc_trim_threshold_mb`` of free heap on top of what it uses.
+    Returns whether the settings were applied (False on other C libraries, or when the config leaves them null)."""
+    import ctypes
+    import platform
+
+    mmap_mb, trim_mb = run_cfg.get("malloc_mmap_threshold_mb"), run_cfg.get("malloc_trim_threshold_mb")
+    if mmap_mb is None or trim_mb is None or platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from glibc's <malloc.h>
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(m_mmap_threshold, int(mmap_mb * 2**20)) == 1
+    return libc.mallopt(m_trim_threshold, int(trim_mb * 2**20)) == 1 and ok
+
+
 def _init_worker(cfg: dict, staging: str, builder_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    tune_malloc(cfg["run"])
     _WORKER_CFG["cfg"] = cfg
     _WORKER_CFG["staging"] = staging
     if builder_pid is not None and builder_pid != os.getpid():

@@ -97,11 +97,12 @@ class HuCheck:
     def from_cfg(cls, cfg: dict) -> "HuCheck":
         return cls(float(cfg["low"]), float(cfg["high"]), float(cfg["slack"]), float(cfg["max_outside_fraction"]))
 
-    def update(self, hu: np.ndarray) -> tuple[float, float]:
-        """Account for a chunk; returns its (min, max). Two passes when everything is in range (the usual case)."""
+    def update(self, hu: np.ndarray, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+        """Account for a chunk; returns its (min, max). Two passes when everything is in range (the usual case), none
+        when the caller already knows the chunk's exact ``bounds`` (min, max)."""
         if hu.size == 0:
             return 0.0, 0.0
-        lo, hi = float(hu.min()), float(hu.max())
+        lo, hi = bounds if bounds is not None else (float(hu.min()), float(hu.max()))
         self.n_total += hu.size
         if lo < self.low - self.slack or hi > self.high + self.slack:
             self.n_outside += int(np.count_nonzero((hu < self.low - self.slack) | (hu > self.high + self.slack)))

@@ -2,7 +2,8 @@
 
 Pipeline (each step names its rejection reason, see ``FILTERED_REASONS`` for the ones that are by design):
 
-1. Header of every file (each file is read once). Not a DICOM -> ``unreadable``; SEG / RT objects ->
+1. Header of every file (each file is read once, and its pixels are decoded right away while the bytes are still
+   in the CPU cache -- unless its orientation already dooms its series, step 3). Not a DICOM -> ``unreadable``; SEG / RT objects ->
    ``seg_object`` / ``rt_object``; modality other than CT -> ``not_ct``; colour (RGB screenshots, dose pages) ->
    ``not_grayscale``; localizer / scout / surview -> ``localizer``; derived maps (perfusion, MIP...) ->
    ``derived_map``; CT-labelled secondary captures -> ``secondary_capture``; missing geometry -> ``no_geometry``.
@@ -62,7 +63,9 @@ class Frame:
     pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
     slope: float
     intercept: float
-    dataset: object = None  # the file's pydicom Dataset (read once; pixels decoded later, only if the series is kept)
+    dataset: object = None  # the file's pydicom Dataset until its pixels are decoded (then released)
+    hu: np.ndarray | None = None  # [rows, cols] int16 HU once decoded
+    error: Rejection | None = None  # why the pixels of this frame are unusable (reported if its series is assembled)
 
 
 def _tokens(value) -> list[str]:
@@ -89,7 +92,7 @@ def _first(seq_owner, *names):
 
 def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
     try:
-        ds = pydicom.dcmread(path)  # whole file once: the pixel bytes are decoded later only if the series is kept
+        ds = pydicom.dcmread(path)  # whole file once: header and pixel bytes
     except Exception as exc:
         return Rejection(path, "unreadable", f"not a readable DICOM file ({type(exc).__name__})")
     sop = str(ds.get("SOPClassUID", ""))
@@ -206,10 +209,12 @@ def _padding_mask(raw: np.ndarray, ds) -> np.ndarray | None:
     return (raw >= lo) & (raw <= hi)
 
 
-def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> np.ndarray:
-    """Stored values -> HU. The usual CT case (integer pixels, slope 1, integral intercept, every value within int16
-    before and after the shift) stays int16 with no intermediate copy; otherwise int32, or float64 when the slope
-    or intercept is not integral."""
+def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Stored values -> (HU, its (min, max) when already known, else None). The usual CT case (integer pixels, slope
+    1, integral intercept, every value within int16 before and after the shift) stays int16 with no intermediate
+    copy, and its range is the stored range shifted (no second pass for the HU check); otherwise int32, or float64
+    when the slope or intercept is not integral."""
+    bounds = None
     if frame.slope == 1.0 and float(frame.intercept).is_integer() and np.issubdtype(raw.dtype, np.integer):
         shift = int(frame.intercept)
         lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
@@ -218,12 +223,42 @@ def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> np.ndarray:
             hu += np.int16(shift)
         else:
             hu = raw.astype(np.int32) + shift
+        bounds = (float(lo + shift), float(hi + shift))
     else:
         hu = raw.astype(np.float64) * frame.slope + frame.intercept
     mask = _padding_mask(raw, ds)
-    if mask is not None:
+    if mask is not None and mask.any():
         np.copyto(hu, fill_hu, where=mask, casting="unsafe")
-    return hu
+        bounds = None
+    return hu, bounds
+
+
+def _decode_frames(frames: list[Frame], reading_cfg: dict) -> None:
+    """Decode the pixels of one file's frames into ``Frame.hu`` (int16 HU, HU-checked), or set ``Frame.error``.
+
+    Runs right after the file's header is read, so the encoded bytes are decoded while still in the CPU cache,
+    and the dataset (with its encoded pixel bytes) is released at once."""
+    fill = int(reading_cfg["padding_fill_hu"])
+    try:
+        arr, ds = _decode_file(frames[0].path, frames[0].dataset)
+    except CurationError as err:
+        for f in frames:
+            f.error, f.dataset = err.rejection, None
+        return
+    for f in frames:
+        where = f.path if f.frame is None else f"{f.path} [frame {f.frame}]"
+        try:
+            raw = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr
+            if raw.shape != (f.rows, f.cols):
+                raise CurationError(f.path, "decode_error", f"decoded shape {raw.shape} != Rows x Columns {(f.rows, f.cols)}")
+            hu, bounds = _to_hu(raw, f, ds, fill)
+            check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
+            check.update(hu, bounds)
+            check.verify(where)
+            f.hu = to_int16_hu(hu, fill)[0]
+        except CurationError as err:
+            f.error = err.rejection
+        f.dataset = None  # release the encoded pixel bytes as soon as the slice is decoded
 
 
 def _series_id(uid: str) -> str:
@@ -240,8 +275,10 @@ def read_dicom_series(paths: list[str], dicom_cfg: dict, reading_cfg: dict) -> t
         got = _headers(path, dicom_cfg)
         if isinstance(got, Rejection):
             rejections.append(got)
-        else:
-            frames.extend(got)
+            continue
+        if _slice_normal(got[0].iop, dicom_cfg)[1] is not None:  # else its series will be rejected: no decoding
+            _decode_frames(got, reading_cfg)
+        frames.extend(got)
     groups: dict[tuple, list[Frame]] = {}
     for f in frames:
         key = (f.series_key, f.rows, f.cols, tuple(np.round(f.iop, 3)))
@@ -261,41 +298,42 @@ def read_dicom_series(paths: list[str], dicom_cfg: dict, reading_cfg: dict) -> t
     return volumes, rejections
 
 
-def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejections: list[Rejection]) -> RawVolume | None:
-    first = frames[0]
-    row_dir, col_dir = first.iop[:3], first.iop[3:]
-    normal = np.cross(row_dir, col_dir)
+def _slice_normal(iop: np.ndarray, dicom_cfg: dict) -> tuple[str, np.ndarray | None, float]:
+    """(problem, unit slice normal or None, tilt from the patient z axis in degrees) of an ImageOrientationPatient;
+    ``problem`` is a rejection reason (``no_geometry`` / ``not_axial``) or "" when the series can be axial CT."""
+    normal = np.cross(iop[:3], iop[3:])
     norm = np.linalg.norm(normal)
-    where = first.path if len(frames) == 1 else f"{Path(first.path).parent} ({len(frames)} images)"
     if norm < 1e-6:
-        raise CurationError(where, "no_geometry", "ImageOrientationPatient rows and columns are parallel")
+        return "no_geometry", None, 0.0
     normal = normal / norm
     tilt_deg = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
     if tilt_deg > float(dicom_cfg["max_tilt_deg"]):
+        return "not_axial", None, tilt_deg
+    return "", normal, tilt_deg
+
+
+def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejections: list[Rejection]) -> RawVolume | None:
+    first = frames[0]
+    row_dir, col_dir = first.iop[:3], first.iop[3:]
+    where = first.path if len(frames) == 1 else f"{Path(first.path).parent} ({len(frames)} images)"
+    problem, normal, tilt_deg = _slice_normal(first.iop, dicom_cfg)
+    if problem == "no_geometry":
+        raise CurationError(where, "no_geometry", "ImageOrientationPatient rows and columns are parallel")
+    if problem == "not_axial":
         raise CurationError(where, "not_axial", f"slice normal is {tilt_deg:.1f} deg from the patient z axis (sagittal/coronal/oblique series)")
 
-    # decode, rescale, mask padding, HU-check per file (a corrupt file is dropped, the series survives)
+    # pixels were decoded, rescaled, padding-masked and HU-checked per file (a corrupt file is dropped, the series
+    # survives); a frame whose own orientation was just past max_tilt_deg but rounded into this group is decoded now
     fill = int(reading_cfg["padding_fill_hu"])
     decoded: list[tuple[Frame, np.ndarray]] = []
-    cache: dict[str, tuple[np.ndarray, object]] = {}
     for f in sorted(frames, key=lambda f: (f.path, f.frame or 0)):
-        try:
-            if f.path not in cache:
-                cache.clear()
-                cache[f.path] = _decode_file(f.path, f.dataset)
-            arr, ds = cache[f.path]
-            raw = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr
-            if raw.shape != (f.rows, f.cols):
-                raise CurationError(f.path, "decode_error", f"decoded shape {raw.shape} != Rows x Columns {(f.rows, f.cols)}")
-            hu = _to_hu(raw, f, ds, fill)
-            check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
-            check.update(hu)
-            check.verify(f.path if f.frame is None else f"{f.path} [frame {f.frame}]")
-            decoded.append((f, to_int16_hu(hu, fill)[0]))
-            f.dataset = None  # release the encoded pixel bytes as soon as the slice is decoded
-        except CurationError as err:
-            rejections.append(err.rejection)
-    cache.clear()
+        if f.hu is None and f.error is None:
+            _decode_frames([f], reading_cfg)
+        if f.error is not None:
+            rejections.append(f.error)
+        else:
+            decoded.append((f, f.hu))
+        f.hu = None
     if not decoded:
         return None
 

@@ -377,3 +377,14 @@ def test_changed_config_refused_then_restart(tmp_path, repo_root, sample_ct, run
     run_build(repo_root, "--out", str(out), "--root", root, "slices.min_slice_step_mm=10", "--restart")
     positions = sorted(m["slice_position_mm"] for _, m in read_samples(out).values())
     assert len(positions) < n_all and min(np.diff(positions)) >= 10 - 1e-6  # 5 mm slices -> every other one
+
+
+def test_tune_malloc_applies_on_glibc_and_is_optional(repo_root):
+    """The workers' malloc settings (config ``run.malloc_*``) apply on glibc; null leaves the C library alone."""
+    import platform
+
+    from data_curation.build_ct3m import tune_malloc
+
+    run_cfg = load_config(repo_root / "configs" / "data" / "ct3m.yaml")["run"]
+    assert tune_malloc(run_cfg) == (platform.libc_ver()[0] == "glibc")
+    assert not tune_malloc({**run_cfg, "malloc_mmap_threshold_mb": None, "malloc_trim_threshold_mb": None})
