@@ -20,7 +20,7 @@ from data_curation.geometry import is_near_empty, output_geometry, resample_slic
 from data_curation.readers.common import CurationError, RawVolume
 from data_curation.readers.dicom import read_dicom_series
 from data_curation.readers.nifti import read_nifti
-from data_curation.shards import encode_image, sample_blob, sample_json, sample_key
+from data_curation.shards import encode_image_pieces, sample_json, sample_key, write_sample
 from data_curation.sources.base import Case
 
 STAGING_SUFFIX = ".samples"
@@ -69,7 +69,7 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
 
 def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging: Path) -> dict:
     """Canonicalise, select, resample, skip empties, fingerprint -- and encode every kept slice straight into its
-    final sample bytes (image + json in tar form, :func:`data_curation.shards.sample_blob`) in a staging file, so
+    final sample bytes (image + json in tar form, :func:`data_curation.shards.write_sample`) in a staging file, so
     the packer only concatenates byte ranges. Holds the volume plus one batch of ``run.slice_batch`` slices."""
     vol = to_canonical_axial(raw)
     del raw
@@ -115,7 +115,7 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
     n_empty = offset = 0
     name = staging_name(uid)
     tmp = staging / f"{name}{STAGING_SUFFIX}.tmp"
-    with open(tmp, "wb") as fh:
+    with open(tmp, "wb", buffering=0) as fh:  # unbuffered: each sample is one writev straight from the slice
         for b0 in range(0, z, batch):
             native = vol.array[b0:b0 + batch]
             descriptors.append(slice_descriptors(native, grid[1:]))
@@ -135,13 +135,11 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
                 i = int(b0 + idx[j])
                 key = sample_key(case.source, case_name, i)
                 meta = dict(common, key=key, slice_index=i, slice_position_mm=round(float(pos[i]), 4), slice_spacing_mm=local_gap(i))
-                ext, data = encode_image(out[j], fmt, level)
-                blob = sample_blob(key, {ext: data, "json": sample_json(meta)})
-                fh.write(blob)
-                slices.append([i, offset, len(blob)])
-                offset += len(blob)
+                ext, image = encode_image_pieces(out[j], fmt, level)
+                size = write_sample(fh.fileno(), key, {ext: image, "json": sample_json(meta)})
+                slices.append([i, offset, size])
+                offset += size
         if cfg["run"].get("fsync_staging", False):  # kill -9 needs no fsync; the builder re-verifies staging files
-            fh.flush()
             os.fsync(fh.fileno())
     os.replace(tmp, staging / f"{name}{STAGING_SUFFIX}")
     fp = volume_fingerprint(uid, np.concatenate(descriptors), (z, h, w), (vol.slice_spacing_mm, *vol.spacing_mm), grid[0])

@@ -46,16 +46,23 @@ def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
 
 def encode_image(img: np.ndarray, fmt: str, png_compress_level: int = 1) -> tuple[str, bytes]:
     """int16 HU ``[H, W]`` -> (field extension, bytes). Both encodings are lossless; npy bytes equal ``np.save``'s."""
+    ext, pieces = encode_image_pieces(img, fmt, png_compress_level)
+    return ext, b"".join(pieces)
+
+
+def encode_image_pieces(img: np.ndarray, fmt: str, png_compress_level: int = 1) -> tuple[str, list]:
+    """Like :func:`encode_image`, as buffers to write one after the other: for npy the header and the slice's own
+    memory (no copy of the pixels until the kernel copies them into the file, see :func:`write_sample`)."""
     if img.dtype != np.int16 or img.ndim != 2:
         raise ValueError(f"expected int16 [H, W], got {img.dtype} {img.shape}")
     if fmt == "npy":
-        return "npy", _npy_header(tuple(img.shape), img.dtype.str) + np.ascontiguousarray(img).tobytes()
+        return "npy", [_npy_header(tuple(img.shape), img.dtype.str), memoryview(np.ascontiguousarray(img)).cast("B")]
     if fmt == "png":
         from PIL import Image
 
         buf = io.BytesIO()
         Image.fromarray((img.astype(np.int32) + PNG_OFFSET).astype(np.uint16)).save(buf, format="PNG", compress_level=png_compress_level)
-        return "png", buf.getvalue()
+        return "png", [buf.getvalue()]
     raise ValueError(f"image_format must be 'npy' or 'png', got {fmt!r}")
 
 
@@ -86,15 +93,38 @@ def _header(name: str, size: int) -> bytes:
     return raw + b"\0" * (100 - len(raw)) + _MODE_IDS + size_field + b"00000000000\0" + b"%06o\0 " % checksum + _HEADER_TAIL
 
 
-def _member(name: str, data: bytes) -> bytes:
-    return _header(name, len(data)) + data + b"\0" * (-len(data) % _BLOCK)
+_ZEROS = bytes(_BLOCK)
 
 
-def sample_blob(key: str, fields: dict[str, bytes]) -> bytes:
-    """The tar bytes of one sample (``{ext: payload}``, written in sorted extension order)."""
+def sample_pieces(key: str, fields: dict[str, bytes | list]) -> list:
+    """The tar bytes of one sample as a list of buffers (``{ext: payload}``; a payload is bytes or a list of
+    buffers; fields in sorted extension order): each member's header, payload and zero padding to 512 bytes."""
     if "." in key:
         raise ValueError(f"sample key {key!r} contains a dot (webdataset splits keys at the first dot)")
-    return b"".join(_member(f"{key}.{ext}", fields[ext]) for ext in sorted(fields))
+    pieces: list = []
+    for ext in sorted(fields):
+        payload = fields[ext] if isinstance(fields[ext], list) else [fields[ext]]
+        size = sum(memoryview(b).nbytes for b in payload)
+        pieces += [_header(f"{key}.{ext}", size), *payload, _ZEROS[:-size % _BLOCK]]
+    return pieces
+
+
+def sample_blob(key: str, fields: dict[str, bytes | list]) -> bytes:
+    """The tar bytes of one sample (see :func:`sample_pieces`) as one bytes object."""
+    return b"".join(sample_pieces(key, fields))
+
+
+def write_sample(fd: int, key: str, fields: dict[str, bytes | list]) -> int:
+    """Write one sample's tar bytes at ``fd``'s position with one ``os.writev`` (the pixels are copied once, by the
+    kernel, from the slice's memory into the file); returns the number of bytes written."""
+    pieces = sample_pieces(key, fields)
+    total = sum(memoryview(b).nbytes for b in pieces)
+    done = os.writev(fd, pieces) if hasattr(os, "writev") else 0
+    if done < total:  # a short write (full disk gives an error instead; a signal may interrupt): finish it plainly
+        rest = memoryview(b"".join(pieces))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+    return total
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:

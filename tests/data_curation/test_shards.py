@@ -116,3 +116,21 @@ def test_keys_with_dots_are_refused():
     with pytest.raises(ValueError, match="dot"):
         sample_blob("folder-a.b-00001", {"json": b"{}"})
     assert shards.sample_key("lits", "volume-7", 3) == "lits-volume-7-00003"
+
+
+def test_write_sample_equals_blob_even_after_a_short_write(tmp_path, dicom_slice, monkeypatch):
+    """The workers' zero-copy writer (one writev from the slice's memory) writes exactly the blob bytes, also when
+    the kernel accepts only part of the vector."""
+    from data_curation.shards import encode_image_pieces, write_sample
+
+    ext, pieces = encode_image_pieces(dicom_slice, "npy")
+    blob = sample_blob("k-00002", {ext: encode_image(dicom_slice, "npy")[1], "json": b'{"b":2}'})
+    real_writev = os.writev
+    for cut in (None, 700):  # whole vector, or only 700 bytes (inside the npy member's header) on the first call
+        if cut:
+            monkeypatch.setattr(os, "writev", lambda fd, bufs: os.write(fd, b"".join(bufs)[:cut]))
+        path = tmp_path / f"w{cut}.bin"
+        with open(path, "wb", buffering=0) as fh:
+            assert write_sample(fh.fileno(), "k-00002", {ext: pieces, "json": b'{"b":2}'}) == len(blob)
+        assert path.read_bytes() == blob
+        monkeypatch.setattr(os, "writev", real_writev)
