@@ -13,7 +13,9 @@ the physically shorter side is padded with ``pad_value_hu``); ``pad_crop`` first
 scale uniform across volumes. ``interpolation`` (``linear`` | ``cubic`` | ``nearest`` | ``area``) is used for
 upsampling; ``downsample`` chooses how linear/cubic shrink: ``area`` (box filter over each output pixel's
 footprint, the image-pyramid standard; integer factors take an ``avg_pool2d`` fast path) or ``antialias`` (torch's
-anti-aliased linear/cubic, ~5x slower on 512 -> 256).
+anti-aliased linear/cubic, ~5x slower on 512 -> 256). Plain (not anti-aliased) linear resampling, i.e. every upsampling,
+runs as two 1-D passes of torch's own kernels (``_bilinear_separable``): torch's bilinear to the last float bit or two,
+with the interpolation itself ~2x faster on one core.
 """
 from __future__ import annotations
 
@@ -132,10 +134,12 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
                 y = F.avg_pool2d(x, (h // out_hw[0], w // out_hw[1]))
             elif box:
                 y = F.interpolate(x, size=out_hw, mode="area")
+            elif mode == "linear" and not (down and cfg.get("antialias", True)):
+                y = _bilinear_separable(x.squeeze(1), tuple(out_hw))
             else:
                 tmode = "bilinear" if mode == "linear" else "bicubic"
                 y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=bool(cfg.get("antialias", True)) and down)
-            y = y.squeeze(1).numpy()  # elementwise work in numpy: its rint / int16 casts are several times faster on CPU
+            y = y.reshape(n, *out_hw).numpy()  # elementwise work in numpy: its rint / int16 casts are several times faster on CPU
         np.rint(y, out=y)  # half to even, as torch.round
         if mode == "cubic":  # the only kernel with negative weights: it can overshoot the int16 range
             np.clip(y, -32768, 32767, out=y)
@@ -149,6 +153,29 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
     if crop_to is not None:
         out = center_crop_pad(out, crop_to, int(cfg.get("pad_value_hu", -1024)))
     return out
+
+
+def _bilinear_separable(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """``[N, H, W]`` float32 -> ``[N, h, w]``: what ``F.interpolate(x[:, None], out_hw, mode="bilinear",
+    align_corners=False)`` (no antialias) computes, in about half the time on one core.
+
+    Bilinear weights are separable: torch's 2-D kernel interpolates along W, then along H, with per-axis indices and
+    weights (half-pixel centres, clamped at both borders, weights 1/0 on an axis whose size does not change). Here
+    the same two passes run as torch's 1-D kernels with those same weights: the W pass (one gather per value) only
+    produces the smaller intermediate ``[N, H, w]``; the H pass views that as a channels-last image ``[N, C=w, H, 1]``,
+    so torch's channels-last kernel vectorises over the ``w`` columns and writes ``[N, h, w]`` in place, where the
+    2-D kernel gathers four scalars per output pixel. Only the grouping of fused multiply-adds differs (a few 1e-4 HU,
+    as between torch's own 1- and 2-thread runs), so after rounding about 1 pixel in 10^6 of real CT lands 1 HU apart:
+    those whose exact value is a .5 tie.
+    """
+    n, h, w = x.shape
+    oh, ow = out_hw
+    if ow != w:
+        x = F.interpolate(x.reshape(n * h, 1, w), size=ow, mode="linear", align_corners=False).view(n, h, ow)
+    if oh != h:
+        rows = F.interpolate(x.view(n, h, 1, ow).permute(0, 3, 1, 2), size=(oh, 1), mode="bilinear", align_corners=False)
+        x = rows.permute(0, 2, 3, 1).reshape(n, oh, ow)  # a view when torch kept channels-last, else a copy (same values)
+    return x
 
 
 def _crop_pad_windows(hw: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int, int, int]:
