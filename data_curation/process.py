@@ -123,7 +123,7 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
             if not len(idx):
                 continue
             src = native if len(idx) == len(native) else native[idx]
-            out = resample_slices(np.ascontiguousarray(src), out_hw, crop_to, geo)
+            out = resample_slices(src, out_hw, crop_to, geo)  # any strides: every path reads it once into a new array
             keep = ~is_near_empty(out, float(sl_cfg["body_threshold_hu"]), float(sl_cfg["min_body_fraction"])) if skip_empty else np.ones(len(out), bool)
             n_empty += int(len(out) - keep.sum())
             if not keep.any():

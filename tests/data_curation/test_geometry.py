@@ -193,3 +193,15 @@ def test_mr_nifti_is_not_ct(real_data, ct3m_cfg):
         assert err.value.rejection.reason == "not_ct_intensity" and err.value.rejection.filtered
     for rel in ("totalsegmentator/example_ct.nii.gz", "totalsegmentator/aorta_report/ct_cropped.nii.gz", "ivadomed_msd_spleen/sub-spleen2_ct.nii.gz"):
         read_nifti(real_data / rel, ct3m_cfg["reading"])  # every real CT passes
+
+
+def test_resample_reads_flipped_and_transposed_views(real_data, ct3m_cfg):
+    """The worker passes canonical views (flips, transposes) straight in: every mode and shape gives what the
+    contiguous copy gives."""
+    vol = np.asanyarray(nib.load(real_data / "totalsegmentator" / "aorta_report" / "ct_cropped.nii.gz").dataobj).astype(np.int16)
+    for view in (vol.transpose(2, 1, 0)[:5, ::-1, ::-1], vol.transpose(2, 0, 1)[5:0:-1, :, ::-1]):
+        for out_hw, crop in (((256, 244), (256, 256)), ((60, 63), None), (view.shape[1:], (100, 100)), (view.shape[1:], None)):
+            for mode in ("linear", "cubic", "nearest", "area"):
+                cfg = {**ct3m_cfg["geometry"], "interpolation": mode}
+                got = resample_slices(view, out_hw, crop, cfg)
+                np.testing.assert_array_equal(got, resample_slices(np.ascontiguousarray(view), out_hw, crop, cfg))
