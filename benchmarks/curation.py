@@ -307,7 +307,7 @@ def main() -> None:
         work = st1["bench_per_input"][i]
         print(f"  {MADE.get(rel, rel):<48s} decode-only {dec:6.2f} s   "
               f"per-volume curation in the worker {work:6.2f} s   x{work / dec:.2f}")
-    print(f"load average (1 min) per round: " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loads))
+    print("load average (1 min) per round: " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loads))
     print(f"RATIO curation/decode-only (1 worker vs 1 process, median of per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}): "
           f"{float(np.median(ratios)):.2f}x   (target <= 1.5x)")
     print(f"  the same against a decode-only that inflates .nii.gz with ISA-L like the curation's reader ({rate['decode x1 isal']:.1f} "

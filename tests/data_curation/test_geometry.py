@@ -1,7 +1,6 @@
 """NIfTI and DICOM end in the same canonical axial orientation with consistent HU; in-plane geometry is as configured."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
