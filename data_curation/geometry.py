@@ -13,7 +13,9 @@ the physically shorter side is padded with ``pad_value_hu``); ``pad_crop`` first
 scale uniform across volumes. ``interpolation`` (``linear`` | ``cubic`` | ``nearest`` | ``area``) is used for
 upsampling; ``downsample`` chooses how linear/cubic shrink: ``area`` (box filter over each output pixel's
 footprint, the image-pyramid standard; integer factors take an ``avg_pool2d`` fast path) or ``antialias`` (torch's
-anti-aliased linear/cubic, ~5x slower on 512 -> 256). Plain (not anti-aliased) linear resampling, i.e. every upsampling,
+anti-aliased linear/cubic, ~5x slower on 512 -> 256). When one axis shrinks while the other grows (non-square
+pixels fitted to square output pixels), a box filter cannot enlarge, so the anti-aliased kernel is used whatever
+``downsample`` says: it filters the shrinking axis and is plain linear/cubic along the growing one. Plain (not anti-aliased) linear resampling, i.e. every upsampling,
 runs as two 1-D passes of torch's own kernels (``_bilinear_separable``): torch's bilinear to the last float bit or two,
 with the interpolation itself ~2x faster on one core.
 """
@@ -116,6 +118,7 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
     if (h, w) != tuple(out_hw):
         mode = cfg.get("interpolation", "linear")
         down = out_hw[0] <= h and out_hw[1] <= w
+        shrinks = out_hw[0] < h or out_hw[1] < w  # with one axis growing (non-square pixels): anti-aliased kernel
         box = mode == "area" or (down and cfg.get("downsample", "area") == "area" and mode in ("linear", "cubic"))
         if mode not in ("linear", "cubic", "nearest", "area"):
             raise ValueError(f"geometry.interpolation must be linear|cubic|nearest|area, got {mode!r}")
@@ -133,11 +136,11 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
                 y = F.avg_pool2d(x, (h // out_hw[0], w // out_hw[1]))
             elif box:
                 y = F.interpolate(x, size=out_hw, mode="area")
-            elif mode == "linear" and not (down and cfg.get("antialias", True)):
+            elif mode == "linear" and not (shrinks and cfg.get("antialias", True)):
                 y = _bilinear_separable(x.squeeze(1), tuple(out_hw))
             else:
                 tmode = "bilinear" if mode == "linear" else "bicubic"
-                y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=bool(cfg.get("antialias", True)) and down)
+                y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=bool(cfg.get("antialias", True)) and shrinks)
             y = y.reshape(n, *out_hw).numpy()  # elementwise work in numpy: its rint / int16 casts are several times faster on CPU
         np.rint(y, out=y)  # half to even, as torch.round
         if mode == "cubic":  # the only kernel with negative weights: it can overshoot the int16 range

@@ -128,16 +128,17 @@ def test_resample_preserves_hu_and_pads(dicom_axial):
     assert center_crop_pad(np.ones((1, 4, 6), np.int16), (6, 2), 0).tolist() == [[[0, 0], [1, 1], [1, 1], [1, 1], [1, 1], [0, 0]]]
 
 
-def _torch_bilinear(slices: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """The reference: torch's 2-D bilinear kernel (no antialias) on float32, rounded half to even to int16."""
-    y = F.interpolate(torch.from_numpy(slices.astype(np.float32))[:, None], size=out_hw, mode="bilinear", align_corners=False)
+def _torch_bilinear(slices: np.ndarray, out_hw: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """The reference: torch's 2-D bilinear kernel on float32, rounded half to even to int16."""
+    y = F.interpolate(torch.from_numpy(slices.astype(np.float32))[:, None], size=out_hw, mode="bilinear", align_corners=False,
+                      antialias=antialias)
     return np.rint(y[:, 0].numpy()).astype(np.int16)
 
 
 def test_linear_upsampling_matches_torch_bilinear_on_real_ct(real_data, ct3m_cfg):
     """The separable linear path gives torch's bilinear HU on a real small-matrix CT (TotalSegmentator example,
     101x122 at 3 mm): the configured keep-aspect upsampling (-> 212x256, padded to 256x256), a crop of it enlarged to
-    256x244, and a mixed case (rows shrink, columns grow; plain point-sampled linear, as before). Only float rounding
+    256x244, and a mixed case (rows shrink, columns grow: torch's anti-aliased bilinear). Only float rounding
     order differs, so a pixel may differ by 1 HU at an exact .5 tie: >= 99.9% identical, never more than 1 HU apart."""
     ct = to_canonical_axial(read_nifti(real_data / "totalsegmentator" / "example_ct.nii.gz", ct3m_cfg["reading"]))
     geo = ct3m_cfg["geometry"]
@@ -146,7 +147,8 @@ def test_linear_upsampling_matches_torch_bilinear_on_real_ct(real_data, ct3m_cfg
     padded = resample_slices(ct.array, out_hw, crop_to, geo)
     assert padded.shape == (len(ct.array), 256, 256) and (padded[:, :22] == geo["pad_value_hu"]).all()
     for slices, hw in ((ct.array, out_hw), (ct.array[:, 2:98, 10:110], (256, 244)), (ct.array, (80, 256))):
-        got, ref = resample_slices(np.ascontiguousarray(slices), hw, None, geo), _torch_bilinear(slices, hw)
+        mixed = hw[0] < slices.shape[1] and hw[1] > slices.shape[2]
+        got, ref = resample_slices(np.ascontiguousarray(slices), hw, None, geo), _torch_bilinear(slices, hw, antialias=mixed)
         diff = np.abs(got.astype(np.int32) - ref)
         assert got.shape == ref.shape == (len(slices), *hw) and got.dtype == np.int16
         assert (diff == 0).mean() >= 0.999 and diff.max() <= 1
@@ -204,3 +206,20 @@ def test_resample_reads_flipped_and_transposed_views(real_data, ct3m_cfg):
                 cfg = {**ct3m_cfg["geometry"], "interpolation": mode}
                 got = resample_slices(view, out_hw, crop, cfg)
                 np.testing.assert_array_equal(got, resample_slices(np.ascontiguousarray(view), out_hw, crop, cfg))
+
+
+def test_mixed_shrink_and_grow_is_antialiased(ct3m_cfg):
+    """Non-square pixels: columns shrink 3x while rows grow. Period-2 stripes along the shrinking axis must average
+    out (anti-aliasing), not alias into a pattern as point-sampled linear interpolation does; the growing axis is
+    untouched by the filter (a row ramp stays a ramp)."""
+    stripes = np.zeros((1, 50, 300), dtype=np.int16)
+    stripes[:, :, 1::2] = 1000
+    got = resample_slices(stripes, (120, 100), None, ct3m_cfg["geometry"])
+    assert got.shape == (1, 120, 100)
+    interior = got[:, :, 2:-2].astype(np.float64)
+    assert abs(interior.mean() - 500) < 5 and interior.std() < 100  # a tent filter leaves a +-11% ripple at 3x
+    plain = resample_slices(stripes, (120, 100), None, {**ct3m_cfg["geometry"], "antialias": False})
+    assert plain[:, :, 2:-2].std() > 400  # point sampling hits every other stripe: 0 / 1000 -- what the filter prevents
+    ramp = np.repeat((np.arange(50, dtype=np.int16) * 10)[None, :, None], 300, axis=2)
+    np.testing.assert_array_equal(resample_slices(ramp, (120, 100), None, ct3m_cfg["geometry"]),
+                                  resample_slices(ramp[:, :, :100], (120, 100), None, ct3m_cfg["geometry"]))
