@@ -250,8 +250,8 @@ def tune_malloc(run_cfg: dict) -> bool:
 
     A worker allocates and frees several 0.1-0.5 MB arrays per slice (decoded pixels, HU, resampled slice, sample
     bytes). With glibc's defaults each of those is a fresh ``mmap`` (or a heap top trimmed after every free), so
-    every slice pays page faults on memory it just released; that was a third of the DICOM reader's own work,
-    measured. Arrays of ``run.malloc_mmap_threshold_mb`` or more (whole volumes) still come from and go back to the
+    every slice pays page faults on memory it just released (measured on a real uncompressed 512x512x20 series: the
+    HU conversion 9.4 -> 2.9 ms, the series assembly 4.0 -> 2.1 ms with these settings). Arrays of ``run.malloc_mmap_threshold_mb`` or more (whole volumes) still come from and go back to the
     OS, so a worker keeps at most about ``run.malloc_trim_threshold_mb`` of free heap on top of what it uses.
     Returns whether the settings were applied (False on other C libraries, or when the config leaves them null)."""
     import ctypes
