@@ -467,7 +467,20 @@ def gram_refresh_due(cfg, iteration: int, refreshes_done: int) -> bool:
 def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = None, resume: str | None = None,
           batches=None) -> TrainResult:
     """Run one stage. ``batches`` (an iterator of batch dicts) replaces ``pretrain.data.build_ssl_loader`` in
-    benchmarks; normal runs leave it None."""
+    benchmarks; normal runs leave it None.
+
+    SIGUSR1/SIGTERM are caught from the very start (``train.handle_preemption``): setting up a large run (process
+    group, model, checkpoint, loader workers) takes minutes, and SLURM's warning signal arriving then must not kill
+    the job with its default action; the loop sees the flag after its first iteration, checkpoints and exits."""
+    preempt = D.PreemptionHandler().install() if bool(cfg.train.get("handle_preemption", True)) else None
+    try:
+        return _train(cfg, preempt, output_dir=output_dir, init_from=init_from, resume=resume, batches=batches)
+    finally:
+        if preempt is not None:
+            preempt.uninstall()
+
+
+def _train(cfg, preempt, *, output_dir, init_from, resume, batches) -> TrainResult:
     dist_env = D.init_distributed(D.read_dist_env())
     device = D.default_device(dist_env)
     output_dir = Path(output_dir or cfg.train.output_dir)
@@ -538,7 +551,6 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
             flush=True,
         )
 
-    preempt = D.PreemptionHandler().install() if bool(cfg.train.get("handle_preemption", True)) else None
     snapshots = {int(i) for i in (cfg.checkpointing.get("teacher_snapshots", None) or [])}
     save_every = int(cfg.checkpointing.period)
     keep_last = int(cfg.checkpointing.keep_last)
@@ -686,8 +698,6 @@ def train(cfg, *, output_dir: str | Path | None = None, init_from: str | None = 
             D.barrier()
     finally:
         logger.close()
-        if preempt is not None:
-            preempt.uninstall()
     result.history = history
     return result
 

@@ -85,6 +85,35 @@ def test_sigusr1_checkpoints_exits_and_resumes_identically(
         assert a["total_loss"] == b["total_loss"], a["iteration"]
 
 
+def test_signal_during_setup_is_caught_and_checkpointed(ct3m_shards: Path, tmp_path: Path, make_tiny_cfg, monkeypatch) -> None:
+    """SLURM's SIGUSR1 arriving while the run is still being set up (here: while the optimizer is built) is caught,
+    not left to its default action (process killed): the run does one iteration, checkpoints and stops."""
+    import pretrain.train.loop as loop
+
+    leaked: list[int] = []
+
+    def stand_in(signum, frame):  # where the signal would go (the default action: kill) if the trainer missed it
+        leaked.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, stand_in)
+    real = loop.build_optimizer
+
+    def build_then_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_optimizer", build_then_signal)
+    try:
+        result = train(make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=4", "logging.flops=false"))
+        after = signal.getsignal(signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert not leaked
+    assert result.preempted and not result.finished and result.iteration == 1
+    assert [i for i, _ in ckpt_io.list_checkpoints(tmp_path / "checkpoints")] == [1]
+    assert after is stand_in  # the trainer put back the handler it found
+
+
 def test_stage3_batches_mix_resolutions_as_configured(ct3m_shards: Path, tmp_path: Path, make_tiny_cfg) -> None:
     from pretrain.data import build_ssl_loader
 
