@@ -110,8 +110,9 @@ DECODE_CPU: list[float] = []
 
 def decode_only(items: list[tuple[Path, str]], isal: bool = False) -> tuple[int, float]:
     """Native slices and seconds to just read every input (per-input seconds accumulate in ``PER_INPUT``, CPU
-    seconds of each call in ``DECODE_CPU``). ``isal``: gzipped NIfTI inflated by ISA-L as the curation's reader
-    does (``data_curation.readers.nifti``), instead of stock ``nib.load`` (zlib); DICOM is read the same either way."""
+    seconds of each call in ``DECODE_CPU``; both only for the stock decode). ``isal``: gzipped NIfTI inflated by
+    ISA-L as the curation's reader does (``data_curation.readers.nifti``), instead of stock ``nib.load`` (zlib);
+    DICOM is read the same either way."""
     from data_curation.readers import nifti
 
     n, t_all, cpu0 = 0, time.perf_counter(), time.process_time()
@@ -121,16 +122,17 @@ def decode_only(items: list[tuple[Path, str]], isal: bool = False) -> tuple[int,
             with contextlib.ExitStack() as stack:
                 arr = np.asanyarray(nifti._open(str(path), stack).dataobj)
             n += arr.shape[2]
-            continue
-        if kind == "nifti":
+        elif kind == "nifti":
             arr = np.asanyarray(nib.load(path).dataobj)
             n += arr.shape[2]
         else:
             for f in sorted(path.iterdir()):
                 pydicom.dcmread(f).pixel_array
                 n += 1
-        PER_INPUT[idx % len(INPUTS)] = PER_INPUT.get(idx % len(INPUTS), 0.0) + time.perf_counter() - t0
-    DECODE_CPU.append(time.process_time() - cpu0)
+        if not isal:
+            PER_INPUT[idx % len(INPUTS)] = PER_INPUT.get(idx % len(INPUTS), 0.0) + time.perf_counter() - t0
+    if not isal:
+        DECODE_CPU.append(time.process_time() - cpu0)
     return n, time.perf_counter() - t_all
 
 
@@ -258,10 +260,7 @@ def main() -> None:
                     n, t = decode_only(items)
                     cpu_dec = DECODE_CPU[-1]
                 elif name == "decode x1 isal":
-                    saved = dict(PER_INPUT)
                     n, t = decode_only(items, isal=True)
-                    PER_INPUT.clear()
-                    PER_INPUT.update(saved)  # per-input figures stay those of the stock decode
                 elif name == "decode x2":
                     n, t = decode_pool(items, 2)
                 else:

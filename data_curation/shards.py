@@ -105,7 +105,7 @@ def sample_pieces(key: str, fields: dict[str, bytes | list]) -> list:
     for ext in sorted(fields):
         payload = fields[ext] if isinstance(fields[ext], list) else [fields[ext]]
         size = sum(memoryview(b).nbytes for b in payload)
-        pieces += [_header(f"{key}.{ext}", size), *payload, _ZEROS[:-size % _BLOCK]]
+        pieces += [_header(f"{key}.{ext}", size), *payload, _ZEROS[:(-size) % _BLOCK]]
     return pieces
 
 
