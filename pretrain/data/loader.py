@@ -6,7 +6,8 @@ batches). Rank-level batch ``i`` is built by logical worker ``i % W`` from its r
 loader started at ``start_iter`` rotates worker roles so that it yields ``start_iter, start_iter + 1, ...``,
 each bit-identical to the uninterrupted run. Crop and mask randomness of batch ``i`` is seeded by
 (seed, rank, i); the crop resolution by (seed, i) only, so all ranks use the same one.
-Resuming needs the same world size, ``data.num_workers``, ``data.batch_size_per_rank`` and shard list.
+The per-rank batch comes from :func:`pretrain.data.plan.plan_from_config` (global batch, world size, memory cap).
+Resuming needs the same world size, ``data.num_workers``, batch plan and shard list.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.augment import MultiCropParams, multi_crop
 from pretrain.data.collate import collate_ssl_batch
+from pretrain.data.plan import plan_from_config
 from pretrain.data.shards import decode_hu, expand_shards, seeded_rng, slot_stream
 from pretrain.data.transforms import HUTransform
 
@@ -97,14 +99,15 @@ class SSLBatchSettings:
     masking: dict
 
     @classmethod
-    def from_config(cls, cfg) -> "SSLBatchSettings":
+    def from_config(cls, cfg, world_size: int = 1) -> "SSLBatchSettings":
+        """``world_size`` decides the per-rank micro-batch through the batch plan."""
         data, crops, augment, masking = cfg.data, cfg.crops, cfg.augment, cfg.masking
         if data.shards is None:
             raise ValueError("data.shards is not set: give a shard directory, file, brace pattern or list")
         shards = OmegaConf.to_container(data.shards) if OmegaConf.is_list(data.shards) else data.shards
         return cls(
             shards=tuple(expand_shards(shards)),
-            batch_size=int(data.batch_size_per_rank),
+            batch_size=plan_from_config(cfg, world_size).batch_size_per_rank,
             seed=int(data.seed),
             interleave=int(data.interleave_shards),
             shuffle_block=int(data.shuffle_block),
@@ -118,7 +121,7 @@ class SSLBatchSettings:
                 min_num_patches=int(masking.min_num_patches),
                 min_aspect=float(masking.min_aspect),
                 max_aspect=None if masking.max_aspect is None else float(masking.max_aspect),
-                max_block_patches=None if masking.max_block_patches is None else int(masking.max_block_patches),
+                max_block_ratio=None if masking.max_block_ratio is None else float(masking.max_block_ratio),
             ),
         )
 
@@ -179,7 +182,7 @@ def build_ssl_loader(cfg, rank: int = 0, world_size: int = 1, start_iter: int = 
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    settings = SSLBatchSettings.from_config(cfg)
+    settings = SSLBatchSettings.from_config(cfg, world_size)
     num_workers = int(cfg.data.num_workers)
     stream = SSLBatchStream(settings, rank, world_size, start_iter, num_workers)
     if num_workers == 0:

@@ -1,9 +1,12 @@
 """iBOT block masking (BEiT style) and the per-batch mask set of DINOv2/v3.
 
 For a batch of n = n_global_crops * B global-crop images, ``mask_sample_probability`` (0.5) of them get a mask;
-their target ratios are spread evenly over ``mask_ratio_min_max`` ([0.1, 0.5]): image i of the masked ones draws
-its ratio uniformly in the i-th of n_masked equal sub-intervals. Masks are built from random rectangles of
-at least ``min_num_patches`` (4) patches and aspect ratio in [``min_aspect``, 1 / ``min_aspect``] (0.3-3.3).
+their ratios are spread evenly over ``mask_ratio_min_max`` ([0.1, 0.5]) as the official DINOv2/v3 collate does:
+``mask_ratio_min_max`` is cut into n_masked equal sub-intervals and image i masks exactly
+``int(N * upper bound of sub-interval i)`` patches. Masks are built from random rectangles of at least
+``min_num_patches`` (4) patches, aspect ratio in [``min_aspect``, 1 / ``min_aspect``] (0.3-3.3) and at most
+``max_block_ratio`` (0.5, DINOv3's ``max_num_patches = 0.5 * N``) of the grid each; when blocks stop fitting, the
+mask is topped up with random single patches to the exact count (DINOv3's ``complete_mask_randomly``).
 All randomness comes from the ``numpy.random.Generator`` passed in (deterministic, resumable loaders).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ class BlockMasking:
     min_num_patches: int = 4
     min_aspect: float = 0.3
     max_aspect: float | None = None  # None: 1 / min_aspect
-    max_block_patches: int | None = None  # None: no cap on one block beyond the remaining budget
+    max_block_ratio: float | None = 0.5  # one block covers at most this share of the grid (None: no cap)
     max_attempts: int = 10
 
     @property
@@ -54,17 +57,22 @@ class BlockMasking:
         return 0
 
     def __call__(self, n_masked_patches: int, rng: np.random.Generator) -> np.ndarray:
-        """[height, width] bool mask with at most ``n_masked_patches`` True (fewer only if blocks stop fitting)."""
+        """[height, width] bool mask with exactly ``min(n_masked_patches, N)`` True: blocks first, then random
+        single patches when no further block fits."""
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < n_masked_patches:
             budget = n_masked_patches - count
-            if self.max_block_patches is not None:
-                budget = min(budget, self.max_block_patches)
+            if self.max_block_ratio is not None:
+                budget = min(budget, max(1, int(self.max_block_ratio * self.n_patches)))
             added = self._add_block(mask, budget, rng)
             if added == 0:
                 break
             count += added
+        missing = min(n_masked_patches, self.n_patches) - count
+        if missing > 0:
+            flat = mask.reshape(-1)
+            flat[rng.choice(np.flatnonzero(~flat), size=missing, replace=False)] = True
         return mask
 
 
@@ -87,9 +95,9 @@ def sample_batch_masks(
     bounds = np.linspace(mask_ratio_min_max[0], mask_ratio_min_max[1], n_masked_images + 1)
     masks, upperbound = [], 0
     for i in range(n_masked_images):
-        ratio = rng.uniform(bounds[i], bounds[i + 1])
-        masks.append(generator(int(n_tokens * ratio), rng))
-        upperbound += int(n_tokens * bounds[i + 1])
+        n_masked = int(n_tokens * bounds[i + 1])
+        masks.append(generator(n_masked, rng))
+        upperbound += n_masked
     masks += [np.zeros((generator.height, generator.width), dtype=bool)] * (n_images - n_masked_images)
     order = rng.permutation(n_images)
     collated = torch.from_numpy(np.stack([masks[j] for j in order]).reshape(n_images, n_tokens))

@@ -48,13 +48,13 @@ class DINOHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Truncated-normal (std 0.02) MLP weights with zero biases; default init for the prototypes."""
-        for module in self.mlp.modules():
+        """Truncated-normal (std 0.02) weights for every linear layer, prototypes included, and zero biases: the
+        official DINOv3 head applies that init to all of its ``nn.Linear`` modules."""
+        for module in [*self.mlp.modules(), self.last_layer]:
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        self.last_layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x[N, D]`` -> prototype logits ``[N, K]`` (cosine-like scores: unit bottleneck times prototypes)."""

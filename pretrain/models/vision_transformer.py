@@ -404,10 +404,12 @@ class DinoVisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             if ropes is None or self.rope_embed.augments:
                 ropes = [self._rope_tables(hw) for hw in grids]
+            # through the module call, never ``blk.forward_list`` directly: torch.compile (``blk.compile()``) and
+            # FSDP2's hooks both live on ``__call__``, and a direct method call would silently bypass them
             if use_ckpt:
-                xs = checkpoint(blk.forward_list, xs, ropes, use_reentrant=False)
+                xs = checkpoint(blk, xs, ropes, use_reentrant=False)
             else:
-                xs = blk.forward_list(xs, ropes)
+                xs = blk(xs, ropes)
             yield i, xs
             if i >= last:
                 return

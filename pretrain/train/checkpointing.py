@@ -13,6 +13,8 @@ a half-written checkpoint under the final name; everything is read back with ``w
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
@@ -24,6 +26,18 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})\.pth$")
 FORMAT = "meddinov3-ssl-1"
+COMPLETE_NAME = "stage_complete.json"
+TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or export could not be written (disk full, no permission): one line naming the file."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def checkpoint_path(ckpt_dir: str | Path, iteration: int) -> Path:
@@ -49,29 +63,115 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` onto ``path``."""
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` onto ``path``.
+
+    An I/O error (``ENOSPC`` on a full disk, ``EACCES``, ...) removes the partial temporary file, leaves any
+    previous file under ``path`` untouched, and is raised as one :class:`CheckpointWriteError` line naming the
+    file and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            sink = _WriteErrorRecorder(f)
+            torch.save(obj, sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointWriteError(err.errno or errno.EIO, _write_error(path, err)) from err
+    except RuntimeError as err:
+        if sink is None or sink.error is None:
+            raise
+        # torch.save reports a failed write as "unexpected pos ...": name the OS error it swallowed
+        raise CheckpointWriteError(sink.error.errno or errno.EIO, _write_error(path, sink.error)) from err
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
+class _WriteErrorRecorder:
+    """A writable file for ``torch.save`` that remembers the OS error of a failed ``write`` (torch replaces it by
+    an opaque RuntimeError)."""
+
+    def __init__(self, f) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _write_error(path: Path, err: BaseException) -> str:
+    reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
+    free = ""
+    try:
+        stat = os.statvfs(path.parent if path.parent.exists() else Path.cwd())
+        free = f"; {stat.f_bavail * stat.f_frsize / 2**30:.2f} GiB free there"
+    except OSError:
+        pass
+    return f"cannot write {path}: {reason}{free}. Nothing was lost: earlier checkpoints are intact; free space " \
+           "or fix the folder, then resume with --resume auto"
+
+
 def atomic_write_text(text: str, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp.exists():
+            tmp.unlink()
+        raise CheckpointWriteError(err.errno or errno.EIO, _write_error(path, err)) from err
     return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` files that a killed writer (``kill -9`` during a checkpoint) left behind.
+
+    Call only from the one process that writes into ``folder`` (rank 0), at start-up, before it writes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if TMP_RE.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# ---------------------------------------------------------------------------------------------- stage completion
+def write_completion(output_dir: str | Path, *, stage: str, iteration: int, final_checkpoint: Path,
+                     teacher_backbone: Path) -> Path:
+    """``<output_dir>/stage_complete.json``: written last, after the final checkpoint and the export, so its
+    presence means the stage reached its last iteration. The next stage (``slurm/common.sh``,
+    ``pretrain.pipeline``) continues only from the checkpoint it names."""
+    record = {"stage": stage, "iteration": int(iteration), "final_checkpoint": str(Path(final_checkpoint).resolve()),
+              "teacher_backbone": str(Path(teacher_backbone).resolve())}
+    return atomic_write_text(json.dumps(record, indent=1) + "\n", Path(output_dir) / COMPLETE_NAME)
+
+
+def read_completion(output_dir: str | Path) -> dict | None:
+    """The completion record of a finished stage, or None when the stage has not completed."""
+    path = Path(output_dir) / COMPLETE_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable stage completion record ({err}); re-run that stage") from err
+    if not Path(record.get("final_checkpoint", "")).is_file():
+        raise FileNotFoundError(f"{path} names {record.get('final_checkpoint')!r}, which does not exist")
+    return record
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
@@ -161,3 +261,62 @@ def export_backbone(state_dict: dict, path: str | Path) -> Path:
     """Write a flat backbone state dict (official DINOv3 ``.pth`` layout, CPU fp32 tensors) atomically."""
     flat = {k: v.detach().to("cpu").clone() for k, v in state_dict.items()}
     return atomic_save(flat, path)
+
+
+# ---------------------------------------------------------------------------------------------- model / optimizer state
+# ``meta`` is a pretrain.train.meta_arch.SSLMetaArch; under FSDP2 these calls are collective.
+def model_state(meta, mode: str) -> dict[str, dict | None]:
+    """Full (unsharded, CPU) state dicts of student, teacher and Gram teacher; collective under FSDP."""
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: PLC0415
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {
+            "student": get_model_state_dict(meta.student, options=opts),
+            "teacher": get_model_state_dict(meta.teacher, options=opts),
+            "gram_teacher": None if meta.gram_teacher is None else get_model_state_dict(meta.gram_teacher, options=opts),
+        }
+    cpu = lambda sd: {k: v.detach().to("cpu").clone() for k, v in sd.items()}  # noqa: E731
+    return {
+        "student": cpu(meta.student.state_dict()),
+        "teacher": cpu(meta.teacher.state_dict()),
+        "gram_teacher": None if meta.gram_teacher is None else cpu(meta.gram_teacher.state_dict()),
+    }
+
+
+def load_model_state(meta, states: dict, mode: str, source: str) -> None:
+    try:
+        if mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # noqa: PLC0415
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(meta.student, states["student"], options=opts)
+            set_model_state_dict(meta.teacher, states["teacher"], options=opts)
+            if meta.gram_teacher is not None and states.get("gram_teacher") is not None:
+                set_model_state_dict(meta.gram_teacher, states["gram_teacher"], options=opts)
+            return
+        meta.student.load_state_dict(states["student"])
+        meta.teacher.load_state_dict(states["teacher"])
+        if meta.gram_teacher is not None and states.get("gram_teacher") is not None:
+            meta.gram_teacher.load_state_dict(states["gram_teacher"])
+    except RuntimeError as err:
+        raise RuntimeError(f"{source}: weights do not fit the configured model: {err}") from err
+
+
+def optimizer_state(meta, optimizer: torch.optim.Optimizer, mode: str) -> dict:
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # noqa: PLC0415
+
+        return get_optimizer_state_dict(
+            meta.student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(meta, optimizer: torch.optim.Optimizer, state: dict, mode: str) -> None:
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # noqa: PLC0415
+
+        set_optimizer_state_dict(meta.student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)

@@ -1,24 +1,29 @@
 """One distributed set-up for a single CPU process, ``torchrun`` and SLURM ``srun``.
 
 :func:`read_dist_env` works out rank / world size / local rank / master address and port from the environment:
-- torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` all set) wins;
-- SLURM ``srun`` (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; master = first host of
-  ``SLURM_JOB_NODELIST``, port derived from ``SLURM_JOB_ID`` so concurrent jobs on a node never collide);
+- a process started by torchrun (``TORCHELASTIC_RUN_ID`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT``);
+- else, inside a SLURM ``srun`` step: SLURM's own variables (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``,
+  ``SLURM_LOCALID``; master = first host of the step's node list, port hashed from the job and step ids). Launcher
+  variables inherited from the submitting shell (``RANK``, ``WORLD_SIZE``, ``MASTER_*``, ``LOCAL_RANK``) are
+  ignored there: with them two independent jobs would join one world, or ranks would wait for a wrong master;
+- else ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set by hand;
 - otherwise one process (rank 0 of 1).
-:func:`init_distributed` then initialises the process group (NCCL on GPU, gloo on CPU) only when the world has
-more than one process, so single-process code never pays for collectives. The ``slurm/`` scripts and the
+:func:`init_distributed` then initialises the process group only when the world has more than one process, so
+single-process code never pays for collectives. On GPU the group maps CUDA tensors to NCCL *and* CPU tensors to
+gloo (``cpu:gloo,cuda:nccl``); :func:`communicator` gives the trainer one :class:`Comm` whose collectives always
+use a group that serves the tensors' device (NCCL's device map has no CPU entry: a CPU tensor in an NCCL-only
+collective fails with "No backend type associated with device type cpu"). The ``slurm/`` scripts and the
 submitit entry point use the same helpers.
 
-Preemption: :class:`PreemptionHandler` turns SIGUSR1 / SIGTERM into a flag that the training loop polls after
-each iteration (agreed across ranks with one tiny all-reduce); the loop checkpoints, and under SLURM rank 0 calls
-:func:`requeue_slurm_job` before every rank exits.
+Preemption (SIGUSR1 / SIGTERM as a flag, SLURM requeue) lives in :mod:`pretrain.train.preemption`, which imports
+no torch so that ``python -m pretrain.train`` can install it before its heavy imports.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 MASTER_PORT_BASE = 20000
-MASTER_PORT_SPAN = 20000
+MASTER_PORT_SPAN = 12000  # [20000, 32000): below Linux's ephemeral range (32768-60999), where clients bind
 
 
 @dataclass(frozen=True)
@@ -121,18 +126,25 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     return parse_slurm_nodelist(nodelist)
 
 
-def master_port_for_job(job_id: str | int | None) -> int:
-    """Deterministic per-job port in ``[20000, 40000)`` so that every task of a job agrees without talking."""
+def master_port_for_job(job_id: str | int | None, step_id: str | int | None = None) -> int:
+    """Deterministic per-job (and per-step) port in ``[20000, 32000)`` so that every task agrees without talking.
+
+    A hash, not ``id % span``: consecutive or evenly spaced job ids (20000 apart, say) would otherwise map to
+    the same port; two jobs sharing a master node collide only by chance (1 in 12000). ``MEDDINO_MASTER_PORT``
+    chooses a port explicitly (``MASTER_PORT`` is ignored under srun: it may be a leftover of the submitting shell).
+    """
     if job_id is None or str(job_id).strip() == "":
         return 29500
-    digits = re.sub(r"\D", "", str(job_id)) or "0"
-    return MASTER_PORT_BASE + int(digits[-6:]) % MASTER_PORT_SPAN
+    digest = hashlib.blake2b(f"{job_id}.{step_id or 0}".encode(), digest_size=8).digest()
+    return MASTER_PORT_BASE + int.from_bytes(digest, "big") % MASTER_PORT_SPAN
 
 
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Rank / world / local rank / master from torchrun or SLURM variables (see module docstring)."""
     env = os.environ if environ is None else environ
-    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+    by_torchrun = "TORCHELASTIC_RUN_ID" in env
+    in_srun_step = "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env)
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and (by_torchrun or not in_srun_step):
         local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
         return DistEnv(
             rank=int(env["RANK"]),
@@ -144,8 +156,9 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=int(env["MASTER_PORT"]),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env):
-        # inside an srun step (the batch script itself is one process and falls through to "single")
+    if in_srun_step:
+        # inside an srun step (the batch script itself is one process and falls through to "single"); SLURM's
+        # values win over launcher variables inherited from the submitting shell
         world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or 1)
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if nodelist:
@@ -160,8 +173,9 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             local_world_size=local_world,
             node_rank=int(env.get("SLURM_NODEID", 0)),
-            master_addr=env.get("MASTER_ADDR", master),
-            master_port=int(env.get("MASTER_PORT", master_port_for_job(env.get("SLURM_JOB_ID")))),
+            master_addr=master,
+            master_port=int(env.get("MEDDINO_MASTER_PORT")
+                            or master_port_for_job(env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID"))),
             launcher="slurm",
         )
     return DistEnv()
@@ -201,7 +215,7 @@ def init_distributed(dist_env: DistEnv | None = None, backend: str | None = None
     device = default_device(dist_env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    backend = backend or process_group_backend(device)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{dist_env.master_addr}:{dist_env.master_port}",
@@ -211,6 +225,100 @@ def init_distributed(dist_env: DistEnv | None = None, backend: str | None = None
         device_id=device if device.type == "cuda" else None,
     )
     return dist_env
+
+
+def process_group_backend(device: torch.device) -> str:
+    """``cpu:gloo,cuda:nccl`` on GPU (training collectives on NCCL, CPU-side ones such as RNG-state gathering on
+    gloo), ``gloo`` on CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def _backend_device_types(group=None) -> set[str]:
+    """Device types the group's backend map serves: ``"cuda:nccl"`` -> {cuda}; ``"gloo"`` -> {cpu, cuda}."""
+    config = str(dist.get_backend_config(group)) if hasattr(dist, "get_backend_config") else dist.get_backend(group)
+    types = {part.split(":", 1)[0].strip() for part in config.split(",") if ":" in part}
+    return types or ({"cuda"} if config == "nccl" else {"cpu", "cuda"})
+
+
+@dataclass(frozen=True)
+class Comm:
+    """The trainer's collectives, each on a process group that serves its tensors' device.
+
+    ``group`` carries tensors on the training ``device`` (the NaN and preemption checks, the metrics mean, DDP
+    and FSDP); ``cpu_group`` carries Python objects and CPU tensors (RNG states, the resume decision, barriers).
+    Either is None for the default group. In one process every method is a cheap local no-op.
+    """
+
+    device: torch.device
+    distributed: bool = False
+    group: object | None = None
+    cpu_group: object | None = None
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is true on at least one rank (one int all-reduce on the training device)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean of each value over ranks (one float64 all-reduce on the training device)."""
+        if not self.distributed or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.group)
+        return dict(zip(keys, (t / dist.get_world_size(self.group)).tolist()))
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """In-place broadcast of a tensor on the training device from global rank ``src``."""
+        if self.distributed:
+            dist.broadcast(tensor, src=src, group=self.group)
+
+    def gather_objects(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every rank (e.g. the checkpoint rank 0 chose to resume from)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.cpu_group)
+
+    def mesh(self):
+        """Device mesh over ``group`` for FSDP2's ``fully_shard``."""
+        from torch.distributed.device_mesh import DeviceMesh  # noqa: PLC0415
+
+        return DeviceMesh.from_group(self.group or dist.group.WORLD, self.device.type)
+
+
+def communicator(device: torch.device) -> Comm:
+    """The :class:`Comm` of this process for tensors on ``device``; collective (every rank calls it once, in the
+    same order). When the default group does not serve a device type (an NCCL-only group and CPU tensors, or a
+    group created elsewhere), a gloo group is created for it."""
+    if not is_dist():
+        return Comm(device=device)
+    served = _backend_device_types()
+    extra = None
+    if "cpu" not in served or device.type not in served:
+        if device.type not in served and device.type != "cpu":
+            raise RuntimeError(f"the default process group ({dist.get_backend_config()}) has no backend for "
+                               f"{device.type} tensors: create it with backend '{process_group_backend(device)}'")
+        extra = dist.new_group(backend="gloo")
+    return Comm(device=device, distributed=True,
+                group=extra if device.type not in served else None,
+                cpu_group=extra if "cpu" not in served else None)
 
 
 def is_dist() -> bool:
@@ -234,84 +342,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (a no-op in one process). Returns a new tensor."""
-    t = t.detach().clone()
-    if is_dist():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """True when ``flag`` is true on at least one rank (one int all-reduce)."""
-    if not is_dist():
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device or torch.device("cpu"))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-class PreemptionHandler:
-    """Records SIGUSR1 / SIGTERM (SLURM's ``--signal=USR1@s`` warning and its kill) instead of dying mid-step.
-
-    ``requested`` becomes true on the first signal; the loop finishes the iteration, checkpoints and exits.
-    Previous handlers are restored by :meth:`uninstall`.
-    """
-
-    SIGNALS = ("SIGUSR1", "SIGTERM")
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def install(self) -> "PreemptionHandler":
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners): polling simply never fires
-                pass
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-def in_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    return bool(env.get("SLURM_JOB_ID"))
-
-
-def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> bool:
-    """``scontrol requeue $SLURM_JOB_ID`` (call on rank 0 only). Returns whether SLURM accepted it.
-
-    For array jobs the requeued id is ``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID``.
-    """
-    env = os.environ if environ is None else environ
-    job_id = env.get("SLURM_JOB_ID")
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    scontrol = shutil.which("scontrol")
-    if not job_id or not scontrol:
-        return False
-    result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        print(f"[pretrain] scontrol requeue {job_id} failed: {result.stderr.strip()}", flush=True)
-        return False
-    print(f"[pretrain] requeued SLURM job {job_id}", flush=True)
-    return True

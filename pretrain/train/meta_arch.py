@@ -162,10 +162,13 @@ class SSLMetaArch(nn.Module):
         self.set_forward_modules(StudentForward(self.student), TeacherForward(self.teacher))
 
     # ------------------------------------------------------------------ set-up
-    def set_forward_modules(self, student_forward: nn.Module, teacher_forward: nn.Module) -> None:
-        """Install the (possibly DDP / FSDP / compiled) forward modules."""
+    def set_forward_modules(self, student_forward: nn.Module, teacher_forward: nn.Module,
+                            gram_forward: nn.Module | None = None) -> None:
+        """Install the (possibly DDP / FSDP-wrapped) forward modules; ``gram_forward`` (FSDP2 only) returns the Gram
+        teacher's patch tokens."""
         object.__setattr__(self, "_student_forward", student_forward)
         object.__setattr__(self, "_teacher_forward", teacher_forward)
+        object.__setattr__(self, "_gram_forward", gram_forward)
 
     @property
     def student_forward(self) -> nn.Module:
@@ -232,9 +235,8 @@ class SSLMetaArch(nn.Module):
                 "(checkpoint / stage1_iteration / ema) in the config"
             )
         with torch.no_grad():
-            fsdp_forward = getattr(self, "_gram_forward", None)  # set by loop.wrap_model under FSDP2
-            if fsdp_forward is not None:
-                patches = fsdp_forward(gram_crops)
+            if self._gram_forward is not None:  # FSDP2 (parallel.wrap_model)
+                patches = self._gram_forward(gram_crops)
             else:
                 patches = self.gram_teacher.forward_features(gram_crops)["x_norm_patchtokens"]
         return resize_patch_tokens(
@@ -250,6 +252,7 @@ class SSLMetaArch(nn.Module):
         *,
         teacher_temp: float,
         gram_weight: float | None = None,
+        dino_local_weight: float | None = None,
         loss_scale: float = 1.0,
         device: torch.device | None = None,
         autocast_dtype: torch.dtype | None = None,
@@ -299,6 +302,7 @@ class SSLMetaArch(nn.Module):
             batch_size=B,
             gram_patches=gram_patches,
             gram_weight=gram_weight,
+            dino_local_weight=dino_local_weight,
         )
         # collapse diagnostic: per-image entropy (nats) of the teacher's DINO targets; log K = uniform collapse
         plogp = teacher_cls_probs * teacher_cls_probs.clamp_min(1e-12).log()
@@ -318,8 +322,10 @@ class SSLMetaArch(nn.Module):
         batch_size: int,
         gram_patches: Tensor | None,
         gram_weight: float | None,
+        dino_local_weight: float | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Weighted sum of the loss terms (eq. 1 / eq. 3) and their detached values."""
+        """Weighted sum of the loss terms (eq. 1 / eq. 3) and their detached values. ``dino_local_weight`` is
+        DINOv3's per-iteration factor on the local-crop DINO term (``schedules.dino_local_weight``; None = 1)."""
         cfg = self.cfg
         B = batch_size
         student_temp = float(cfg.dino.student_temp)
@@ -338,8 +344,10 @@ class SSLMetaArch(nn.Module):
         if n_local > 0:
             student_local_logits = student_out["local_logits"].unflatten(0, (n_local, B))  # [n_l, B, K]
             dino_local = dino_loss(student_local_logits, teacher_cls_probs, student_temp)
-            total = total + w_dino * local_scale * dino_local
+            w_local = 1.0 if dino_local_weight is None else float(dino_local_weight)
+            total = total + w_dino * local_scale * w_local * dino_local
             logs["dino_local_loss"] = float(dino_local.detach())
+            logs["dino_local_weight"] = w_local
 
         w_koleo = float(cfg.dino.koleo_loss_weight)
         if w_koleo > 0:

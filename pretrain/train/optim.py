@@ -4,8 +4,9 @@ Each trainable parameter of the student gets
 - ``lr_multiplier = layerwise_decay ** (n_blocks + 1 - layer_id)`` where the tokens and the patch embedding are
   layer 0, block ``i`` is layer ``i + 1`` and everything after the blocks (final norm, heads) is ``n_blocks + 1``
   (multiplier 1); the patch embedding is further scaled by ``patch_embed_lr_mult`` (0.2);
-- ``wd_multiplier = 0`` for biases, norms, LayerScale gammas and the learned tokens (cls / storage / mask),
-  ``dino_head_wd_multiplier`` for head weights, 1 otherwise;
+- ``wd_multiplier = 0`` for biases, norms and LayerScale gammas, ``dino_head_wd_multiplier`` for head weights, 1
+  otherwise, the learned tokens (cls / storage / mask) included: the official DINOv3 parameter groups exempt only
+  names ending in ``bias`` or containing ``norm`` / ``gamma``;
 - ``is_last_layer`` for the heads' prototype layers, which follow the ``last_layer_lr`` schedule (frozen at first).
 
 Parameters with identical multipliers are fused into one group so that the optimiser stays cheap.
@@ -30,13 +31,7 @@ def layer_id_for(name: str, n_blocks: int) -> int:
 
 
 def _no_weight_decay(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return (
-        name.endswith("bias")
-        or "norm" in name
-        or leaf == "gamma"
-        or leaf.startswith(_TOKEN_NAMES)
-    )
+    return name.endswith("bias") or "norm" in name or "gamma" in name
 
 
 def param_multipliers(

@@ -1,7 +1,9 @@
 """Training schedules precomputed as arrays indexed by iteration.
 
 Every schedule is a linear warm-up from ``start`` to ``peak`` followed by a half-cosine from ``peak`` to ``end``
-(then constant at ``end``), as in DINOv3. Durations are given in "epochs" of ``train.official_epoch_length``
+that reaches ``end`` on its last step (then constant at ``end``), as DINOv3's ``linear_warmup_cosine_decay``;
+``end: null`` keeps the value constant at ``peak`` after the warm-up (DINOv3's Gram-anchoring and high-resolution
+learning rates). Durations are given in "epochs" of ``train.official_epoch_length``
 iterations so that recipes written in epochs (teacher-temperature warm-up over 30 epochs, last layer frozen for
 the first epoch) keep their meaning whatever the iteration budget. The config block looks like::
 
@@ -11,6 +13,7 @@ the first epoch) keep their meaning whatever the iteration budget. The config bl
       momentum:      {start: 0.992, peak: 0.992, end: 1.0, warmup_epochs: 0}
       teacher_temp:  {start: 0.04, peak: 0.07, end: 0.07, warmup_epochs: 30, cosine_epochs: 0}
       gram_weight:   null | {start: 0, peak: 2, end: 2, warmup_epochs: ...}
+      dino_local_weight: null | {start: 1, peak: 1, end: 0.5, warmup_epochs: 0, cosine_epochs: 0.8}
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def warmup_cosine(
     remaining = total_iterations - n_warm
     n_cos = remaining if cosine_iterations is None else max(0, min(int(cosine_iterations), remaining))
     steps = np.arange(n_cos, dtype=np.float64)
-    cosine = end + 0.5 * (peak - end) * (1.0 + np.cos(math.pi * steps / max(n_cos, 1)))
+    cosine = end + 0.5 * (peak - end) * (1.0 + np.cos(math.pi * steps / max(n_cos - 1, 1)))
     tail = np.full(remaining - n_cos, end, dtype=np.float64)
     out = np.concatenate([warmup, cosine, tail])
     assert out.shape == (total_iterations,)
@@ -64,7 +67,8 @@ def scaled_lr(base_lr: float, global_batch_size: int, scaling_rule: str | None) 
 @dataclass
 class Schedules:
     """Per-iteration values: ``lr``, ``last_layer_lr`` (0 while the prototypes are frozen), ``weight_decay``,
-    ``momentum`` (teacher EMA), ``teacher_temp`` and, when configured, ``gram_weight``. All arrays ``[iterations]``."""
+    ``momentum`` (teacher EMA), ``teacher_temp`` and, when configured, ``gram_weight`` and ``dino_local_weight``.
+    All arrays ``[iterations]``."""
 
     lr: np.ndarray
     last_layer_lr: np.ndarray
@@ -72,6 +76,7 @@ class Schedules:
     momentum: np.ndarray
     teacher_temp: np.ndarray
     gram_weight: np.ndarray | None = None
+    dino_local_weight: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.lr)
@@ -88,6 +93,8 @@ class Schedules:
         }
         if self.gram_weight is not None:
             out["gram_weight"] = float(self.gram_weight[i])
+        if self.dino_local_weight is not None:
+            out["dino_local_weight"] = float(self.dino_local_weight[i])
         return out
 
 
@@ -97,7 +104,7 @@ def _from_block(block, total: int, epoch_length: int, peak_override: float | Non
     return warmup_cosine(
         start=float(block["start"]),
         peak=float(peak),
-        end=float(block["end"]),
+        end=float(peak if block["end"] is None else block["end"]),
         total_iterations=total,
         warmup_iterations=int(round(float(block.get("warmup_epochs", 0)) * epoch_length)),
         cosine_iterations=None if cosine_epochs is None else int(round(float(cosine_epochs) * epoch_length)),
@@ -116,7 +123,7 @@ def build_schedules(cfg, global_batch_size: int) -> Schedules:
     lr = warmup_cosine(
         start=float(lr_block["start"]) * scale,
         peak=peak_lr,
-        end=float(lr_block["end"]),
+        end=peak_lr if lr_block["end"] is None else float(lr_block["end"]),
         total_iterations=total,
         warmup_iterations=int(round(float(lr_block.get("warmup_epochs", 0)) * epoch_length)),
         cosine_iterations=(
@@ -128,7 +135,8 @@ def build_schedules(cfg, global_batch_size: int) -> Schedules:
     last_layer_lr = lr.copy()
     freeze = int(round(float(lr_block.get("freeze_last_layer_epochs", 0)) * epoch_length))
     last_layer_lr[: min(freeze, total)] = 0.0
-    gram_block = sch.get("gram_weight", None)
+    gram_block = sch.gram_weight
+    local_block = sch.dino_local_weight
     return Schedules(
         lr=lr,
         last_layer_lr=last_layer_lr,
@@ -136,4 +144,5 @@ def build_schedules(cfg, global_batch_size: int) -> Schedules:
         momentum=_from_block(sch.momentum, total, epoch_length),
         teacher_temp=_from_block(sch.teacher_temp, total, epoch_length),
         gram_weight=None if gram_block is None else _from_block(gram_block, total, epoch_length),
+        dino_local_weight=None if local_block is None else _from_block(local_block, total, epoch_length),
     )

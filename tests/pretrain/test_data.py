@@ -65,8 +65,9 @@ def ct_shards(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> tupl
 def tiny_config(repo_root: Path, shards, **overrides) -> "OmegaConf":
     cfg = OmegaConf.load(repo_root / "configs" / "pretrain" / "base.yaml")
     small = {
-        "data": {"shards": str(shards), "batch_size_per_rank": 4, "num_workers": 0, "shuffle_block": 5,
+        "data": {"shards": str(shards), "max_batch_size_per_rank": 4, "num_workers": 0, "shuffle_block": 5,
                  "interleave_shards": 2},
+        "train": {"global_batch_size": 4},  # 4 images per rank in one process; the plan splits it over ranks
         "crops": {"global_crops_size": 64, "local_crops_size": 32, "local_crops_number": 3},
     }
     cfg = OmegaConf.merge(cfg, small, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
@@ -207,7 +208,7 @@ def test_gram_teacher_crops_are_the_same_crops_at_higher_resolution(ct_shards, r
 
 
 def test_mixed_resolution_sequence(ct_shards, repo_root: Path) -> None:
-    cfg = tiny_config(repo_root, ct_shards[0], **{"data.batch_size_per_rank": 2, "crops.local_crops_number": 1})
+    cfg = tiny_config(repo_root, ct_shards[0], **{"crops.local_crops_number": 1})
     cfg.crops.global_crops_size = [64, 96]
     cfg.crops.global_crops_size_probs = [0.5, 0.5]
     cfg.crops.local_crops_size = [32, 48]

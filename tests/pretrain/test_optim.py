@@ -28,9 +28,9 @@ def tiny_student() -> torch.nn.ModuleDict:
 @pytest.mark.parametrize(
     "name, lr_mult, wd_mult, last",
     [
-        ("backbone.cls_token", 0.9**4, 0.0, False),
-        ("backbone.storage_tokens", 0.9**4, 0.0, False),
-        ("backbone.mask_token", 0.9**4, 0.0, False),
+        ("backbone.cls_token", 0.9**4, 1.0, False),  # decayed, as DINOv3's groups
+        ("backbone.storage_tokens", 0.9**4, 1.0, False),  # decayed, as DINOv3's groups
+        ("backbone.mask_token", 0.9**4, 1.0, False),  # decayed, as DINOv3's groups
         ("backbone.patch_embed.proj.weight", 0.9**4 * 0.2, 1.0, False),
         ("backbone.patch_embed.proj.bias", 0.9**4 * 0.2, 0.0, False),
         ("backbone.blocks.0.attn.qkv.weight", 0.9**3, 1.0, False),

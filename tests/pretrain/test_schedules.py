@@ -16,9 +16,32 @@ def test_warmup_cosine_matches_closed_form() -> None:
     assert s.shape == (110,)
     np.testing.assert_allclose(s[:10], np.arange(10) / 10)
     for i in (10, 35, 60, 109):
-        t = i - 10
-        assert s[i] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * t / 100)))
+        t = i - 10  # 100 cosine steps from peak (t = 0) to end (t = 99), endpoints included
+        assert s[i] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * t / 99)))
     assert s[10] == pytest.approx(1.0)
+    assert s[-1] == pytest.approx(0.1)  # the cosine reaches its end value, as DINOv3's linear_warmup_cosine_decay
+
+
+def test_schedule_matches_dinov3_linear_warmup_cosine_decay() -> None:
+    """The official function (dinov3/train/cosine_lr_scheduler.py), re-derived: linspace warm-up without its end
+    point, a cosine over linspace(0, pi, n) with both ends, then the constant tail."""
+    warm, cos_its, total = 7, 20, 33
+    official = np.concatenate([
+        np.linspace(0.0, 2.0, warm, endpoint=False),
+        (2.0 - 0.5) * (np.cos(np.linspace(0, np.pi, cos_its)) + 1) / 2 + 0.5,
+        np.full(total - warm - cos_its, 0.5),
+    ])
+    np.testing.assert_allclose(warmup_cosine(0.0, 2.0, 0.5, total, warm, cos_its), official, rtol=1e-12)
+
+
+def test_end_null_keeps_the_peak_after_the_warm_up(repo_root: Path) -> None:
+    """Stages 2-3: lr constant after the warm-up, as DINOv3's Gram-anchoring and high-resolution configs."""
+    for stage, peak in ((2, 5e-5), (3, 2.5e-5)):
+        cfg = load_config(repo_root / f"configs/pretrain/stage{stage}.yaml")
+        lr = build_schedules(cfg, 512).lr
+        warm = int(round(0.8 * 1250))
+        assert lr[0] == 0.0 and lr[warm - 1] < peak
+        np.testing.assert_allclose(lr[warm:], peak)
 
 
 def test_cosine_then_constant_and_truncation() -> None:

@@ -183,15 +183,18 @@ def test_stage3_starts_student_and_teacher_from_the_stage2_teacher(
 
 def test_gradient_accumulation_reaches_the_global_batch(ct3m_shards: Path, tmp_path: Path, make_tiny_cfg) -> None:
     cfg = make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=2", "train.global_batch_size=8",
-                        "data.batch_size_per_rank=4", "logging.flops=false")
+                        "data.max_batch_size_per_rank=4", "logging.flops=false")
     result = train(cfg)
     assert result.finished
+    assert (result.plan.batch_size_per_rank, result.plan.grad_accum_steps) == (4, 2)
     state = ckpt_io.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_00000002.pth")
     assert state["loader"]["batches_consumed"] == 4  # 2 iterations x 2 micro-batches of 4 images
+    assert state["plan"]["global_batch"] == 8
     assert result.history[0]["samples_per_s"] > 0 and math.isfinite(result.history[-1]["total_loss"])
-    bad = make_tiny_cfg(ct3m_shards, tmp_path / "bad", "train.global_batch_size=6", "data.batch_size_per_rank=4")
-    with pytest.raises(ValueError, match="global_batch_size=6 is not a multiple"):
-        train(bad)
+    # 6 images with a cap of 4 per rank: 3 per micro-batch, 2 micro-batches (the old rule demanded a multiple of 4)
+    odd = make_tiny_cfg(ct3m_shards, tmp_path / "odd", "train.iterations=1", "train.global_batch_size=6",
+                        "data.max_batch_size_per_rank=4", "logging.flops=false")
+    assert (train(odd).plan.batch_size_per_rank, 2) == (3, 2)
 
 
 def test_gradients_are_clipped_per_student_module_as_the_official_loop() -> None:

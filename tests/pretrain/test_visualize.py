@@ -294,9 +294,9 @@ def test_curves_read_what_the_trainer_logs(tmp_path: Path, cfg) -> None:
     """Records written by pretrain.train's MetricsLogger (the real writer) are read and plotted."""
     from omegaconf import OmegaConf
 
-    from pretrain.train.loop import MetricsLogger
+    from pretrain.train.metrics_log import MetricsLogger
 
-    logger_cfg = OmegaConf.create({"stage": "stage2", "logging": {"console_every": 100}})
+    logger_cfg = OmegaConf.create({"stage": "stage2", "logging": {"console_every": 100, "tensorboard": False}})
     logger = MetricsLogger(tmp_path, logger_cfg, total_iterations=6, start_iteration=0, is_main=True)
     for it in range(6):
         logger.log({"iteration": it, "dino_global_loss": 7.0 - 0.1 * it, "dino_local_loss": 7.1 - 0.1 * it,
