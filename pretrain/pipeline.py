@@ -26,6 +26,8 @@ from pretrain.train.config import default_config_dir, load_config
 from pretrain.train.distributed import barrier, destroy, is_main_process
 from pretrain.train.loop import NonFiniteLossError, train
 
+EXIT_PREEMPTED = 75  # as python -m pretrain.train: checkpointed, not finished
+
 STAGES = (1, 2, 3)
 
 
@@ -33,17 +35,18 @@ def stage_dir(run_dir: Path, stage: int) -> Path:
     return Path(run_dir) / f"stage{stage}"
 
 
-def final_checkpoint(run_dir: Path, stage: int, iterations: int) -> Path:
-    """The stage's checkpoint at its last iteration; a clear error when the stage has not finished."""
-    ckpts = ckpt_io.list_checkpoints(stage_dir(run_dir, stage) / "checkpoints")
-    for it, path in ckpts:
-        if it == iterations:
-            return path
-    latest = ckpts[-1][0] if ckpts else None
-    raise FileNotFoundError(
-        f"stage {stage} has not finished in {stage_dir(run_dir, stage)}: expected a checkpoint at iteration "
-        f"{iterations}, latest is {latest}. Run that stage first (or pass --stage{stage}-checkpoint)."
-    )
+def final_checkpoint(run_dir: Path, stage: int) -> Path:
+    """The final checkpoint named by the stage's completion record; a clear error when the stage has not
+    finished (a preempted or failed stage has checkpoints but no record)."""
+    record = ckpt_io.read_completion(stage_dir(run_dir, stage))
+    if record is None:
+        ckpts = ckpt_io.list_checkpoints(stage_dir(run_dir, stage) / "checkpoints")
+        latest = ckpts[-1][0] if ckpts else None
+        raise FileNotFoundError(
+            f"stage {stage} has not finished in {stage_dir(run_dir, stage)} (no {ckpt_io.COMPLETE_NAME}; latest "
+            f"checkpoint at iteration {latest}). Run that stage first (or pass --stage{stage}-checkpoint)."
+        )
+    return Path(record["final_checkpoint"])
 
 
 def stage_config(args, stage: int, run_dir: Path):
@@ -64,8 +67,7 @@ def previous_stage_checkpoint(args, run_dir: Path, stage: int) -> Path:
     explicit = getattr(args, f"stage{stage - 1}_checkpoint")
     if explicit:
         return Path(explicit)
-    prev_cfg = stage_config(args, stage - 1, run_dir)
-    return final_checkpoint(run_dir, stage - 1, int(prev_cfg.train.iterations))
+    return final_checkpoint(run_dir, stage - 1)
 
 
 def run_stage(args, stage: int, run_dir: Path) -> Path:
@@ -73,8 +75,8 @@ def run_stage(args, stage: int, run_dir: Path) -> Path:
     cfg = stage_config(args, stage, run_dir)
     out = stage_dir(run_dir, stage)
     exported = out / "teacher_backbone.pth"
-    done = any(it == int(cfg.train.iterations) for it, _ in ckpt_io.list_checkpoints(out / "checkpoints"))
-    if done and exported.is_file():
+    record = ckpt_io.read_completion(out)
+    if record is not None and record["iteration"] == int(cfg.train.iterations) and exported.is_file():
         if is_main_process():
             print(f"[pipeline] stage {stage} already finished in {out}: skipped", flush=True)
         return exported
@@ -88,8 +90,9 @@ def run_stage(args, stage: int, run_dir: Path) -> Path:
             cfg.gram.teacher.run_dir = str(stage_dir(run_dir, 1))
     result = train(cfg, output_dir=out, init_from=init_from, resume="auto")
     if not result.finished:
-        raise SystemExit(f"[pipeline] stage {stage} stopped at iteration {result.iteration} (preempted); "
-                         "re-run the same command to continue")
+        print(f"[pipeline] stage {stage} stopped at iteration {result.iteration} (preempted); re-run the same "
+              "command to continue", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED)
     return exported
 
 

@@ -16,17 +16,54 @@
 #   MEDDINO_OUTPUT_DIR    this stage's output dir         [$MEDDINO_OUTPUT_ROOT/stage<N>]
 #   MEDDINO_DATA          CT-3M shards (data.shards)      [the config's]
 #   MEDDINO_INIT_FROM     backbone weights to start from (--init-from, e.g. the official DINOv3 ViT-B/16 .pth)
-#   MEDDINO_INIT_CHECKPOINT  stage N>1: checkpoint to continue   [newest in $MEDDINO_OUTPUT_ROOT/stage<N-1>/checkpoints]
+#   MEDDINO_INIT_CHECKPOINT  stage N>1: checkpoint to continue   [the final checkpoint named by
+#                         $MEDDINO_OUTPUT_ROOT/stage<N-1>/stage_complete.json, written only when that stage finished]
 #   MEDDINO_GRAM_RUN_DIR  stage N>1: stage-1 run holding the Gram teacher  [$MEDDINO_OUTPUT_ROOT/stage1]
 #   MEDDINO_OVERRIDES     extra key=value overrides, space separated (script arguments are appended after them)
 #   MEDDINO_SRUN_ARGS     extra srun flags, space separated
 #   MEDDINO_DEVICE=cpu    hide GPUs from the tasks (CPU/gloo); submit with `--gpus-per-node=0` or
 #                         SBATCH_GPUS_PER_NODE=0 to drop the GPU request as well
+#   MEDDINO_SIGNAL_LEAD_S seconds before the time limit at which the trainer gets USR1 (checkpoint, requeue)
+#                         [a tenth of the job's time limit, between 30 and 600 s]
+#   MEDDINO_MASTER_PORT   rendezvous port [hashed from the job and step ids into 20000-31999]
 # Arguments of the batch script (`sbatch slurm/stage1.sh key=value ...`) are passed through to the trainer as
 # dot-list config overrides.
 
 meddino_log() { echo "[meddino-slurm] $*" >&2; }
 meddino_die() { meddino_log "error: $*"; exit 1; }
+
+# Seconds left before the job's time limit (squeue %L: [D-]HH:MM:SS, MM:SS or UNLIMITED); empty when unknown.
+meddino_time_left_s() {
+    local left days=0 h=0 m=0 s=0
+    left="$(squeue -h -j "${SLURM_JOB_ID:-none}" -o %L 2>/dev/null | head -n 1)" || return 0
+    [[ "$left" =~ ^([0-9]+-)?([0-9:]+)$ ]] || return 0
+    [[ -n "${BASH_REMATCH[1]}" ]] && days="${BASH_REMATCH[1]%-}"
+    IFS=: read -r -a parts <<<"${BASH_REMATCH[2]}"
+    case "${#parts[@]}" in
+        3) h="${parts[0]}"; m="${parts[1]}"; s="${parts[2]}" ;;
+        2) m="${parts[0]}"; s="${parts[1]}" ;;
+        1) s="${parts[0]}" ;;
+    esac
+    echo $(( ((10#$days * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+
+# Lead time of the preemption warning: MEDDINO_SIGNAL_LEAD_S, else a tenth of the time left, within [30, 600] s
+# (a fixed 600 s would fire at once in a job of 10 minutes or less).
+meddino_signal_lead_s() {
+    local left="$1"
+    if [[ -n "${MEDDINO_SIGNAL_LEAD_S:-}" ]]; then echo "$MEDDINO_SIGNAL_LEAD_S"; return; fi
+    local lead=$((left / 10))
+    ((lead < 30)) && lead=30
+    ((lead > 600)) && lead=600
+    echo "$lead"
+}
+
+# The final checkpoint of a completed stage (from its stage_complete.json); empty when the stage has not finished.
+meddino_completed_checkpoint() {
+    local record="$1/stage_complete.json" python="$2"
+    [[ -f "$record" ]] || return 0
+    "$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["final_checkpoint"])' "$record"
+}
 
 MEDDINO_ROOT="${MEDDINO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 
@@ -73,12 +110,19 @@ meddino_launch() {
     if [[ -n "${MEDDINO_INIT_FROM:-}" ]]; then
         args+=(--init-from "$MEDDINO_INIT_FROM")
     elif [[ "$stage" -gt 1 ]]; then
-        # continue from the previous stage's last checkpoint (student, teacher, heads); the Gram teacher of
-        # stages 2-3 is read from the stage-1 run (used when the config says gram.teacher.source=stage1_iteration)
+        # continue from the previous stage's FINAL checkpoint (student, teacher, heads), and only once that stage
+        # has completed (its stage_complete.json): a preempted or failed stage must not hand on a half-trained
+        # model. The Gram teacher of stages 2-3 is read from the stage-1 run (gram.teacher.source=stage1_iteration).
         local prev_dir="$output_root/stage$((stage - 1))" prev_ckpt
-        prev_ckpt="${MEDDINO_INIT_CHECKPOINT:-$(meddino_latest_checkpoint "$prev_dir/checkpoints")}"
-        [[ -n "$prev_ckpt" && -f "$prev_ckpt" ]] \
-            || meddino_die "stage $stage continues stage $((stage - 1)), but $prev_dir/checkpoints has no checkpoint (run stage $((stage - 1)) first, or set MEDDINO_INIT_CHECKPOINT / MEDDINO_INIT_FROM)"
+        if [[ -n "${MEDDINO_INIT_CHECKPOINT:-}" ]]; then
+            prev_ckpt="$MEDDINO_INIT_CHECKPOINT"
+            meddino_log "stage $stage continues MEDDINO_INIT_CHECKPOINT=$prev_ckpt"
+        else
+            prev_ckpt="$(meddino_completed_checkpoint "$prev_dir" "$python")"
+            [[ -n "$prev_ckpt" ]] || meddino_die "stage $stage continues stage $((stage - 1)), which has not completed in $prev_dir (no stage_complete.json; newest checkpoint: $(meddino_latest_checkpoint "$prev_dir/checkpoints" || true)). Finish stage $((stage - 1)) first, or set MEDDINO_INIT_CHECKPOINT / MEDDINO_INIT_FROM"
+            meddino_log "stage $stage continues the completed stage $((stage - 1)): final checkpoint $prev_ckpt"
+        fi
+        [[ -f "$prev_ckpt" ]] || meddino_die "checkpoint to continue not found: $prev_ckpt"
         args+=("init.checkpoint=$prev_ckpt" "gram.teacher.run_dir=${MEDDINO_GRAM_RUN_DIR:-$output_root/stage1}")
     fi
     if [[ -n "${MEDDINO_DATA:-}" ]]; then args+=("data.shards=${MEDDINO_DATA}"); fi
@@ -97,6 +141,15 @@ meddino_launch() {
         meddino_log "not inside a SLURM job: running one process"
         exec "$python" -m pretrain.train "${args[@]}"
     fi
+    # Launcher variables exported in the shell that ran sbatch reach every task; SLURM's values describe this job
+    # (pretrain/train/distributed.py reads them), so drop the others rather than let two jobs join one world.
+    local var
+    for var in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT TORCHELASTIC_RUN_ID; do
+        if [[ -n "${!var+x}" ]]; then
+            meddino_log "ignoring $var=${!var} from the submitting shell (SLURM sets rank, world and master)"
+            unset "$var"
+        fi
+    done
     meddino_log "stage $stage job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-?} node(s) ${SLURM_JOB_NODELIST:-}: ${SLURM_NTASKS:-?} tasks"
     meddino_log "config ${configs[*]} -> $output_dir"
     # srun (SLURM >= 22.05) no longer inherits --cpus-per-task from the allocation: pass it on.
@@ -104,5 +157,27 @@ meddino_launch() {
     if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     # shellcheck disable=SC2206
     srun_args+=(${MEDDINO_SRUN_ARGS:-})
-    srun "${srun_args[@]}" "$python" -m pretrain.train "${args[@]}"
+    # The preemption warning: USR1 to the tasks (not this script) a tenth of the time limit before it ends, at
+    # most 600 s and at least 30 s (a fixed #SBATCH --signal=USR1@600 would fire at once in a 10-minute job).
+    # The trainer checkpoints, requeues the job (--requeue) and exits 75; the requeued job resumes.
+    local left lead watchdog=""
+    left="$(meddino_time_left_s)"
+    if [[ -n "$left" ]]; then
+        lead="$(meddino_signal_lead_s "$left")"
+        if ((left > lead)); then
+            (sleep $((left - lead)) && meddino_log "time limit in ${lead}s: USR1 to the trainer" \
+                && scancel --signal=USR1 "$SLURM_JOB_ID") &
+            watchdog=$!
+            meddino_log "preemption warning scheduled ${lead}s before the time limit (${left}s left)"
+        fi
+    fi
+    local status=0
+    srun "${srun_args[@]}" "$python" -m pretrain.train "${args[@]}" || status=$?
+    if [[ -n "$watchdog" ]]; then kill "$watchdog" 2>/dev/null || true; fi
+    case "$status" in
+        0) meddino_log "stage $stage finished" ;;
+        75) meddino_log "stage $stage stopped early (preempted, checkpointed): exit 75 keeps afterok dependants waiting" ;;
+        *) meddino_log "stage $stage failed with status $status" ;;
+    esac
+    return "$status"
 }

@@ -8,7 +8,7 @@
 #
 # One task per GPU: srun starts one `python -m pretrain.train` per task; each reads its rank, world size, local
 # rank and master (first node, per-job port) from SLURM's environment (pretrain/train/distributed.py).
-# Preemption / time limit: SLURM sends SIGUSR1 to the tasks before the end (--signal); the trainer checkpoints
+# Preemption / time limit: slurm/common.sh sends SIGUSR1 to the tasks before the end; the trainer checkpoints
 # after the current iteration and requeues the job (--requeue), which resumes with --resume auto.
 # All MEDDINO_* settings are described in slurm/common.sh.
 #SBATCH --job-name=meddino-stage2
@@ -18,7 +18,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
 #SBATCH --requeue
-#SBATCH --signal=USR1@600
+# (no #SBATCH --signal: slurm/common.sh sends USR1 a tenth of the time limit before it ends, 30-600 s)
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail

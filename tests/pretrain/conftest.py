@@ -75,6 +75,23 @@ def tiny_cfg(shards: Path, output_dir: Path, *overrides: str, stage_files: tuple
     return load_config(files, [f"data.shards={shards}", f"train.output_dir={output_dir}", *overrides])
 
 
+def shipped_cfg(stage: int, shards: Path, output_dir: Path, *overrides: str, gram_teacher_iteration: int | None = None,
+                iterations: int = 4):
+    """The shipped ``configs/pretrain/stage<stage>.yaml`` with only sizes shrunk (:func:`tiny_overrides`), every other
+    default as shipped (FLOP counting, drop path, activation checkpointing in stage 3, ...), pointed at ``shards``."""
+    from pretrain.train.config import load_config, tiny_overrides
+
+    path = REPO_ROOT / "configs" / "pretrain" / f"stage{stage}.yaml"
+    sizes = tiny_overrides(load_config(path), iterations=iterations, gram_teacher_iteration=gram_teacher_iteration)
+    return load_config(path, [*sizes, f"data.shards={shards}", f"train.output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def make_shipped_cfg():
+    """:func:`shipped_cfg` as a fixture."""
+    return shipped_cfg
+
+
 @pytest.fixture(scope="session")
 def make_tiny_cfg():
     """:func:`tiny_cfg` as a fixture (test modules cannot import conftest under --import-mode=importlib)."""

@@ -293,7 +293,7 @@ def test_loader_on_build_ct3m_output(curated_shards: Path, repo_root: Path) -> N
                 break
             seen.append(sample.key)
     assert sorted(seen) == sorted(manifest)
-    cfg = tiny_config(repo_root, curated_shards, **{"data.num_workers": 2})
+    cfg = tiny_config(repo_root, curated_shards, **{"data.num_workers": 2, "train.global_batch_size": 8})
     batches = take(build_ssl_loader(cfg, rank=1, world_size=2), 3)
     for batch in batches:
         assert set(batch) == BATCH_KEYS
