@@ -72,6 +72,8 @@ def _check_against(base: DictConfig, overlay: DictConfig, origin: str) -> None:
             continue
         if got == "list" and want == "number" and all(_kind(v) == "number" for v in value):
             continue  # one size or a list of sizes (crops.*_size of stage 3)
+        if want == "str" and known[key] == "auto" and got == "bool":
+            continue  # tri-state switches: auto | true | false (compute.compile)
         if got == "dict" and want == "dict":
             continue
         raise ConfigError(f"{origin}: {key}={value!r} is a {got}, but {key} takes a {want} (default {known[key]!r})")

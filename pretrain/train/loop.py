@@ -238,9 +238,13 @@ def _train(cfg, preempt, *, output_dir, init_from, resume, batches) -> TrainResu
     if batches is None:
         from pretrain.data import build_ssl_loader  # noqa: PLC0415 - loader workers start only when needed
 
-        batches = build_ssl_loader(cfg, rank=dist_env.rank, world_size=dist_env.world_size,
-                                   start_iter=start_iter * accum)
-    batch_iter = iter(batches)
+        # DataLoader draws its workers' base seed from the global torch RNG when iterated: fork it, so that the
+        # training stream (drop path, RoPE jitter) is the same in a run resumed here as in the uninterrupted run
+        with torch.random.fork_rng(devices=[]):
+            batches = build_ssl_loader(cfg, rank=dist_env.rank, world_size=dist_env.world_size,
+                                       start_iter=start_iter * accum)
+    with torch.random.fork_rng(devices=[]):
+        batch_iter = iter(batches)
     logger = MetricsLogger(output_dir, cfg, total, start_iter, is_main)
     if is_main:
         print(
@@ -329,6 +333,7 @@ def _train(cfg, preempt, *, output_dir, init_from, resume, batches) -> TrainResu
                         loss_scale=1.0 / accum,
                         device=device,
                         autocast_dtype=autocast_dtype,
+                        process_group=comm.group,
                     )
                 for k, v in out.logs.items():
                     sums[k] = sums.get(k, 0.0) + v / accum

@@ -256,9 +256,11 @@ class SSLMetaArch(nn.Module):
         loss_scale: float = 1.0,
         device: torch.device | None = None,
         autocast_dtype: torch.dtype | None = None,
+        process_group=None,
     ) -> StepOutput:
         """Forward student/teacher(/Gram teacher) on one (micro-)batch, compute the losses and backpropagate
-        ``loss * loss_scale`` (``1 / grad_accum_steps``)."""
+        ``loss * loss_scale`` (``1 / grad_accum_steps``). ``process_group`` carries Sinkhorn-Knopp's sums over
+        ranks (None: the default group)."""
         device = device or next(self.student.parameters()).device
         n_global = int(self.cfg.crops.global_crops_number) if "global_crops_number" in self.cfg.crops else 2
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
@@ -288,9 +290,10 @@ class SSLMetaArch(nn.Module):
                 gram_patches = self.gram_teacher_patches(gram_crops.to(device, non_blocking=True), grid)
 
         n_iter = int(self.cfg.dino.sinkhorn_iterations)
-        teacher_cls_probs = sinkhorn_knopp(teacher_out["cls_logits"].float(), teacher_temp, n_iter)
+        teacher_cls_probs = sinkhorn_knopp(teacher_out["cls_logits"].float(), teacher_temp, n_iter, process_group)
         teacher_cls_probs = teacher_cls_probs.unflatten(0, (n_global, B))  # [n_g, B, K]
-        teacher_patch_probs = sinkhorn_knopp(teacher_out["masked_patch_logits"].float(), teacher_temp, n_iter)
+        teacher_patch_probs = sinkhorn_knopp(teacher_out["masked_patch_logits"].float(), teacher_temp, n_iter,
+                                             process_group)
 
         total, logs = self.compute_losses(
             student_out=student_out,

@@ -41,6 +41,15 @@ def configure_matmul_precision(tf32: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
+def compile_enabled(setting, device: torch.device) -> bool:
+    """``compute.compile``: ``auto`` compiles on GPU only; ``true`` / ``false`` force it either way."""
+    if isinstance(setting, str):
+        if setting != "auto":
+            raise ValueError(f"compute.compile must be auto, true or false, got {setting!r}")
+        return device.type == "cuda"
+    return bool(setting)
+
+
 def wrap_model(meta: SSLMetaArch, compute, device: torch.device, comm: Comm) -> str:
     """Activation checkpointing, torch.compile and DDP / FSDP2 according to ``compute``; returns the mode used
     (``none`` in one process, else ``ddp`` or ``fsdp``)."""
@@ -84,7 +93,7 @@ def wrap_model(meta: SSLMetaArch, compute, device: torch.device, comm: Comm) -> 
             for blk in meta.gram_teacher.blocks:
                 fully_shard(blk, **kw)
             gram_fwd = fully_shard(GramTeacherForward(meta.gram_teacher), **kw)
-    if bool(compute.compile):
+    if compile_enabled(compute.compile, device):
         for backbone in (meta.student["backbone"], meta.teacher["backbone"], meta.gram_teacher):
             for blk in (backbone.blocks if backbone is not None else ()):
                 blk.compile()

@@ -307,3 +307,26 @@ def test_temporary_files_of_a_killed_write_are_removed_at_start(ct3m_shards: Pat
     stale.write_bytes(b"half a checkpoint")
     train(make_shipped_cfg(1, ct3m_shards, tmp_path, "logging.flops=false", iterations=1))
     assert not stale.exists()
+
+
+def test_resume_with_the_shipped_loader_workers_is_bit_identical(ct3m_shards: Path, tmp_path: Path,
+                                                                  make_shipped_cfg) -> None:
+    """The shipped loader runs worker processes; creating it must not draw from the training RNG stream, or a
+    run resumed at iteration k differs from the uninterrupted one (the old tests used 0 workers and missed it)."""
+    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=2", iterations=4)
+    assert cfg.data.num_workers >= 1 and cfg.logging.flops
+    straight = train(cfg, output_dir=tmp_path / "straight")
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    name = ckpt_io.checkpoint_path("", 2).name
+    (tmp_path / "resumed" / "checkpoints" / name).write_bytes((tmp_path / "straight" / "checkpoints" / name).read_bytes())
+    resumed = train(cfg, output_dir=tmp_path / "resumed", resume="auto")
+    assert [r["total_loss"] for r in straight.history[2:]] == [r["total_loss"] for r in resumed.history]
+
+
+def test_compile_auto_is_on_for_gpus_only() -> None:
+    from pretrain.train.parallel import compile_enabled
+
+    assert load_config(STAGES[1]).compute.compile == "auto"
+    assert compile_enabled("auto", torch.device("cuda", 0)) and not compile_enabled("auto", torch.device("cpu"))
+    assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda", 0))
+    assert load_config(STAGES[1], ["compute.compile=true"]).compute.compile is True
