@@ -48,6 +48,9 @@ from pretrain.visualize import load_axial_slice, load_input_transform, write_pca
 from pretrain.visualize import load_config as load_visualize_config  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "benchmarks" / "ssl_signal.yaml"
+# the training step picks its device itself (pretrain.train: the GPU and bf16 autocast when present); the frozen
+# feature extraction of the measurements follows it
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def repo_path(p: str | Path) -> Path:
@@ -287,7 +290,8 @@ def main(argv=None) -> int:
     for name, make in models.items():
         torch.manual_seed(int(cfg.seed))
         model = make()
-        report["models"][name] = measure_model(model, tasks, cfg, transform)
+        report["models"][name] = measure_model(model.to(DEVICE), tasks, cfg, transform)
+        model.cpu()  # the PCA pictures run on CPU
         if name in ("random init", "stage 1"):
             pca_models[name.replace(" ", "_")] = model
     report["trajectories"] = trajectories(run_dir)

@@ -105,15 +105,20 @@ def slice_batch(hu: np.ndarray, transform: Callable[[Tensor], Tensor], size: int
 
 @torch.inference_mode()
 def backbone_features(model: nn.Module, x: Tensor, batch_size: int = 8) -> tuple[Tensor, Tensor]:
-    """Final normed tokens of a frozen backbone: x [N, C, S, S] -> (patch [N, h, w, D], cls [N, D]) float32."""
+    """Final normed tokens of a frozen backbone: x [N, C, S, S] -> (patch [N, h, w, D], cls [N, D]) float32 on CPU.
+
+    Runs on the model's device (a GPU when the caller moved it there), in bf16 autocast on GPUs that support it."""
     model.eval()
+    device = next(model.parameters()).device
     p = int(model.patch_size)
     h, w = x.shape[-2] // p, x.shape[-1] // p
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     patches, classes = [], []
     for i in range(0, x.shape[0], batch_size):
-        out = model.forward_features(x[i : i + batch_size])
-        patches.append(out["x_norm_patchtokens"].float().reshape(-1, h, w, out["x_norm_patchtokens"].shape[-1]))
-        classes.append(out["x_norm_clstoken"].float())
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.forward_features(x[i : i + batch_size].to(device))
+        patches.append(out["x_norm_patchtokens"].float().cpu().reshape(-1, h, w, out["x_norm_patchtokens"].shape[-1]))
+        classes.append(out["x_norm_clstoken"].float().cpu())
     return torch.cat(patches), torch.cat(classes)
 
 

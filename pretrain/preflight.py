@@ -110,7 +110,7 @@ def stage_config(args, stage: int, run: Path, shards: str, chain: dict):
                 run_overrides += ["gram.teacher.source=ema"]
         else:
             run_overrides += ["init.checkpoint=null", "gram.teacher.source=ema"]
-    return shipped, load_config(path, [*user, *sizes, *run_overrides])
+    return shipped, load_config(path, [*sizes, *user, *run_overrides])  # the user's values win over tiny sizes
 
 
 def _failed_check(err: BaseException) -> str:

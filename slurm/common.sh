@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Shared by slurm/stage{1,2,3}.sh (sourced, not executed): finds the repository, reads the site settings from the
-# environment, and launches one `python -m pretrain.train` per task with srun. Rank, world size, local rank and
+# Shared by slurm/stage{1,2,3}.sh and slurm/preflight.sh (sourced, not executed): finds the repository, reads the
+# site settings from the environment, and launches one `python -m pretrain.train` (or pretrain.preflight) per task
+# with srun. Rank, world size, local rank and
 # the master address/port are NOT computed here: every task reads them from SLURM's environment with
 # pretrain/train/distributed.py (the same helper torchrun and submitit runs use).
 #
@@ -75,13 +76,63 @@ meddino_latest_checkpoint() {
 }
 
 # meddino_launch STAGE [override ...] -- runs the stage with srun (or directly when not inside a SLURM job).
+# The interpreter with the package: MEDDINO_PYTHON, else the checkout's .venv, else python3.
+meddino_python() {
+    if [[ -n "${MEDDINO_PYTHON:-}" ]]; then echo "$MEDDINO_PYTHON"
+    elif [[ -x "$MEDDINO_ROOT/.venv/bin/python" ]]; then echo "$MEDDINO_ROOT/.venv/bin/python"
+    else echo python3; fi
+}
+
+# The environment every task starts with: the package on PYTHONPATH, threads, NCCL error handling, GPUs hidden for
+# CPU runs, and no launcher variables from the submitting shell (they reach every task; SLURM's own values describe
+# this job and pretrain/train/distributed.py reads them, so the others would let two jobs join one world).
+meddino_task_env() {
+    export PYTHONPATH="$MEDDINO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    if [[ "${MEDDINO_DEVICE:-}" == "cpu" || "${SLURM_GPUS_PER_NODE:-}" == "0" ]]; then
+        export CUDA_VISIBLE_DEVICES=""
+    fi
+    [[ -n "${SLURM_JOB_ID:-}" ]] || return 0
+    local var
+    for var in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT TORCHELASTIC_RUN_ID; do
+        if [[ -n "${!var+x}" ]]; then
+            meddino_log "ignoring $var=${!var} from the submitting shell (SLURM sets rank, world and master)"
+            unset "$var"
+        fi
+    done
+}
+
+# srun flags: --cpus-per-task passed on (srun >= 22.05 no longer inherits it), plus MEDDINO_SRUN_ARGS.
+meddino_srun_args() {
+    local -a out=(--kill-on-bad-exit=1)
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then out+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+    # shellcheck disable=SC2206
+    out+=(${MEDDINO_SRUN_ARGS:-})
+    printf '%s\n' "${out[@]}"
+}
+
+# meddino_run_module MODULE [arg ...]: one `python -m MODULE` per task with srun (one process outside SLURM).
+meddino_run_module() {
+    local module="$1"; shift
+    local python
+    python="$(meddino_python)"
+    meddino_task_env
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        meddino_log "not inside a SLURM job: running one process"
+        exec "$python" -m "$module" "$@"
+    fi
+    local -a srun_args
+    mapfile -t srun_args < <(meddino_srun_args)
+    meddino_log "$module: job ${SLURM_JOB_ID} on ${SLURM_JOB_NUM_NODES:-?} node(s) ${SLURM_JOB_NODELIST:-}: ${SLURM_NTASKS:-?} tasks"
+    srun "${srun_args[@]}" "$python" -m "$module" "$@"
+}
+
 meddino_launch() {
     local stage="$1"; shift
     local root="$MEDDINO_ROOT"
-    local python="${MEDDINO_PYTHON:-}"
-    if [[ -z "$python" ]]; then
-        if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python="python3"; fi
-    fi
+    local python
+    python="$(meddino_python)"
     local output_root="${MEDDINO_OUTPUT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}/runs/pretrain}"
     local output_dir="${MEDDINO_OUTPUT_DIR:-$output_root/stage${stage}}"
     mkdir -p "$output_dir"
@@ -130,33 +181,15 @@ meddino_launch() {
     local -a env_overrides=(${MEDDINO_OVERRIDES:-})
     args+=("${env_overrides[@]}" "$@")
 
-    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-    if [[ "${MEDDINO_DEVICE:-}" == "cpu" || "${SLURM_GPUS_PER_NODE:-}" == "0" ]]; then
-        export CUDA_VISIBLE_DEVICES=""
-    fi
-
+    meddino_task_env
     if [[ -z "${SLURM_JOB_ID:-}" ]]; then
         meddino_log "not inside a SLURM job: running one process"
         exec "$python" -m pretrain.train "${args[@]}"
     fi
-    # Launcher variables exported in the shell that ran sbatch reach every task; SLURM's values describe this job
-    # (pretrain/train/distributed.py reads them), so drop the others rather than let two jobs join one world.
-    local var
-    for var in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT TORCHELASTIC_RUN_ID; do
-        if [[ -n "${!var+x}" ]]; then
-            meddino_log "ignoring $var=${!var} from the submitting shell (SLURM sets rank, world and master)"
-            unset "$var"
-        fi
-    done
     meddino_log "stage $stage job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-?} node(s) ${SLURM_JOB_NODELIST:-}: ${SLURM_NTASKS:-?} tasks"
     meddino_log "config ${configs[*]} -> $output_dir"
-    # srun (SLURM >= 22.05) no longer inherits --cpus-per-task from the allocation: pass it on.
-    local -a srun_args=(--kill-on-bad-exit=1)
-    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
-    # shellcheck disable=SC2206
-    srun_args+=(${MEDDINO_SRUN_ARGS:-})
+    local -a srun_args
+    mapfile -t srun_args < <(meddino_srun_args)
     # The preemption warning: USR1 to the tasks (not this script) a tenth of the time limit before it ends, at
     # most 600 s and at least 30 s (a fixed #SBATCH --signal=USR1@600 would fire at once in a 10-minute job).
     # The trainer checkpoints, requeues the job (--requeue) and exits 75; the requeued job resumes.

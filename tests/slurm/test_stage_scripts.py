@@ -20,7 +20,7 @@ CONFIGS = REPO_ROOT / "configs" / "pretrain"
 TINY = str(CONFIGS / "tiny.yaml")
 # one thread per task (2-core CI box), no FLOP counting, checkpoints only when asked
 FAST = ["logging.flops=false", "compute.num_threads=1"]
-# sbatch flags of a 2-task CPU job; --time must exceed the scripts' --signal=USR1@600 warning
+# sbatch flags of a 2-task CPU job (slurm/common.sh sends USR1 a tenth of --time before the limit: 3 min here)
 CPU_JOB = ["--ntasks-per-node=2", "--cpus-per-task=1", "--time=30"]
 
 
