@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching in the tes
     _igzip = None
 
 from data_curation.readers.common import CurationError, HuCheck, RawVolume, to_int16_hu
+from datasets.ct_sanity import CtIntensityCheck
 
 
 def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
@@ -71,8 +72,7 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
     out = np.empty(shape, dtype=np.int16, order="F")  # F order: every axial slice [.., .., k] is contiguous
     slab = max(1, int(reading_cfg.get("nifti_slab_slices", 32)))
     n_nonfinite = 0
-    air_hu = float(reading_cfg.get("air_threshold_hu", -500))
-    min_air = float(reading_cfg.get("min_air_fraction", 0.0))
+    air = CtIntensityCheck(float(reading_cfg["air_threshold_hu"]), float(reading_cfg["min_air_fraction"]))
     n_air = 0
     proxy = img.dataobj
     try:
@@ -85,8 +85,8 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
             else:
                 check.update(chunk)
             out[:, :, k0:k1], n_bad = to_int16_hu(chunk, fill)
-            if min_air > 0:
-                n_air += int(np.count_nonzero(out[:, :, k0:k1] < air_hu))
+            if air.min_air_fraction > 0:
+                n_air += air.count_air(out[:, :, k0:k1])
             n_nonfinite += n_bad
     except CurationError:
         raise
@@ -96,9 +96,9 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
         img.uncache()
         del proxy
     check.verify(path)
-    if min_air > 0 and n_air < min_air * out.size:
-        raise CurationError(path, "not_ct_intensity", f"only {n_air / out.size:.3%} of voxels below {air_hu:g} HU (a CT in HU has air "
-                            f"around or inside the body; MR or a non-HU scale?). Set reading.min_air_fraction: 0 to accept it")
+    problem = air.problem(n_air, out.size)
+    if problem:
+        raise CurationError(path, "not_ct_intensity", f"{problem}. Set reading.min_air_fraction: 0 to accept it")
     info = {"format": "nifti", "source_dtype": str(img.get_data_dtype())}
     if n_nonfinite:
         info["nonfinite_voxels"] = n_nonfinite
