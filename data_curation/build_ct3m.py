@@ -658,6 +658,37 @@ def dry_run(cfg: dict, found: dict[str, list[Case]], cases: list[Case], excluded
           "estimate before near-empty slices are skipped)")
 
 
+class OutputUnusable(Exception):
+    """``--out`` cannot hold a build: a file, not writable, or in use by another build."""
+
+
+def lock_output(out: Path):
+    """Create ``out`` if needed and take an exclusive lock on ``out/.lock`` for the whole build (released when the
+    returned file is closed or the process ends, ``kill -9`` included): two builds writing one folder would mix
+    their state files, so the second is refused."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise OutputUnusable(f"--out {out} is a file; give a folder for the build")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / ".lock", "a+")
+    except OSError as err:
+        raise OutputUnusable(f"--out {out}: cannot write there ({err.strerror})") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise OutputUnusable(f"--out {out} is being written by another build (pid {holder}); wait for it or use another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -680,7 +711,25 @@ def main(argv: list[str] | None = None) -> int:
         print("--out is required (except with --list-sources / --dry-run)", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_output(out)
+    except OutputUnusable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return build(args, cfg, out, cases, excluded, t_start)
+    except OSError as err:  # output side: disk full, quota, read-only or failing disk (inputs are the workers' job)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: writing the build in {out} failed: {err.strerror or err}{where}. Nothing is lost: fix the cause "
+              "(free space...) and run the same command again to continue", file=sys.stderr)
+        return 3
+    finally:
+        lock.close()
+
+
+def build(args: argparse.Namespace, cfg: dict, out: Path, cases: list[Case], excluded: list[str], t_start: float) -> int:
+    """Stages 2-4 into ``out`` (locked by the caller). An ``OSError`` here is the output side failing; every stage is
+    resumable, so the caller reports it in one line and a re-run continues."""
     if args.restart and (out / ".state").exists():
         shutil.rmtree(out / ".state")
         for old in out.glob("ct3m-*.tar*"):

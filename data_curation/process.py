@@ -9,6 +9,7 @@ never leaves a half-written staging file that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,23 @@ from data_curation.sources.base import Case
 
 STAGING_SUFFIX = ".samples"
 _INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")
+
+
+class StagingWriteError(OSError):
+    """Writing a staging file failed (disk full, quota, I/O error on the output side): the build must stop, not
+    record the case as failed -- a re-run after the cause is fixed curates it again."""
+
+
+@contextlib.contextmanager
+def output_side(path: Path):
+    """Turn an ``OSError`` raised while writing ``path`` (nothing else in the block touches files) into a
+    :class:`StagingWriteError`; a partial ``*.tmp`` is deleted by the builder when it starts again."""
+    try:
+        yield
+    except StagingWriteError:
+        raise
+    except OSError as err:
+        raise StagingWriteError(err.errno, err.strerror, str(path)) from None
 
 
 def staging_name(uid: str) -> str:
@@ -58,6 +76,8 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
         case_name = f"{case.case_id}_{raw.volume_suffix}" if raw.volume_suffix else case.case_id
         try:
             volumes.append(_stage_volume(case, case_name, raw, cfg, Path(staging_dir)))
+        except StagingWriteError:
+            raise
         except Exception as exc:
             rejections.append({"file": case.paths[0], "reason": "internal_error", "detail": f"{type(exc).__name__}: {exc}", "filtered": False})
     if not raws and not rejections:
@@ -115,7 +135,7 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
     n_empty = offset = 0
     name = staging_name(uid)
     tmp = staging / f"{name}{STAGING_SUFFIX}.tmp"
-    with open(tmp, "wb", buffering=0) as fh:  # unbuffered: each sample is one writev straight from the slice
+    with output_side(tmp), open(tmp, "wb", buffering=0) as fh:  # unbuffered: each sample is one writev from the slice
         for b0 in range(0, z, batch):
             native = vol.array[b0:b0 + batch]
             descriptors.append(slice_descriptors(native, grid[1:]))
@@ -141,7 +161,8 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
                 offset += size
         if cfg["run"].get("fsync_staging", False):  # kill -9 needs no fsync; the builder re-verifies staging files
             os.fsync(fh.fileno())
-    os.replace(tmp, staging / f"{name}{STAGING_SUFFIX}")
+    with output_side(tmp):
+        os.replace(tmp, staging / f"{name}{STAGING_SUFFIX}")
     fp = volume_fingerprint(uid, np.concatenate(descriptors), (z, h, w), (vol.slice_spacing_mm, *vol.spacing_mm), grid[0])
     return {
         "uid": uid,

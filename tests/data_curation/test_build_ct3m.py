@@ -388,3 +388,79 @@ def test_tune_malloc_applies_on_glibc_and_is_optional(repo_root):
     run_cfg = load_config(repo_root / "configs" / "data" / "ct3m.yaml")["run"]
     assert tune_malloc(run_cfg) == (platform.libc_ver()[0] == "glibc")
     assert not tune_malloc({**run_cfg, "malloc_mmap_threshold_mb": None, "malloc_trim_threshold_mb": None})
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MiB tmpfs (needs root: mount), grown with ``remount`` by the test; None where mounting is not allowed."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("medium", ["tmpfs", "emulated"])
+def test_disk_full_stops_the_build_and_a_rerun_equals_an_uninterrupted_build(tmp_path, repo_root, sample_tree, run_build,
+                                                                               small_tmpfs, monkeypatch, medium):
+    """Out of space while curating: one line, exit code 3, no case recorded as failed; after space is freed the same
+    command finishes with exactly the shards, manifest and stats of a build that never ran out of space. On a real
+    6 MiB tmpfs (needs root to mount it), and with ENOSPC raised at the staging write call."""
+    if medium == "tmpfs" and small_tmpfs is None:
+        pytest.skip("mounting a tmpfs needs root; the emulated case runs the same logic")
+    args = ["--root", f"folder={sample_tree}", "output.samples_per_shard=40"]
+    reference = tmp_path / "reference"
+    run_build(repo_root, "--out", str(reference), *args)
+    if medium == "tmpfs":
+        out = small_tmpfs / "out"
+    else:
+        import errno
+
+        import data_curation.process as process
+
+        out = tmp_path / "out"
+        real_write, calls = process.write_sample, []
+
+        def write_until_full(fd, key, fields):
+            calls.append(key)
+            if len(calls) > 60:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, key, fields)
+
+        monkeypatch.setattr(process, "write_sample", write_until_full)
+    proc = run_build(repo_root, "--out", str(out), *args, check=3)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "run the same command again" in lines[0], proc.stderr
+    assert not list(out.glob("ct3m-*.tar")) and not (out / "failures.jsonl").exists()
+    if medium == "tmpfs":
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    else:
+        monkeypatch.undo()
+    run_build(repo_root, "--out", str(out), *args)
+    assert (out / "failures.jsonl").read_text() == ""
+    for name in ["manifest.csv", *(p.name for p in reference.glob("ct3m-*.tar"))]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    strip = lambda s: {k: v for k, v in json.loads(s).items() if k != "per_source"}  # per_source holds timings
+    assert strip((out / "stats.json").read_text()) == strip((reference / "stats.json").read_text())
+
+
+def test_out_that_is_a_file_or_locked_is_refused(tmp_path, repo_root, sample_ct, run_build):
+    import fcntl
+
+    target = tmp_path / "out"
+    target.write_text("a file")
+    proc = run_build(repo_root, "--out", str(target), "--root", f"folder={sample_ct / 'msd_spleen'}", check=2)
+    assert proc.stderr.strip() == f"error: --out {target} is a file; give a folder for the build"
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another build holds the lock
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}", check=2)
+    assert "is being written by another build (pid 4242)" in proc.stderr and not (out / ".state").exists()
+    run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}")  # lock released: builds
