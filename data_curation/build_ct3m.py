@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # run as a script: use the package (pip install -e .), not the sibling modules of this file
@@ -43,6 +45,7 @@ from omegaconf import OmegaConf
 from data_curation.dedup import Fingerprint, find_duplicates
 from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
+from data_curation.sources.base import collect_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
@@ -61,7 +64,9 @@ def load_config(path: str | Path, roots: list[str] | None = None, dotlist: list[
             raise SystemExit(f"--root expects NAME=PATH, got {item!r}")
         name, path_ = item.split("=", 1)
         if name not in REGISTRY:
-            raise SystemExit(f"--root {name}: unknown source; known: {', '.join(REGISTRY)}")
+            near = difflib.get_close_matches(name, list(REGISTRY), n=1)
+            raise SystemExit(f"--root {item}: unknown source {name!r}" + (f"; did you mean {near[0]}?" if near else "")
+                             + f" (known: {', '.join(REGISTRY)})")
         out["sources"].setdefault(name, {})["root"] = path_
     hist = out["stats"]["hu_histogram"]
     if (int(hist["max"]) - int(hist["min"])) % int(hist["bin"]):
@@ -74,27 +79,43 @@ def source_root(cfg: dict, name: str) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
-def discover(cfg: dict, names: list[str]) -> dict[str, list[Case]]:
+def discover(cfg: dict, names: list[str], problems: list[dict] | None = None) -> dict[str, list[Case]]:
+    """Cases of each source in ``names`` (sources without a root are skipped); folders and files that were seen but
+    could not be read are appended to ``problems`` (failure records with ``source`` set)."""
     found = {}
     for name in names:
         root = source_root(cfg, name)
         if root is None or not root.exists():
             continue
-        found[name] = REGISTRY[name].find(root, cfg["sources"].get(name) or {})
+        with collect_problems() as seen:
+            found[name] = REGISTRY[name].find(root, cfg["sources"].get(name) or {})
+        if problems is not None:
+            problems.extend(dict(p, source=name, case="") for p in seen)
     return found
 
 
+def empty_sources(cfg: dict, found: dict[str, list[Case]]) -> list[dict]:
+    """A ``no_case_found`` record per source whose root yielded no case (wrong folder, or not the owners' layout)."""
+    return [{"source": name, "case": "", "file": str(source_root(cfg, name)), "reason": "no_case_found", "filtered": True,
+             "detail": f"no case found (expected layout: {REGISTRY[name].layout})"} for name, cases in found.items() if not cases]
+
+
 def selected_sources(cfg: dict, arg: str | None) -> list[str]:
+    """Sources to build: ``--sources`` or every source with a root. A root that is set but does not exist is an
+    error (a mistyped path must not quietly build without that dataset)."""
+    missing = [f"{n}={source_root(cfg, n)}" for n in REGISTRY if source_root(cfg, n) and not source_root(cfg, n).is_dir()]
+    if missing:
+        raise SystemExit(f"source root(s) not found or not a folder: {', '.join(missing)}; fix --root NAME=PATH or the config")
     if arg:
         names = [s.strip() for s in arg.split(",") if s.strip()]
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
             raise SystemExit(f"--sources: unknown source(s) {unknown}; known: {', '.join(REGISTRY)}")
-        missing = [n for n in names if not (source_root(cfg, n) and source_root(cfg, n).exists())]
-        if missing:
-            raise SystemExit(f"--sources: no existing root for {missing}; set it with --root NAME=PATH or in the config")
+        unset = [n for n in names if not source_root(cfg, n)]
+        if unset:
+            raise SystemExit(f"--sources: no root for {unset}; set it with --root NAME=PATH or in the config")
         return names
-    return [n for n in REGISTRY if source_root(cfg, n) and source_root(cfg, n).exists()]
+    return [n for n in REGISTRY if source_root(cfg, n)]
 
 
 # ----------------------------------------------------------------------------------------------- leakage control
@@ -514,7 +535,10 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
 
 # ----------------------------------------------------------------------------------------------- stage 4: report
 def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records: list[dict], duplicates: list[dict],
-                  excluded: list[str], n_groups: int) -> tuple[dict, int]:
+                  excluded: list[str], n_groups: int, discovery: Sequence[dict] = ()) -> tuple[dict, int]:
+    """manifest.csv, failures.jsonl (bad input),
+    rejections.jsonl, duplicates.csv, stats.json -> (stats, number of failures). ``discovery``: what case discovery
+    saw and could not use (unreadable folders and files, roots without a case), one rejection dict each."""
     parts = sorted(state.parts.glob("group-*.csv"))
     parts = [p for p in parts if int(p.stem.split("-")[1]) < n_groups]
     header = "key,shard,source,case,slice_index\n"
@@ -528,7 +552,9 @@ def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records
     n_cases = {}
     for c in cases:
         n_cases[c.source] = n_cases.get(c.source, 0) + 1
-    for rec in records:
+    found_nothing = [{"source": d["source"], "case": "", "volumes": [], "seconds": 0.0,
+                      "rejections": [{k: d[k] for k in ("file", "reason", "detail", "filtered")}]} for d in discovery]
+    for rec in [*records, *found_nothing]:
         s = per_source.setdefault(rec["source"], {"cases": n_cases.get(rec["source"], 0), "volumes": 0, "slices": 0, "native_slices": 0,
                                                   "empty_skipped": 0, "subsampled_out": 0, "duplicates_dropped": 0,
                                                   "failed": 0, "filtered": 0, "reasons": {}, "seconds": 0.0})
@@ -612,6 +638,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exclude", action="append", default=[], metavar="LIST", help="case list file or comma list (source/case or case)")
     p.add_argument("--holdout-finetune", action="store_true", help="exclude fold-0 validation cases of amos22/btcv/kits23/lits")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even if some inputs failed")
+    p.add_argument("--allow-empty", action="store_true", help="build even when a source root yields no case (else an error)")
     p.add_argument("--restart", action="store_true", help="discard the state of a previous build in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output.samples_per_shard=500")
@@ -702,7 +729,14 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         print("no source has an existing root: set one with --root NAME=PATH (see --list-sources)", file=sys.stderr)
         return 2
-    found = discover(cfg, names)
+    discovered: list[dict] = []
+    found = discover(cfg, names, discovered)
+    empty = empty_sources(cfg, found)
+    if empty and not args.allow_empty:
+        print("error: " + "; ".join(f"{e['source']}={e['file']}: {e['detail']}" for e in empty)
+              + ". Fix the root, or pass --allow-empty to build without it", file=sys.stderr)
+        return 2
+    discovered += empty
     cases, excluded = apply_exclusions(cfg, found, names, args.exclude, args.holdout_finetune)
     if args.dry_run:
         dry_run(cfg, found, cases, excluded)
@@ -717,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return build(args, cfg, out, cases, excluded, t_start)
+        return build(args, cfg, out, cases, excluded, discovered, t_start)
     except OSError as err:  # output side: disk full, quota, read-only or failing disk (inputs are the workers' job)
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: writing the build in {out} failed: {err.strerror or err}{where}. Nothing is lost: fix the cause "
@@ -727,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         lock.close()
 
 
-def build(args: argparse.Namespace, cfg: dict, out: Path, cases: list[Case], excluded: list[str], t_start: float) -> int:
+def build(args: argparse.Namespace, cfg: dict, out: Path, cases: list[Case], excluded: list[str], discovery: list[dict],
+          t_start: float) -> int:
     """Stages 2-4 into ``out`` (locked by the caller). An ``OSError`` here is the output side failing; every stage is
     resumable, so the caller reports it in one line and a re-run continues."""
     if args.restart and (out / ".state").exists():
@@ -772,7 +807,7 @@ def build(args: argparse.Namespace, cfg: dict, out: Path, cases: list[Case], exc
     atomic_write_text(state.dir / "complete", "packed\n")
     for leftover in state.staging.glob("*"):
         leftover.unlink()
-    stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups))
+    stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups), discovery)
     print_summary(stats)
     t_end = time.perf_counter()
     elapsed = t_end - t_start

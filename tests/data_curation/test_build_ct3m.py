@@ -361,7 +361,7 @@ def test_tcia_dicom_source_keys_and_sources_filter(tmp_path, repo_root, real_dat
     for p in out.rglob("*"):
         if p.is_file():
             assert b"11-24-2015" not in p.read_bytes() and b"12345" not in p.read_bytes()
-    with pytest.raises(SystemExit, match="no existing root for"):
+    with pytest.raises(SystemExit, match="no root for"):
         run_build(repo_root, "--out", str(tmp_path / "x"), "--sources", "kits23")
 
 
@@ -464,3 +464,49 @@ def test_out_that_is_a_file_or_locked_is_refused(tmp_path, repo_root, sample_ct,
         proc = run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}", check=2)
     assert "is being written by another build (pid 4242)" in proc.stderr and not (out / ".state").exists()
     run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}")  # lock released: builds
+
+
+def test_mistyped_root_and_empty_root_are_errors(tmp_path, repo_root, sample_ct, run_build):
+    with pytest.raises(SystemExit, match=r"--root foldr=.*unknown source 'foldr'; did you mean folder\?"):
+        run_build(repo_root, "--out", str(tmp_path / "o"), "--root", f"foldr={sample_ct}")
+    with pytest.raises(SystemExit, match=r"source root\(s\) not found or not a folder: folder=.*/no_such_dir"):
+        run_build(repo_root, "--out", str(tmp_path / "o"), "--root", f"folder={tmp_path / 'no_such_dir'}")
+    # a root of the wrong layout: the MSD spleen folder given as the btcv root
+    args = ["--out", str(tmp_path / "o"), "--root", f"btcv={sample_ct / 'msd_spleen'}", "--root", f"folder={sample_ct / 'msd_spleen'}"]
+    proc = run_build(repo_root, *args, check=2)
+    assert "btcv=" in proc.stderr and "no case found (expected layout: RawData" in proc.stderr and "--allow-empty" in proc.stderr
+    assert not (tmp_path / "o" / ".state").exists()
+    run_build(repo_root, *args, "--allow-empty")
+    rejections = [json.loads(line) for line in (tmp_path / "o" / "rejections.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in rejections] == [("btcv", "no_case_found")]
+
+
+def test_unreadable_folder_and_extensionless_dicom_are_failures(tmp_path, repo_root, real_data, sample_ct):
+    """chmod 000 on a sub-folder and on an extension-less DICOM file: both are in failures.jsonl, exit code 1. Root
+    reads anything, so as root the build runs without the capabilities that bypass file permissions (setpriv)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(sample_ct / "msd_spleen", tree / "spleen", ignore=shutil.ignore_patterns("*.json"))
+    shutil.copytree(real_data / "dcmqi_ct3slice" / "dicom", tree / "locked")
+    (tree / "series").mkdir()
+    for i, f in enumerate(sorted((real_data / "dcmqi_ct3slice" / "dicom").glob("*.dcm"))):
+        shutil.copy(f, tree / "series" / f"IM{i:04d}")
+    os.chmod(tree / "locked", 0)
+    os.chmod(tree / "series" / "IM0001", 0)
+    out = tmp_path / "out"
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "running as root needs util-linux setpriv to drop CAP_DAC_OVERRIDE for this test"
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        proc = subprocess.run([*prefix, sys.executable, *SCRIPT, "--workers", "0", "--out", str(out), "--root", f"folder={tree}"],
+                              cwd=repo_root, capture_output=True, text=True, timeout=600)
+    finally:
+        os.chmod(tree / "locked", 0o755)
+        os.chmod(tree / "series" / "IM0001", 0o644)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted((Path(f["file"]).name, f["reason"]) for f in failures) == [("IM0001", "unreadable"), ("locked", "unreadable")]
+    assert all("Permission denied" in f["detail"] for f in failures)
+    cases = {m["case"] for _, m in read_samples(out).values()}
+    assert cases == {"spleen_sub-spleen2_ct", "series"}  # the readable files of the series are still used
