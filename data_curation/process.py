@@ -23,6 +23,7 @@ from data_curation.readers.dicom import read_dicom_series
 from data_curation.readers.nifti import read_nifti
 from data_curation.shards import encode_image_pieces, sample_json, sample_key, write_sample
 from data_curation.sources.base import Case
+from datasets.ct_sanity import SpacingCheck
 
 STAGING_SUFFIX = ".samples"
 _INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")
@@ -75,11 +76,20 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
     for raw in raws:
         case_name = f"{case.case_id}_{raw.volume_suffix}" if raw.volume_suffix else case.case_id
         try:
-            volumes.append(_stage_volume(case, case_name, raw, cfg, Path(staging_dir)))
+            volume = _stage_volume(case, case_name, raw, cfg, Path(staging_dir))
         except StagingWriteError:
             raise
+        except CurationError as err:
+            rejections.append(err.rejection.as_dict())
+            continue
         except Exception as exc:
             rejections.append({"file": case.paths[0], "reason": "internal_error", "detail": f"{type(exc).__name__}: {exc}", "filtered": False})
+            continue
+        volumes.append(volume)
+        if volume["n_slices"] == 0:  # kept in the record (dedup, stats) but said out loud
+            rejections.append({"file": case.paths[0], "reason": "no_slices_kept", "filtered": True,
+                               "detail": f"{case_name}: all {volume['n_native_slices']} slices near-empty or sub-sampled out "
+                                         f"(body above {cfg['slices']['body_threshold_hu']} HU in < {cfg['slices']['min_body_fraction']} of a slice)"})
     if not raws and not rejections:
         rejections.append({"file": case.paths[0] if case.paths else case.uid, "reason": "no_slices_kept", "detail": "no image found", "filtered": True})
     return {"case": case.uid, "source": case.source, "volumes": volumes, "rejections": rejections,
@@ -93,6 +103,11 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
     the packer only concatenates byte ranges. Holds the volume plus one batch of ``run.slice_batch`` slices."""
     vol = to_canonical_axial(raw)
     del raw
+    low, high = cfg["reading"]["spacing_range_mm"]
+    problem = SpacingCheck(float(low), float(high)).problem((vol.slice_spacing_mm, *vol.spacing_mm))
+    if problem:
+        raise CurationError(case.paths[0] if case.kind == "nifti" else str(Path(case.paths[0]).parent), "implausible_spacing",
+                            f"{problem}; set reading.spacing_range_mm to accept it")
     z, h, w = vol.array.shape
     geo = cfg["geometry"]
     sl_cfg = cfg["slices"]

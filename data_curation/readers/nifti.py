@@ -29,7 +29,7 @@ from datasets.ct_sanity import CtIntensityCheck
 def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
     """Read one NIfTI CT volume -> :class:`RawVolume` (``data`` int16 ``[I,J,K]``, voxel->RAS ``affine``).
 
-    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``hu_out_of_range``,
+    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``all_nonfinite``, ``hu_out_of_range``,
     ``not_ct_intensity``: NIfTI carries no modality, so an MR slipped into a CT folder is caught by its missing air).
     """
     path = str(path)
@@ -95,6 +95,8 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
     finally:
         img.uncache()
         del proxy
+    if n_nonfinite == out.size:
+        raise CurationError(path, "all_nonfinite", f"every one of the {out.size} voxels is NaN or Inf")
     check.verify(path)
     problem = air.problem(n_air, out.size)
     if problem:
