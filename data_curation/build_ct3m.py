@@ -45,11 +45,11 @@ from omegaconf import OmegaConf
 from data_curation.dedup import Fingerprint, find_duplicates
 from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
-from data_curation.sources.base import collect_problems
+from data_curation.sources.base import collect_problems, with_source_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
-STATE_VERSION = 2  # 2: staging files hold encoded samples (.samples), not .npy stacks
+STATE_VERSION = 3  # 2: staging files hold encoded samples (.samples), not .npy stacks; 3: source_path, short keys
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -88,7 +88,7 @@ def discover(cfg: dict, names: list[str], problems: list[dict] | None = None) ->
         if root is None or not root.exists():
             continue
         with collect_problems() as seen:
-            found[name] = REGISTRY[name].find(root, cfg["sources"].get(name) or {})
+            found[name] = [with_source_path(c, root) for c in REGISTRY[name].find(root, cfg["sources"].get(name) or {})]
         if problems is not None:
             problems.extend(dict(p, source=name, case="") for p in seen)
     return found
@@ -494,7 +494,8 @@ def pack_group(g: int, vols: list[dict], first_shard: int, cfg: dict, out: Path,
                     v = vols[vi]
                     slice_index, offset, size = v["slices"][si]
                     writer.copy_blob(fds[vi], offset, size)
-                    rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index))
+                    rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index,
+                                 v["source_path"]))
             except BaseException:
                 writer.abort()
                 raise
@@ -541,7 +542,7 @@ def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records
     saw and could not use (unreadable folders and files, roots without a case), one rejection dict each."""
     parts = sorted(state.parts.glob("group-*.csv"))
     parts = [p for p in parts if int(p.stem.split("-")[1]) < n_groups]
-    header = "key,shard,source,case,slice_index\n"
+    header = "key,shard,source,case,slice_index,source_path\n"
     atomic_write_text(out / "manifest.csv", header + "".join(p.read_text() for p in parts))
     failures, rejections = [], []
     dropped = {d["dropped"] for d in duplicates}

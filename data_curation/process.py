@@ -21,7 +21,7 @@ from data_curation.geometry import is_near_empty, output_geometry, resample_slic
 from data_curation.readers.common import CurationError, RawVolume
 from data_curation.readers.dicom import read_dicom_series
 from data_curation.readers.nifti import read_nifti
-from data_curation.shards import encode_image_pieces, sample_json, sample_key, write_sample
+from data_curation.shards import encode_image_pieces, sample_json, sample_key, volume_id, write_sample
 from data_curation.sources.base import Case
 from datasets.ct_sanity import SpacingCheck
 
@@ -44,10 +44,6 @@ def output_side(path: Path):
         raise
     except OSError as err:
         raise StagingWriteError(err.errno, err.strerror, str(path)) from None
-
-
-def staging_name(uid: str) -> str:
-    return uid.replace("/", "__")
 
 
 def read_case(case: Case, cfg: dict) -> tuple[list[RawVolume], list[dict]]:
@@ -143,12 +139,13 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
         "dtype": "int16",
         "units": "HU",
         "image_format": fmt,
+        "source_path": case.source_path,
     }
     common.update({k: vol.info[k] for k in _INFO_KEYS if k in vol.info})
     descriptors = []
     slices: list[list[int]] = []  # [slice_index, byte offset, byte size] of each sample in the staging file
     n_empty = offset = 0
-    name = staging_name(uid)
+    name = volume_id(case.source, case_name)  # short enough for any filesystem
     tmp = staging / f"{name}{STAGING_SUFFIX}.tmp"
     with output_side(tmp), open(tmp, "wb", buffering=0) as fh:  # unbuffered: each sample is one writev from the slice
         for b0 in range(0, z, batch):
@@ -183,6 +180,7 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
         "uid": uid,
         "source": case.source,
         "case": case_name,
+        "source_path": case.source_path,
         "staging": f"{name}{STAGING_SUFFIX}",
         "staging_bytes": offset,
         "n_slices": len(slices),

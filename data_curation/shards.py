@@ -16,6 +16,7 @@ decode and ~50x faster to encode, so it is the default.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -31,9 +32,23 @@ _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile (and GNU tar) pad the archive end to a multiple of this
 
 
+MAX_VOLUME_ID = 84  # bytes: "<volume id>-<slice:05d>.json" must fit the 100 bytes of a USTAR member name
+
+
+def volume_id(source: str, case: str) -> str:
+    """``<source>-<case>``, or when that exceeds :data:`MAX_VOLUME_ID` bytes (a DICOM tree named by its folders, e.g.
+    the NBIA download layout) a prefix of it plus 12 hex digits of the case id's SHA-1: short, stable, unique."""
+    full = f"{source}-{case}"
+    if len(full.encode()) <= MAX_VOLUME_ID:
+        return full
+    digest = hashlib.sha1(case.encode()).hexdigest()[:12]
+    return f"{full.encode()[:MAX_VOLUME_ID - 13].decode(errors='ignore')}-{digest}"
+
+
 def sample_key(source: str, case: str, slice_index: int) -> str:
-    """Stable sample key ``<source>-<case>-<slice_index:05d>`` (no dots: webdataset splits keys at the first dot)."""
-    return f"{source}-{case}-{slice_index:05d}"
+    """Stable sample key ``<volume id>-<slice_index:05d>`` (:func:`volume_id`; no dots: webdataset splits keys at the
+    first dot). The case id and its source path are in the sample's json and in manifest.csv."""
+    return f"{volume_id(source, case)}-{slice_index:05d}"
 
 
 @lru_cache(maxsize=64)

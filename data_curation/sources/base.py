@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -31,6 +31,10 @@ class Case:
     kind: str
     paths: tuple[str, ...]
     split: str = ""  # "train"/"val"/"test" where the owners say so (used by the finetune holdout)
+    #: where the case lives, relative to the source root (the file, or the folder holding the case's files); kept in
+    #: every sample's json and in manifest.csv, since a long case id is shortened in the sample key. Filled in by
+    #: :func:`with_source_path` unless the adapter sets a shorter one (dated TCIA study folders stay out).
+    source_path: str = ""
 
     @property
     def uid(self) -> str:
@@ -167,5 +171,14 @@ def split_from_path(path: Path) -> str:
     return ""
 
 
-def dicom_case(source: str, case_id: str, folder_files: list[Path], split: str = "") -> Case:
-    return Case(source, safe_id(case_id), "dicom", tuple(str(p) for p in sorted(folder_files)), split)
+def dicom_case(source: str, case_id: str, folder_files: list[Path], split: str = "", source_path: str = "") -> Case:
+    return Case(source, safe_id(case_id), "dicom", tuple(str(p) for p in sorted(folder_files)), split, source_path)
+
+
+def with_source_path(case: Case, root: Path) -> Case:
+    """``case`` with ``source_path`` set (when the adapter did not): its file, or the deepest folder holding all its
+    files, relative to ``root``."""
+    if case.source_path or not case.paths:
+        return case
+    where = case.paths[0] if len(case.paths) == 1 and case.kind == "nifti" else os.path.commonpath([os.path.dirname(p) for p in case.paths])
+    return replace(case, source_path=os.path.relpath(where, root))

@@ -103,7 +103,9 @@ def test_sample_build_reads_back(tmp_path, repo_root, sample_tree, run_build):
     assert [s.name for s in shards] == [f"ct3m-{i:06d}.tar" for i in range(len(shards))] and len(shards) == 4
     with open(out / "manifest.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["key", "shard", "source", "case", "slice_index"]
+    assert list(rows[0]) == ["key", "shard", "source", "case", "slice_index", "source_path"]
+    assert {r["case"]: r["source_path"] for r in rows} == {"totalsegmentator_example_ct": "totalsegmentator/example_ct.nii.gz",
+                                                           "msd_spleen_sub-spleen2_ct": "msd_spleen/sub-spleen2_ct.nii.gz"}
     assert {r["key"] for r in rows} == set(samples) and len(rows) == len(samples)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["n_samples"] == len(samples) == stats["per_source"]["folder"]["slices"]
@@ -510,3 +512,26 @@ def test_unreadable_folder_and_extensionless_dicom_are_failures(tmp_path, repo_r
     assert all("Permission denied" in f["detail"] for f in failures)
     cases = {m["case"] for _, m in read_samples(out).values()}
     assert cases == {"spleen_sub-spleen2_ct", "series"}  # the readable files of the series are still used
+
+
+def test_nbia_download_tree_gets_short_stable_keys(tmp_path, repo_root, real_data, run_build):
+    """The NBIA downloader's folder names make case ids of ~100 characters: keys are shortened with a hash of the case
+    id (under the 100-byte tar name limit, identical on every run) and the full path stays in the json and manifest."""
+    rel = ("manifest-1599750808610/Pancreas-CT/PANCREAS_0001/11-24-2015-PANCREAS0001-Pancreas-99667/"
+           "1.000000-Pancreas-99667-Abdomen-Venous-Phase")
+    series = tmp_path / "nbia" / rel
+    series.mkdir(parents=True)
+    for i, f in enumerate(sorted((real_data / "dcmqi_ct3slice/dicom").glob("*.dcm"))):
+        shutil.copy(f, series / f"1-{i + 1:03d}.dcm")
+    out = tmp_path / "out"
+    run_build(repo_root, "--out", str(out), "--root", f"folder={tmp_path / 'nbia'}")
+    samples = read_samples(out)
+    assert len(samples) == 3
+    for key, (_, meta) in samples.items():
+        assert len(f"{key}.json".encode()) <= 100 and key.startswith("folder-manifest-1599750808610_Pancreas-CT_PANCREAS_0001")
+        assert meta["source_path"] == rel and meta["case"] == rel.replace("/", "_").replace(".", "_")
+    with open(out / "manifest.csv") as fh:
+        assert {r["source_path"] for r in csv.DictReader(fh)} == {rel}
+    again = tmp_path / "again"
+    run_build(repo_root, "--out", str(again), "--root", f"folder={tmp_path / 'nbia'}")
+    assert sorted(read_samples(again)) == sorted(samples)
