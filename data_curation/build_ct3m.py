@@ -14,7 +14,8 @@ same samples, byte-identical shards included):
    ``output.volumes_per_group`` (the shuffle buffer), shuffle each group's samples and copy them (byte ranges of
    the staging files) into its shards (temp name, one fsync per shard, rename); a finished group is appended to
    ``groups.jsonl``;
-4. write manifest.csv, stats.json, failures.jsonl (bad input), rejections.jsonl (filtered by design),
+4. write manifest.csv (one row per sample), shards.csv (per shard: samples, bytes, SHA-256 -- the training loader
+   verifies each shard against it), stats.json, failures.jsonl (bad input), rejections.jsonl (filtered by design),
    duplicates.csv; print a summary table. Exit code 1 when any input failed, unless ``--allow-failures``.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data_curation.dedup import Fingerprint, find_duplicates
-from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
+from data_curation.shards import SHARD_INDEX, SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
 from data_curation.sources.base import collect_problems, with_source_path
 
@@ -500,8 +501,7 @@ def pack_group(g: int, vols: list[dict], first_shard: int, cfg: dict, out: Path,
                 writer.abort()
                 raise
             closing.append(closer.submit(writer.close))
-        for fut in closing:  # every shard of the group is durable before the group is recorded
-            fut.result()
+        shards = [fut.result() for fut in closing]  # every shard of the group is durable before the group is recorded
     finally:
         for fd in fds:
             os.close(fd)
@@ -509,7 +509,7 @@ def pack_group(g: int, vols: list[dict], first_shard: int, cfg: dict, out: Path,
     csv.writer(buf, lineterminator="\n").writerows(rows)
     atomic_write_text(state.parts / f"group-{g:06d}.csv", buf.getvalue())
     state.append("groups.jsonl", {"group": g, "first_shard": first_shard, "n_shards": len(closing), "n_samples": len(rows),
-                                  "volumes": [v["uid"] for v in vols]})
+                                  "volumes": [v["uid"] for v in vols], "shards": shards})
     for v in vols:
         (state.staging / v["staging"]).unlink(missing_ok=True)
 
@@ -544,6 +544,9 @@ def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records
     parts = [p for p in parts if int(p.stem.split("-")[1]) < n_groups]
     header = "key,shard,source,case,slice_index,source_path\n"
     atomic_write_text(out / "manifest.csv", header + "".join(p.read_text() for p in parts))
+    shard_rows = [s for g in sorted(state.read("groups.jsonl"), key=lambda g: g["group"]) if g["group"] < n_groups for s in g["shards"]]
+    atomic_write_text(out / SHARD_INDEX, "shard,n_samples,bytes,sha256\n"
+                      + "".join(f"{s['shard']},{s['n_samples']},{s['bytes']},{s['sha256']}\n" for s in shard_rows))
     failures, rejections = [], []
     dropped = {d["dropped"] for d in duplicates}
     hist_cfg = cfg["stats"]["hu_histogram"]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 SHARD_PATTERN = "ct3m-%06d.tar"
+SHARD_INDEX = "shards.csv"  # next to the shards: shard,n_samples,bytes,sha256 (read by pretrain.data.shards)
 PNG_OFFSET = 32768
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile (and GNU tar) pad the archive end to a multiple of this
@@ -193,12 +194,17 @@ class ShardWriter:
         copy_range(src_fd, self._fh.fileno(), offset, size)
         self.count += 1
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """End the archive, make it durable, rename it; returns ``{"shard", "n_samples", "bytes", "sha256"}`` for the
+        manifest (the loader checks a shard against it when it opens it). The digest reads the file back once
+        (in-kernel copies never pass through this process), from the page cache right after the fsync."""
         size = os.fstat(self._fh.fileno()).st_size + 2 * _BLOCK  # end of archive: two zero blocks...
         write_all(self._fh, b"\0" * (2 * _BLOCK + (-size % _RECORD)))  # ...then padding to a whole record, as tarfile does
         os.fsync(self._fh.fileno())
         self._fh.close()
+        digest = file_sha256(self.tmp)
         os.replace(self.tmp, self.path)
+        return {"shard": self.path.name, "n_samples": self.count, "bytes": self.path.stat().st_size, "sha256": digest}
 
     def abort(self) -> None:
         self._fh.close()
@@ -212,6 +218,15 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks (hashlib releases the GIL on them: packer threads overlap)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sample_json(meta: dict) -> bytes:
