@@ -46,6 +46,7 @@ from omegaconf import OmegaConf
 from data_curation.dedup import Fingerprint, find_duplicates
 from data_curation.shards import SHARD_INDEX, SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
+from data_curation.strict_config import strict_merge
 from data_curation.sources.base import collect_problems, with_source_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +56,16 @@ STATE_VERSION = 3  # 2: staging files hold encoded samples (.samples), not .npy 
 
 # ----------------------------------------------------------------------------------------------- configuration
 def load_config(path: str | Path, roots: list[str] | None = None, dotlist: list[str] | None = None) -> dict:
-    """YAML defaults + ``key=value`` overrides + ``--root NAME=PATH`` -> plain dict."""
-    cfg = OmegaConf.load(path)
-    if dotlist:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    """Shipped defaults <- ``--config`` file <- ``key=value`` overrides (strict: an unknown key or a wrong type is an
+    error naming it) + ``--root NAME=PATH`` -> plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--config {path}: file not found")
+    parts = [] if path.resolve() == DEFAULT_CONFIG.resolve() else [(str(path), OmegaConf.load(path))]
+    try:
+        cfg = strict_merge(OmegaConf.load(DEFAULT_CONFIG), *parts, ("command line", OmegaConf.from_dotlist(list(dotlist or []))))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     out = OmegaConf.to_container(cfg, resolve=True)
     for item in roots or []:
         if "=" not in item:

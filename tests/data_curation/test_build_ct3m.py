@@ -535,3 +535,17 @@ def test_nbia_download_tree_gets_short_stable_keys(tmp_path, repo_root, real_dat
     again = tmp_path / "again"
     run_build(repo_root, "--out", str(again), "--root", f"folder={tmp_path / 'nbia'}")
     assert sorted(read_samples(again)) == sorted(samples)
+
+
+def test_config_typos_and_wrong_types_are_errors(tmp_path, repo_root):
+    default = repo_root / "configs/data/ct3m.yaml"
+    with pytest.raises(SystemExit, match=r"unknown config key output.samples_per_shrd \(command line\); did you mean output.samples_per_shard\?"):
+        load_config(default, [], ["output.samples_per_shrd=3"])
+    with pytest.raises(SystemExit, match=r"config key geometry.output_size \(command line\): expected a list"):
+        load_config(default, [], ["geometry.output_size=256"])
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(default.read_text().replace("  min_slice_step_mm: null", "  min_slice_stepmm: 2.0"))
+    with pytest.raises(SystemExit, match=rf"unknown config key slices.min_slice_stepmm \({copy}\); did you mean slices.min_slice_step_mm\?"):
+        load_config(copy)
+    cfg = load_config(default, [], ["output.samples_per_shard=500", "slices.min_slice_step_mm=2.5", "geometry.output_size=null"])
+    assert cfg["output"]["samples_per_shard"] == 500 and cfg["slices"]["min_slice_step_mm"] == 2.5 and cfg["geometry"]["output_size"] is None
