@@ -46,8 +46,8 @@ from omegaconf import OmegaConf
 from data_curation.dedup import Fingerprint, find_duplicates
 from data_curation.shards import SHARD_INDEX, SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
-from data_curation.strict_config import strict_merge
 from data_curation.sources.base import collect_problems, with_source_path
+from data_curation.strict_config import strict_merge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
@@ -544,9 +544,9 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
 # ----------------------------------------------------------------------------------------------- stage 4: report
 def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records: list[dict], duplicates: list[dict],
                   excluded: list[str], n_groups: int, discovery: Sequence[dict] = ()) -> tuple[dict, int]:
-    """manifest.csv, failures.jsonl (bad input),
-    rejections.jsonl, duplicates.csv, stats.json -> (stats, number of failures). ``discovery``: what case discovery
-    saw and could not use (unreadable folders and files, roots without a case), one rejection dict each."""
+    """manifest.csv, shards.csv, failures.jsonl (bad input), rejections.jsonl, duplicates.csv, stats.json -> (stats,
+    number of failures). ``discovery``: what case discovery saw and could not use (unreadable folders and files,
+    roots without a case), one rejection dict each, with its ``source``."""
     parts = sorted(state.parts.glob("group-*.csv"))
     parts = [p for p in parts if int(p.stem.split("-")[1]) < n_groups]
     header = "key,shard,source,case,slice_index,source_path\n"
