@@ -306,6 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
         save_label_nifti(label, image, out)
         present = {plans.labels[i]: int((label == i).sum()) for i in range(1, len(plans.labels)) if (label == i).any()}
         tqdm.write(f"{path} -> {out} ({time.time() - t0:.1f}s; voxels per class {present or 'none'})")
+        if not present:  # said out loud: an empty mask is an answer the user should look at
+            tqdm.write(f"warning: {path}: no structure found, the label map is empty", file=sys.stderr)
         written.append(out)
     bar.close()
     if refused:
