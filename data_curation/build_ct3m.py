@@ -14,13 +14,15 @@ same samples, byte-identical shards included):
    ``output.volumes_per_group`` (the shuffle buffer), shuffle each group's samples and copy them (byte ranges of
    the staging files) into its shards (temp name, one fsync per shard, rename); a finished group is appended to
    ``groups.jsonl``;
-4. write manifest.csv, stats.json, failures.jsonl (bad input), rejections.jsonl (filtered by design),
+4. write manifest.csv (one row per sample), shards.csv (per shard: samples, bytes, SHA-256 -- the training loader
+   verifies each shard against it), stats.json, failures.jsonl (bad input), rejections.jsonl (filtered by design),
    duplicates.csv; print a summary table. Exit code 1 when any input failed, unless ``--allow-failures``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -32,6 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # run as a script: use the package (pip install -e .), not the sibling modules of this file
@@ -41,27 +44,37 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data_curation.dedup import Fingerprint, find_duplicates
-from data_curation.shards import SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
+from data_curation.shards import SHARD_INDEX, SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
 from data_curation.sources import REGISTRY, Case
+from data_curation.sources.base import collect_problems, with_source_path
+from data_curation.strict_config import strict_merge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
-STATE_VERSION = 2  # 2: staging files hold encoded samples (.samples), not .npy stacks
+STATE_VERSION = 3  # 2: staging files hold encoded samples (.samples), not .npy stacks; 3: source_path, short keys
 
 
 # ----------------------------------------------------------------------------------------------- configuration
 def load_config(path: str | Path, roots: list[str] | None = None, dotlist: list[str] | None = None) -> dict:
-    """YAML defaults + ``key=value`` overrides + ``--root NAME=PATH`` -> plain dict."""
-    cfg = OmegaConf.load(path)
-    if dotlist:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    """Shipped defaults <- ``--config`` file <- ``key=value`` overrides (strict: an unknown key or a wrong type is an
+    error naming it) + ``--root NAME=PATH`` -> plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--config {path}: file not found")
+    parts = [] if path.resolve() == DEFAULT_CONFIG.resolve() else [(str(path), OmegaConf.load(path))]
+    try:
+        cfg = strict_merge(OmegaConf.load(DEFAULT_CONFIG), *parts, ("command line", OmegaConf.from_dotlist(list(dotlist or []))))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     out = OmegaConf.to_container(cfg, resolve=True)
     for item in roots or []:
         if "=" not in item:
             raise SystemExit(f"--root expects NAME=PATH, got {item!r}")
         name, path_ = item.split("=", 1)
         if name not in REGISTRY:
-            raise SystemExit(f"--root {name}: unknown source; known: {', '.join(REGISTRY)}")
+            near = difflib.get_close_matches(name, list(REGISTRY), n=1)
+            raise SystemExit(f"--root {item}: unknown source {name!r}" + (f"; did you mean {near[0]}?" if near else "")
+                             + f" (known: {', '.join(REGISTRY)})")
         out["sources"].setdefault(name, {})["root"] = path_
     hist = out["stats"]["hu_histogram"]
     if (int(hist["max"]) - int(hist["min"])) % int(hist["bin"]):
@@ -74,27 +87,43 @@ def source_root(cfg: dict, name: str) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
-def discover(cfg: dict, names: list[str]) -> dict[str, list[Case]]:
+def discover(cfg: dict, names: list[str], problems: list[dict] | None = None) -> dict[str, list[Case]]:
+    """Cases of each source in ``names`` (sources without a root are skipped); folders and files that were seen but
+    could not be read are appended to ``problems`` (failure records with ``source`` set)."""
     found = {}
     for name in names:
         root = source_root(cfg, name)
         if root is None or not root.exists():
             continue
-        found[name] = REGISTRY[name].find(root, cfg["sources"].get(name) or {})
+        with collect_problems() as seen:
+            found[name] = [with_source_path(c, root) for c in REGISTRY[name].find(root, cfg["sources"].get(name) or {})]
+        if problems is not None:
+            problems.extend(dict(p, source=name, case="") for p in seen)
     return found
 
 
+def empty_sources(cfg: dict, found: dict[str, list[Case]]) -> list[dict]:
+    """A ``no_case_found`` record per source whose root yielded no case (wrong folder, or not the owners' layout)."""
+    return [{"source": name, "case": "", "file": str(source_root(cfg, name)), "reason": "no_case_found", "filtered": True,
+             "detail": f"no case found (expected layout: {REGISTRY[name].layout})"} for name, cases in found.items() if not cases]
+
+
 def selected_sources(cfg: dict, arg: str | None) -> list[str]:
+    """Sources to build: ``--sources`` or every source with a root. A root that is set but does not exist is an
+    error (a mistyped path must not quietly build without that dataset)."""
+    missing = [f"{n}={source_root(cfg, n)}" for n in REGISTRY if source_root(cfg, n) and not source_root(cfg, n).is_dir()]
+    if missing:
+        raise SystemExit(f"source root(s) not found or not a folder: {', '.join(missing)}; fix --root NAME=PATH or the config")
     if arg:
         names = [s.strip() for s in arg.split(",") if s.strip()]
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
             raise SystemExit(f"--sources: unknown source(s) {unknown}; known: {', '.join(REGISTRY)}")
-        missing = [n for n in names if not (source_root(cfg, n) and source_root(cfg, n).exists())]
-        if missing:
-            raise SystemExit(f"--sources: no existing root for {missing}; set it with --root NAME=PATH or in the config")
+        unset = [n for n in names if not source_root(cfg, n)]
+        if unset:
+            raise SystemExit(f"--sources: no root for {unset}; set it with --root NAME=PATH or in the config")
         return names
-    return [n for n in REGISTRY if source_root(cfg, n) and source_root(cfg, n).exists()]
+    return [n for n in REGISTRY if source_root(cfg, n)]
 
 
 # ----------------------------------------------------------------------------------------------- leakage control
@@ -473,13 +502,13 @@ def pack_group(g: int, vols: list[dict], first_shard: int, cfg: dict, out: Path,
                     v = vols[vi]
                     slice_index, offset, size = v["slices"][si]
                     writer.copy_blob(fds[vi], offset, size)
-                    rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index))
+                    rows.append((sample_key(v["source"], v["case"], slice_index), shard_name, v["source"], v["case"], slice_index,
+                                 v["source_path"]))
             except BaseException:
                 writer.abort()
                 raise
             closing.append(closer.submit(writer.close))
-        for fut in closing:  # every shard of the group is durable before the group is recorded
-            fut.result()
+        shards = [fut.result() for fut in closing]  # every shard of the group is durable before the group is recorded
     finally:
         for fd in fds:
             os.close(fd)
@@ -487,7 +516,7 @@ def pack_group(g: int, vols: list[dict], first_shard: int, cfg: dict, out: Path,
     csv.writer(buf, lineterminator="\n").writerows(rows)
     atomic_write_text(state.parts / f"group-{g:06d}.csv", buf.getvalue())
     state.append("groups.jsonl", {"group": g, "first_shard": first_shard, "n_shards": len(closing), "n_samples": len(rows),
-                                  "volumes": [v["uid"] for v in vols]})
+                                  "volumes": [v["uid"] for v in vols], "shards": shards})
     for v in vols:
         (state.staging / v["staging"]).unlink(missing_ok=True)
 
@@ -514,11 +543,17 @@ def pack(groups: list[list[dict]], cfg: dict, out: Path, state: State, progress:
 
 # ----------------------------------------------------------------------------------------------- stage 4: report
 def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records: list[dict], duplicates: list[dict],
-                  excluded: list[str], n_groups: int) -> tuple[dict, int]:
+                  excluded: list[str], n_groups: int, discovery: Sequence[dict] = ()) -> tuple[dict, int]:
+    """manifest.csv, shards.csv, failures.jsonl (bad input), rejections.jsonl, duplicates.csv, stats.json -> (stats,
+    number of failures). ``discovery``: what case discovery saw and could not use (unreadable folders and files,
+    roots without a case), one rejection dict each, with its ``source``."""
     parts = sorted(state.parts.glob("group-*.csv"))
     parts = [p for p in parts if int(p.stem.split("-")[1]) < n_groups]
-    header = "key,shard,source,case,slice_index\n"
+    header = "key,shard,source,case,slice_index,source_path\n"
     atomic_write_text(out / "manifest.csv", header + "".join(p.read_text() for p in parts))
+    shard_rows = [s for g in sorted(state.read("groups.jsonl"), key=lambda g: g["group"]) if g["group"] < n_groups for s in g["shards"]]
+    atomic_write_text(out / SHARD_INDEX, "shard,n_samples,bytes,sha256\n"
+                      + "".join(f"{s['shard']},{s['n_samples']},{s['bytes']},{s['sha256']}\n" for s in shard_rows))
     failures, rejections = [], []
     dropped = {d["dropped"] for d in duplicates}
     hist_cfg = cfg["stats"]["hu_histogram"]
@@ -528,7 +563,9 @@ def write_reports(out: Path, cfg: dict, state: State, cases: list[Case], records
     n_cases = {}
     for c in cases:
         n_cases[c.source] = n_cases.get(c.source, 0) + 1
-    for rec in records:
+    found_nothing = [{"source": d["source"], "case": "", "volumes": [], "seconds": 0.0,
+                      "rejections": [{k: d[k] for k in ("file", "reason", "detail", "filtered")}]} for d in discovery]
+    for rec in [*records, *found_nothing]:
         s = per_source.setdefault(rec["source"], {"cases": n_cases.get(rec["source"], 0), "volumes": 0, "slices": 0, "native_slices": 0,
                                                   "empty_skipped": 0, "subsampled_out": 0, "duplicates_dropped": 0,
                                                   "failed": 0, "filtered": 0, "reasons": {}, "seconds": 0.0})
@@ -612,6 +649,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exclude", action="append", default=[], metavar="LIST", help="case list file or comma list (source/case or case)")
     p.add_argument("--holdout-finetune", action="store_true", help="exclude fold-0 validation cases of amos22/btcv/kits23/lits")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even if some inputs failed")
+    p.add_argument("--allow-empty", action="store_true", help="build even when a source root yields no case (else an error)")
     p.add_argument("--restart", action="store_true", help="discard the state of a previous build in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output.samples_per_shard=500")
@@ -658,6 +696,37 @@ def dry_run(cfg: dict, found: dict[str, list[Case]], cases: list[Case], excluded
           "estimate before near-empty slices are skipped)")
 
 
+class OutputUnusable(Exception):
+    """``--out`` cannot hold a build: a file, not writable, or in use by another build."""
+
+
+def lock_output(out: Path):
+    """Create ``out`` if needed and take an exclusive lock on ``out/.lock`` for the whole build (released when the
+    returned file is closed or the process ends, ``kill -9`` included): two builds writing one folder would mix
+    their state files, so the second is refused."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise OutputUnusable(f"--out {out} is a file; give a folder for the build")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / ".lock", "a+")
+    except OSError as err:
+        raise OutputUnusable(f"--out {out}: cannot write there ({err.strerror})") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise OutputUnusable(f"--out {out} is being written by another build (pid {holder}); wait for it or use another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -671,7 +740,14 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         print("no source has an existing root: set one with --root NAME=PATH (see --list-sources)", file=sys.stderr)
         return 2
-    found = discover(cfg, names)
+    discovered: list[dict] = []
+    found = discover(cfg, names, discovered)
+    empty = empty_sources(cfg, found)
+    if empty and not args.allow_empty:
+        print("error: " + "; ".join(f"{e['source']}={e['file']}: {e['detail']}" for e in empty)
+              + ". Fix the root, or pass --allow-empty to build without it", file=sys.stderr)
+        return 2
+    discovered += empty
     cases, excluded = apply_exclusions(cfg, found, names, args.exclude, args.holdout_finetune)
     if args.dry_run:
         dry_run(cfg, found, cases, excluded)
@@ -680,7 +756,26 @@ def main(argv: list[str] | None = None) -> int:
         print("--out is required (except with --list-sources / --dry-run)", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_output(out)
+    except OutputUnusable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return build(args, cfg, out, cases, excluded, discovered, t_start)
+    except OSError as err:  # output side: disk full, quota, read-only or failing disk (inputs are the workers' job)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: writing the build in {out} failed: {err.strerror or err}{where}. Nothing is lost: fix the cause "
+              "(free space...) and run the same command again to continue", file=sys.stderr)
+        return 3
+    finally:
+        lock.close()
+
+
+def build(args: argparse.Namespace, cfg: dict, out: Path, cases: list[Case], excluded: list[str], discovery: list[dict],
+          t_start: float) -> int:
+    """Stages 2-4 into ``out`` (locked by the caller). An ``OSError`` here is the output side failing; every stage is
+    resumable, so the caller reports it in one line and a re-run continues."""
     if args.restart and (out / ".state").exists():
         shutil.rmtree(out / ".state")
         for old in out.glob("ct3m-*.tar*"):
@@ -723,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(state.dir / "complete", "packed\n")
     for leftover in state.staging.glob("*"):
         leftover.unlink()
-    stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups))
+    stats, n_failed = write_reports(out, cfg, state, cases, records, duplicates, excluded, len(groups), discovery)
     print_summary(stats)
     t_end = time.perf_counter()
     elapsed = t_end - t_start

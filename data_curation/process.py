@@ -9,6 +9,7 @@ never leaves a half-written staging file that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -20,15 +21,29 @@ from data_curation.geometry import is_near_empty, output_geometry, resample_slic
 from data_curation.readers.common import CurationError, RawVolume
 from data_curation.readers.dicom import read_dicom_series
 from data_curation.readers.nifti import read_nifti
-from data_curation.shards import encode_image_pieces, sample_json, sample_key, write_sample
+from data_curation.shards import encode_image_pieces, sample_json, sample_key, volume_id, write_sample
 from data_curation.sources.base import Case
+from datasets.ct_sanity import SpacingCheck
 
 STAGING_SUFFIX = ".samples"
 _INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")
 
 
-def staging_name(uid: str) -> str:
-    return uid.replace("/", "__")
+class StagingWriteError(OSError):
+    """Writing a staging file failed (disk full, quota, I/O error on the output side): the build must stop, not
+    record the case as failed -- a re-run after the cause is fixed curates it again."""
+
+
+@contextlib.contextmanager
+def output_side(path: Path):
+    """Turn an ``OSError`` raised while writing ``path`` (nothing else in the block touches files) into a
+    :class:`StagingWriteError`; a partial ``*.tmp`` is deleted by the builder when it starts again."""
+    try:
+        yield
+    except StagingWriteError:
+        raise
+    except OSError as err:
+        raise StagingWriteError(err.errno, err.strerror, str(path)) from None
 
 
 def read_case(case: Case, cfg: dict) -> tuple[list[RawVolume], list[dict]]:
@@ -57,9 +72,20 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
     for raw in raws:
         case_name = f"{case.case_id}_{raw.volume_suffix}" if raw.volume_suffix else case.case_id
         try:
-            volumes.append(_stage_volume(case, case_name, raw, cfg, Path(staging_dir)))
+            volume = _stage_volume(case, case_name, raw, cfg, Path(staging_dir))
+        except StagingWriteError:
+            raise
+        except CurationError as err:
+            rejections.append(err.rejection.as_dict())
+            continue
         except Exception as exc:
             rejections.append({"file": case.paths[0], "reason": "internal_error", "detail": f"{type(exc).__name__}: {exc}", "filtered": False})
+            continue
+        volumes.append(volume)
+        if volume["n_slices"] == 0:  # kept in the record (dedup, stats) but said out loud
+            rejections.append({"file": case.paths[0], "reason": "no_slices_kept", "filtered": True,
+                               "detail": f"{case_name}: all {volume['n_native_slices']} slices near-empty or sub-sampled out "
+                                         f"(body above {cfg['slices']['body_threshold_hu']} HU in < {cfg['slices']['min_body_fraction']} of a slice)"})
     if not raws and not rejections:
         rejections.append({"file": case.paths[0] if case.paths else case.uid, "reason": "no_slices_kept", "detail": "no image found", "filtered": True})
     return {"case": case.uid, "source": case.source, "volumes": volumes, "rejections": rejections,
@@ -73,6 +99,11 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
     the packer only concatenates byte ranges. Holds the volume plus one batch of ``run.slice_batch`` slices."""
     vol = to_canonical_axial(raw)
     del raw
+    low, high = cfg["reading"]["spacing_range_mm"]
+    problem = SpacingCheck(float(low), float(high)).problem((vol.slice_spacing_mm, *vol.spacing_mm))
+    if problem:
+        raise CurationError(case.paths[0] if case.kind == "nifti" else str(Path(case.paths[0]).parent), "implausible_spacing",
+                            f"{problem}; set reading.spacing_range_mm to accept it")
     z, h, w = vol.array.shape
     geo = cfg["geometry"]
     sl_cfg = cfg["slices"]
@@ -108,14 +139,15 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
         "dtype": "int16",
         "units": "HU",
         "image_format": fmt,
+        "source_path": case.source_path,
     }
     common.update({k: vol.info[k] for k in _INFO_KEYS if k in vol.info})
     descriptors = []
     slices: list[list[int]] = []  # [slice_index, byte offset, byte size] of each sample in the staging file
     n_empty = offset = 0
-    name = staging_name(uid)
+    name = volume_id(case.source, case_name)  # short enough for any filesystem
     tmp = staging / f"{name}{STAGING_SUFFIX}.tmp"
-    with open(tmp, "wb", buffering=0) as fh:  # unbuffered: each sample is one writev straight from the slice
+    with output_side(tmp), open(tmp, "wb", buffering=0) as fh:  # unbuffered: each sample is one writev from the slice
         for b0 in range(0, z, batch):
             native = vol.array[b0:b0 + batch]
             descriptors.append(slice_descriptors(native, grid[1:]))
@@ -141,12 +173,14 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
                 offset += size
         if cfg["run"].get("fsync_staging", False):  # kill -9 needs no fsync; the builder re-verifies staging files
             os.fsync(fh.fileno())
-    os.replace(tmp, staging / f"{name}{STAGING_SUFFIX}")
+    with output_side(tmp):
+        os.replace(tmp, staging / f"{name}{STAGING_SUFFIX}")
     fp = volume_fingerprint(uid, np.concatenate(descriptors), (z, h, w), (vol.slice_spacing_mm, *vol.spacing_mm), grid[0])
     return {
         "uid": uid,
         "source": case.source,
         "case": case_name,
+        "source_path": case.source_path,
         "staging": f"{name}{STAGING_SUFFIX}",
         "staging_bytes": offset,
         "n_slices": len(slices),

@@ -16,6 +16,7 @@ decode and ~50x faster to encode, so it is the default.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,14 +27,29 @@ from pathlib import Path
 import numpy as np
 
 SHARD_PATTERN = "ct3m-%06d.tar"
+SHARD_INDEX = "shards.csv"  # next to the shards: shard,n_samples,bytes,sha256 (read by pretrain.data.shards)
 PNG_OFFSET = 32768
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile (and GNU tar) pad the archive end to a multiple of this
 
 
+MAX_VOLUME_ID = 84  # bytes: "<volume id>-<slice:05d>.json" must fit the 100 bytes of a USTAR member name
+
+
+def volume_id(source: str, case: str) -> str:
+    """``<source>-<case>``, or when that exceeds :data:`MAX_VOLUME_ID` bytes (a DICOM tree named by its folders, e.g.
+    the NBIA download layout) a prefix of it plus 12 hex digits of the case id's SHA-1: short, stable, unique."""
+    full = f"{source}-{case}"
+    if len(full.encode()) <= MAX_VOLUME_ID:
+        return full
+    digest = hashlib.sha1(case.encode()).hexdigest()[:12]
+    return f"{full.encode()[:MAX_VOLUME_ID - 13].decode(errors='ignore')}-{digest}"
+
+
 def sample_key(source: str, case: str, slice_index: int) -> str:
-    """Stable sample key ``<source>-<case>-<slice_index:05d>`` (no dots: webdataset splits keys at the first dot)."""
-    return f"{source}-{case}-{slice_index:05d}"
+    """Stable sample key ``<volume id>-<slice_index:05d>`` (:func:`volume_id`; no dots: webdataset splits keys at the
+    first dot). The case id and its source path are in the sample's json and in manifest.csv."""
+    return f"{volume_id(source, case)}-{slice_index:05d}"
 
 
 @lru_cache(maxsize=64)
@@ -178,12 +194,17 @@ class ShardWriter:
         copy_range(src_fd, self._fh.fileno(), offset, size)
         self.count += 1
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """End the archive, make it durable, rename it; returns ``{"shard", "n_samples", "bytes", "sha256"}`` for the
+        manifest (the loader checks a shard against it when it opens it). The digest reads the file back once
+        (in-kernel copies never pass through this process), from the page cache right after the fsync."""
         size = os.fstat(self._fh.fileno()).st_size + 2 * _BLOCK  # end of archive: two zero blocks...
         write_all(self._fh, b"\0" * (2 * _BLOCK + (-size % _RECORD)))  # ...then padding to a whole record, as tarfile does
         os.fsync(self._fh.fileno())
         self._fh.close()
+        digest = file_sha256(self.tmp)
         os.replace(self.tmp, self.path)
+        return {"shard": self.path.name, "n_samples": self.count, "bytes": self.path.stat().st_size, "sha256": digest}
 
     def abort(self) -> None:
         self._fh.close()
@@ -197,6 +218,15 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks (hashlib releases the GIL on them: packer threads overlap)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sample_json(meta: dict) -> bytes:

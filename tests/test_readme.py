@@ -45,6 +45,7 @@ CONFIGS_OF = {
     "pretrain.submit": ["configs/pretrain/base.yaml"],
     "slurm/stage1.sh": ["configs/pretrain/base.yaml"],
     "finetune/run.py": ["configs/finetune/base.yaml", "configs/finetune/heads/primus.yaml"],
+    "finetune/predict.py": ["configs/finetune/base.yaml", "configs/finetune/predict.yaml"],
 }
 
 # entry point -> tests that run it for real (path::test function)
@@ -53,7 +54,9 @@ EXERCISED_BY = {
     "make test": ["tests/test_readme.py::test_make_targets_exist"],  # and CI itself: .ci/run is `make test`
     "data_curation/build_ct3m.py": ["tests/data_curation/test_build_ct3m.py::test_sample_build_reads_back",
                                     "tests/data_curation/test_build_ct3m.py::test_list_sources_and_dry_run",
-                                    "tests/data_curation/test_build_ct3m.py::test_holdout_finetune_uses_the_nnunet_split"],
+                                    "tests/data_curation/test_build_ct3m.py::test_holdout_finetune_uses_the_nnunet_split",
+                                    "tests/data_curation/test_build_ct3m.py::test_mistyped_root_and_empty_root_are_errors",
+                                    "tests/data_curation/test_build_ct3m.py::test_failures_filtered_and_exit_code"],
     "pretrain.train": ["tests/pretrain/test_distributed.py::test_two_gloo_processes_equal_one_process_with_the_same_global_batch",
                        "tests/pretrain/test_meta_arch.py::test_init_from_official_weights_sets_student_and_teacher"],
     "pretrain.pipeline": ["tests/pretrain/test_train.py::test_pipeline_chains_stage2_and_stage3_after_stage1",
@@ -68,7 +71,8 @@ EXERCISED_BY = {
                         "tests/finetune/test_tasks.py::test_btcv_kits23_lits_layouts",
                         "tests/finetune/test_heads_mvr.py", "tests/finetune/test_heads_med3d.py",
                         "tests/finetune/test_heads_window3d.py"],
-    "finetune/predict.py": ["tests/finetune/test_run.py::test_predict_nifti_and_dicom_keep_original_geometry"],
+    "finetune/predict.py": ["tests/finetune/test_run.py::test_predict_nifti_and_dicom_keep_original_geometry",
+                            "tests/finetune/test_predict.py::test_mr_dicom_is_refused_unless_forced"],
     "finetune.demo": ["tests/finetune/test_demo.py::test_demo_runs_end_to_end_and_says_where_outputs_are"],
     "pretrain.models.summary": ["tests/pretrain/test_summary.py::test_cli_prints_parameters_and_gflops"],
     "pretrain.models.export": ["tests/pretrain/test_checkpoint.py::test_export_cli"],

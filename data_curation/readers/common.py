@@ -25,6 +25,7 @@ FILTERED_REASONS = frozenset(
         "duplicate_slice",
         "too_few_slices",
         "no_slices_kept",
+        "no_case_found",  # a source root without a case, built anyway with --allow-empty
         "gantry_tilt",  # the three policy rejections (dicom.gantry_tilt / on_missing_slices / on_variable_spacing)
         "missing_slices",
         "variable_spacing",

@@ -3,7 +3,8 @@
 Pipeline (each step names its rejection reason, see ``FILTERED_REASONS`` for the ones that are by design):
 
 1. Header of every file (each file is read once, and its pixels are decoded right away while the bytes are still
-   in the CPU cache -- unless its orientation already dooms its series, step 3). Not a DICOM -> ``unreadable``; SEG / RT objects ->
+   in the CPU cache -- unless its orientation already dooms its series, step 3). Not a DICOM -> ``unreadable``; cut
+   short -> ``truncated``; zero or negative PixelSpacing -> ``bad_geometry``; SEG / RT objects ->
    ``seg_object`` / ``rt_object``; modality other than CT -> ``not_ct``; colour (RGB screenshots, dose pages) ->
    ``not_grayscale``; localizer / scout / surview -> ``localizer``; derived maps (perfusion, MIP...) ->
    ``derived_map``; CT-labelled secondary captures -> ``secondary_capture``; missing geometry -> ``no_geometry``.
@@ -90,11 +91,30 @@ def _first(seq_owner, *names):
     return obj
 
 
+def _truncation(ds, caught: list) -> str:
+    """Why a file pydicom read without an exception is nevertheless cut short ("" when it is whole). pydicom stops
+    quietly at the end of a truncated file: inside the pixel data it warns and returns an empty dataset; inside the
+    header it returns the elements read so far -- which would look like "Modality missing" or "no pixel data"."""
+    if any("end of file" in str(w.message).lower() for w in caught):
+        return "the file ends inside its data (truncated copy?)"
+    announced = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
+    if announced and "SOPClassUID" not in ds:
+        return f"the file meta announces SOP class {announced} but the dataset stops before it (truncated copy?)"
+    if announced in (CT_IMAGE, ENHANCED_CT, LEGACY_ENHANCED_CT) and ("PixelData" not in ds or "Modality" not in ds):
+        return "a CT image file without pixel data or Modality: the file ends early (truncated copy?)"
+    return ""
+
+
 def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
     try:
-        ds = pydicom.dcmread(path)  # whole file once: header and pixel bytes
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)  # whole file once: header and pixel bytes
     except Exception as exc:
         return Rejection(path, "unreadable", f"not a readable DICOM file ({type(exc).__name__})")
+    cut = _truncation(ds, caught)
+    if cut:
+        return Rejection(path, "truncated", cut)
     sop = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", "")).upper()
     image_type = _tokens(ds.get("ImageType"))
@@ -128,9 +148,17 @@ def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
         spacing = (float(ps[0]), float(ps[1]))
     except (AttributeError, TypeError, ValueError, IndexError):
         return Rejection(path, "no_geometry", "ImageOrientationPatient, ImagePositionPatient or PixelSpacing missing")
+    if not min(spacing) > 0:
+        return _bad_spacing(path, spacing)
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return [Frame(path, None, series, rows, cols, iop, ipp, spacing, slope, intercept, ds)]
+
+
+def _bad_spacing(path: str, spacing: tuple[float, float]) -> Rejection:
+    """PixelSpacing is a distance: a zero or negative value is a broken header. Taking it at face value would lay
+    the pixels out mirrored while the slices are still labelled LPS, so the file is refused."""
+    return Rejection(path, "bad_geometry", f"PixelSpacing {spacing[0]:g}\\{spacing[1]:g} mm: must be positive")
 
 
 def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict) -> list[Frame] | Rejection:
@@ -158,6 +186,8 @@ def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict
         intercept = look("PixelValueTransformationSequence", "RescaleIntercept")
         slope = float(slope if slope is not None else ds.get("RescaleSlope", 1.0))
         intercept = float(intercept if intercept is not None else ds.get("RescaleIntercept", 0.0))
+        if not min(float(ps[0]), float(ps[1])) > 0:
+            return _bad_spacing(f"{path} [frame {i}]", (float(ps[0]), float(ps[1])))
         frames.append(Frame(path, i, series, rows, cols, np.asarray([float(v) for v in iop]), np.asarray([float(v) for v in ipp]),
                             (float(ps[0]), float(ps[1])), slope, intercept, ds))
     return frames

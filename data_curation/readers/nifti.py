@@ -23,12 +23,13 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching in the tes
     _igzip = None
 
 from data_curation.readers.common import CurationError, HuCheck, RawVolume, to_int16_hu
+from datasets.ct_sanity import CtIntensityCheck
 
 
 def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
     """Read one NIfTI CT volume -> :class:`RawVolume` (``data`` int16 ``[I,J,K]``, voxel->RAS ``affine``).
 
-    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``hu_out_of_range``,
+    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``all_nonfinite``, ``hu_out_of_range``,
     ``not_ct_intensity``: NIfTI carries no modality, so an MR slipped into a CT folder is caught by its missing air).
     """
     path = str(path)
@@ -71,8 +72,7 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
     out = np.empty(shape, dtype=np.int16, order="F")  # F order: every axial slice [.., .., k] is contiguous
     slab = max(1, int(reading_cfg.get("nifti_slab_slices", 32)))
     n_nonfinite = 0
-    air_hu = float(reading_cfg.get("air_threshold_hu", -500))
-    min_air = float(reading_cfg.get("min_air_fraction", 0.0))
+    air = CtIntensityCheck(float(reading_cfg["air_threshold_hu"]), float(reading_cfg["min_air_fraction"]))
     n_air = 0
     proxy = img.dataobj
     try:
@@ -85,8 +85,8 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
             else:
                 check.update(chunk)
             out[:, :, k0:k1], n_bad = to_int16_hu(chunk, fill)
-            if min_air > 0:
-                n_air += int(np.count_nonzero(out[:, :, k0:k1] < air_hu))
+            if air.min_air_fraction > 0:
+                n_air += air.count_air(out[:, :, k0:k1])
             n_nonfinite += n_bad
     except CurationError:
         raise
@@ -95,10 +95,12 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
     finally:
         img.uncache()
         del proxy
+    if n_nonfinite == out.size:
+        raise CurationError(path, "all_nonfinite", f"every one of the {out.size} voxels is NaN or Inf")
     check.verify(path)
-    if min_air > 0 and n_air < min_air * out.size:
-        raise CurationError(path, "not_ct_intensity", f"only {n_air / out.size:.3%} of voxels below {air_hu:g} HU (a CT in HU has air "
-                            f"around or inside the body; MR or a non-HU scale?). Set reading.min_air_fraction: 0 to accept it")
+    problem = air.problem(n_air, out.size)
+    if problem:
+        raise CurationError(path, "not_ct_intensity", f"{problem}. Set reading.min_air_fraction: 0 to accept it")
     info = {"format": "nifti", "source_dtype": str(img.get_data_dtype())}
     if n_nonfinite:
         info["nonfinite_voxels"] = n_nonfinite

@@ -6,11 +6,12 @@ opens image data: reading happens in :mod:`data_curation.readers`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -30,6 +31,10 @@ class Case:
     kind: str
     paths: tuple[str, ...]
     split: str = ""  # "train"/"val"/"test" where the owners say so (used by the finetune holdout)
+    #: where the case lives, relative to the source root (the file, or the folder holding the case's files); kept in
+    #: every sample's json and in manifest.csv, since a long case id is shortened in the sample key. Filled in by
+    #: :func:`with_source_path` unless the adapter sets a shorter one (dated TCIA study folders stay out).
+    source_path: str = ""
 
     @property
     def uid(self) -> str:
@@ -70,10 +75,51 @@ def is_hidden(path: Path) -> bool:
     return any(part.startswith(".") for part in path.parts)
 
 
+#: where :func:`walk_files` and :func:`looks_like_dicom` report what they could not read (see :func:`collect_problems`)
+_problems: list[dict] | None = None
+
+
+@contextlib.contextmanager
+def collect_problems() -> Iterator[list[dict]]:
+    """Collect, while discovering cases, every folder or file that was seen but could not be read (a failure record
+    ``{"file", "reason": "unreadable", "detail", "filtered": False}`` each): adapters never open image data, so
+    without this an unreadable sub-folder would silently contribute no case."""
+    global _problems
+    previous, _problems = _problems, []
+    try:
+        yield _problems
+    finally:
+        _problems = previous
+
+
+def _report(path: str, detail: str) -> None:
+    """Record an unreadable path once (an adapter may walk a root more than once)."""
+    if _problems is not None and all(p["file"] != str(path) for p in _problems):
+        _problems.append({"file": str(path), "reason": "unreadable", "detail": detail, "filtered": False})
+
+
 def walk_files(root: Path) -> Iterable[Path]:
-    """Every regular file under ``root`` (following symlinks), in sorted order, hidden files skipped."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    """Every regular file under ``root`` (following symlinks), in sorted order, hidden files skipped. A folder is
+    walked once however many links lead to it (a symlink loop ends there); unreadable folders are reported."""
+    seen: set[tuple[int, int]] = set()
+
+    def first_visit(path: str) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            _report(path, f"cannot open folder ({err.strerror})")
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    if not first_visit(str(root)):
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
+                                                onerror=lambda err: _report(err.filename, f"cannot list folder ({err.strerror})")):
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and first_visit(os.path.join(dirpath, d))]
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath) / name
@@ -91,7 +137,8 @@ def looks_like_dicom(path: Path) -> bool:
         with open(path, "rb") as fh:
             fh.seek(128)
             return fh.read(4) == b"DICM"
-    except OSError:
+    except OSError as err:
+        _report(str(path), f"cannot read the file to tell whether it is DICOM ({err.strerror})")
         return False
 
 
@@ -124,5 +171,14 @@ def split_from_path(path: Path) -> str:
     return ""
 
 
-def dicom_case(source: str, case_id: str, folder_files: list[Path], split: str = "") -> Case:
-    return Case(source, safe_id(case_id), "dicom", tuple(str(p) for p in sorted(folder_files)), split)
+def dicom_case(source: str, case_id: str, folder_files: list[Path], split: str = "", source_path: str = "") -> Case:
+    return Case(source, safe_id(case_id), "dicom", tuple(str(p) for p in sorted(folder_files)), split, source_path)
+
+
+def with_source_path(case: Case, root: Path) -> Case:
+    """``case`` with ``source_path`` set (when the adapter did not): its file, or the deepest folder holding all its
+    files, relative to ``root``."""
+    if case.source_path or not case.paths:
+        return case
+    where = case.paths[0] if len(case.paths) == 1 and case.kind == "nifti" else os.path.commonpath([os.path.dirname(p) for p in case.paths])
+    return replace(case, source_path=os.path.relpath(where, root))

@@ -14,13 +14,19 @@ _PATIENT = re.compile(r"PANCREAS_\d{4}")
 
 def find(root: Path, options: dict) -> list[Case]:
     by_patient: dict[str, list[Path]] = {}
+    where: dict[str, str] = {}  # patient -> its folder relative to the root (the dated study folders below stay out)
     for folder, files in dicom_dirs(root).items():
-        patient = next((part for part in folder.relative_to(root).parts if _PATIENT.fullmatch(part)), None)
-        if patient is None and _PATIENT.fullmatch(root.name):
-            patient = root.name
-        if patient is not None:
-            by_patient.setdefault(patient, []).extend(files)
-    return sorted((dicom_case("pancreas_ct", pid, files) for pid, files in by_patient.items()), key=lambda c: c.case_id)
+        parts = folder.relative_to(root).parts
+        at = next((i for i, part in enumerate(parts) if _PATIENT.fullmatch(part)), None)
+        if at is not None:
+            patient, where[parts[at]] = parts[at], "/".join(parts[:at + 1])
+        elif _PATIENT.fullmatch(root.name):
+            patient, where[root.name] = root.name, "."
+        else:
+            continue
+        by_patient.setdefault(patient, []).extend(files)
+    return sorted((dicom_case("pancreas_ct", pid, files, source_path=where[pid]) for pid, files in by_patient.items()),
+                  key=lambda c: c.case_id)
 
 
 ADAPTER = SourceAdapter("pancreas_ct", "Pancreas-CT/PANCREAS_NNNN/<study>/<series>/*.dcm", find, "https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU")

@@ -17,9 +17,11 @@ past tar members unread; the grouping rule (key = path up to the first dot of th
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import tarfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,11 +103,76 @@ def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
             yield info
 
 
+SHARD_INDEX = "shards.csv"  # written by the curation next to the shards: shard,n_samples,bytes,sha256
+
+
+class CorruptShardError(ValueError):
+    """A shard differs from what the curation recorded (size or SHA-256): named, with the fix, in one line."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    n_samples: int
+    n_bytes: int
+    sha256: str
+
+
+@lru_cache(maxsize=None)
+def _shard_index(folder: Path) -> dict[str, ShardRecord] | None:
+    """``shards.csv`` of a shard folder, or None for builds made before it existed."""
+    index = folder / SHARD_INDEX
+    if not index.is_file():
+        return None
+    with open(index, newline="") as f:
+        return {row["shard"]: ShardRecord(int(row["n_samples"]), int(row["bytes"]), row["sha256"]) for row in csv.DictReader(f)}
+
+
+_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) hashed by this process
+_warned: set[str] = set()  # shard folders without shards.csv already warned about
+
+
+def verify_shard(path: Path) -> None:
+    """Check a shard against ``shards.csv`` before reading it: its size (free), then its SHA-256 once per process
+    (a sequential read at ~1 GB/s, measured: ~0.14 s for a 128 MB shard, small next to decoding and augmenting its
+    1000 samples; later epochs reuse the result). A cut shard (even at a member boundary), overwritten bytes or
+    another file under the shard's name fail here, naming the shard and the fix, instead of training on them.
+
+    Builds without ``shards.csv`` (made before digests were recorded) are read unverified after one warning; their
+    sample counts are still checked against ``manifest.csv`` as the shard is read."""
+    index = _shard_index(path.parent)
+    if index is None:
+        if str(path.parent) not in _warned:
+            _warned.add(str(path.parent))
+            warnings.warn(f"{path.parent} has no {SHARD_INDEX}: shards are read without verification (built before "
+                          "digests were recorded; re-run data_curation/build_ct3m.py into a new --out to get them)")
+        return
+    fix = (f"rebuild it (re-run data_curation/build_ct3m.py with the same --out and config after deleting {path.name}), "
+           "or restore it from a good copy")
+    record = index.get(path.name)
+    if record is None:
+        raise CorruptShardError(f"shard {path}: not listed in {path.parent / SHARD_INDEX}; it is not part of this build")
+    st = path.stat()
+    if st.st_size != record.n_bytes:
+        raise CorruptShardError(f"shard {path}: {st.st_size} bytes, {SHARD_INDEX} says {record.n_bytes} (cut short or "
+                                f"replaced); {fix}")
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _verified:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() != record.sha256:
+        raise CorruptShardError(f"shard {path}: SHA-256 differs from {SHARD_INDEX} (bytes overwritten); {fix}")
+    _verified.add(key)
+
+
 def iter_shard(path: Path, part: int = 0, n_parts: int = 1, skip: int = 0) -> Iterator[RawSample]:
     """Samples ``part, part + n_parts, ...`` of the shard at ``path``, after skipping the first ``skip`` of them.
 
-    Skipped samples are passed over by their tar headers only (no data read).
+    The shard is verified first (:func:`verify_shard`); skipped samples are passed over by their tar headers only.
     """
+    verify_shard(path)
     with _open_tar(path) as tar:
         index, current_key, fields = -1, None, {}
 
@@ -139,7 +206,11 @@ def _manifest_counts(manifest: Path) -> dict[str, int]:
 
 @lru_cache(maxsize=None)
 def count_samples(path: Path) -> int:
-    """Samples in a shard: from ``manifest.csv`` next to it when it lists the shard, else from the tar headers."""
+    """Samples in a shard: from ``shards.csv`` or ``manifest.csv`` next to it when they list the shard, else from the
+    tar headers."""
+    index = _shard_index(path.parent)
+    if index is not None and path.name in index:
+        return index[path.name].n_samples
     manifest = path.parent / "manifest.csv"
     if manifest.is_file():
         counts = _manifest_counts(manifest)

@@ -103,7 +103,9 @@ def test_sample_build_reads_back(tmp_path, repo_root, sample_tree, run_build):
     assert [s.name for s in shards] == [f"ct3m-{i:06d}.tar" for i in range(len(shards))] and len(shards) == 4
     with open(out / "manifest.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["key", "shard", "source", "case", "slice_index"]
+    assert list(rows[0]) == ["key", "shard", "source", "case", "slice_index", "source_path"]
+    assert {r["case"]: r["source_path"] for r in rows} == {"totalsegmentator_example_ct": "totalsegmentator/example_ct.nii.gz",
+                                                           "msd_spleen_sub-spleen2_ct": "msd_spleen/sub-spleen2_ct.nii.gz"}
     assert {r["key"] for r in rows} == set(samples) and len(rows) == len(samples)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["n_samples"] == len(samples) == stats["per_source"]["folder"]["slices"]
@@ -361,7 +363,7 @@ def test_tcia_dicom_source_keys_and_sources_filter(tmp_path, repo_root, real_dat
     for p in out.rglob("*"):
         if p.is_file():
             assert b"11-24-2015" not in p.read_bytes() and b"12345" not in p.read_bytes()
-    with pytest.raises(SystemExit, match="no existing root for"):
+    with pytest.raises(SystemExit, match="no root for"):
         run_build(repo_root, "--out", str(tmp_path / "x"), "--sources", "kits23")
 
 
@@ -388,3 +390,178 @@ def test_tune_malloc_applies_on_glibc_and_is_optional(repo_root):
     run_cfg = load_config(repo_root / "configs" / "data" / "ct3m.yaml")["run"]
     assert tune_malloc(run_cfg) == (platform.libc_ver()[0] == "glibc")
     assert not tune_malloc({**run_cfg, "malloc_mmap_threshold_mb": None, "malloc_trim_threshold_mb": None})
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MiB tmpfs (needs root: mount), grown with ``remount`` by the test; None where mounting is not allowed."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("medium", ["tmpfs", "emulated", "emulated_pack"])
+def test_disk_full_stops_the_build_and_a_rerun_equals_an_uninterrupted_build(tmp_path, repo_root, sample_tree, run_build,
+                                                                               small_tmpfs, monkeypatch, medium):
+    """Out of space while curating: one line, exit code 3, no case recorded as failed; after space is freed the same
+    command finishes with exactly the shards, manifest and stats of a build that never ran out of space. On a real
+    6 MiB tmpfs (needs root to mount it), and with ENOSPC raised at the staging write call (curation) or at the
+    shard copy (packing)."""
+    if medium == "tmpfs" and small_tmpfs is None:
+        pytest.skip("mounting a tmpfs needs root; the emulated case runs the same logic")
+    args = ["--root", f"folder={sample_tree}", "output.samples_per_shard=40"]
+    reference = tmp_path / "reference"
+    run_build(repo_root, "--out", str(reference), *args)
+    if medium == "tmpfs":
+        out = small_tmpfs / "out"
+    elif medium == "emulated":
+        import errno
+
+        import data_curation.process as process
+
+        out = tmp_path / "out"
+        real_write, calls = process.write_sample, []
+
+        def write_until_full(fd, key, fields):
+            calls.append(key)
+            if len(calls) > 60:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, key, fields)
+
+        monkeypatch.setattr(process, "write_sample", write_until_full)
+    else:
+        import errno
+
+        from data_curation.shards import ShardWriter
+
+        out = tmp_path / "out"
+        real_copy, calls = ShardWriter.copy_blob, []
+
+        def copy_until_full(self, fd, offset, size):
+            calls.append(offset)
+            if len(calls) > 50:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.tmp))
+            return real_copy(self, fd, offset, size)
+
+        monkeypatch.setattr(ShardWriter, "copy_blob", copy_until_full)
+    proc = run_build(repo_root, "--out", str(out), *args, check=3)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "run the same command again" in lines[0], proc.stderr
+    assert len(list(out.glob("ct3m-*.tar"))) < 4 and not (out / "failures.jsonl").exists()
+    if medium == "tmpfs":
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    else:
+        monkeypatch.undo()
+    run_build(repo_root, "--out", str(out), *args)
+    assert (out / "failures.jsonl").read_text() == ""
+    for name in ["manifest.csv", *(p.name for p in reference.glob("ct3m-*.tar"))]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    strip = lambda s: {k: v for k, v in json.loads(s).items() if k != "per_source"}  # per_source holds timings
+    assert strip((out / "stats.json").read_text()) == strip((reference / "stats.json").read_text())
+
+
+def test_out_that_is_a_file_or_locked_is_refused(tmp_path, repo_root, sample_ct, run_build):
+    import fcntl
+
+    target = tmp_path / "out"
+    target.write_text("a file")
+    proc = run_build(repo_root, "--out", str(target), "--root", f"folder={sample_ct / 'msd_spleen'}", check=2)
+    assert proc.stderr.strip() == f"error: --out {target} is a file; give a folder for the build"
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another build holds the lock
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}", check=2)
+    assert "is being written by another build (pid 4242)" in proc.stderr and not (out / ".state").exists()
+    run_build(repo_root, "--out", str(out), "--root", f"folder={sample_ct / 'msd_spleen'}")  # lock released: builds
+
+
+def test_mistyped_root_and_empty_root_are_errors(tmp_path, repo_root, sample_ct, run_build):
+    with pytest.raises(SystemExit, match=r"--root foldr=.*unknown source 'foldr'; did you mean folder\?"):
+        run_build(repo_root, "--out", str(tmp_path / "o"), "--root", f"foldr={sample_ct}")
+    with pytest.raises(SystemExit, match=r"source root\(s\) not found or not a folder: folder=.*/no_such_dir"):
+        run_build(repo_root, "--out", str(tmp_path / "o"), "--root", f"folder={tmp_path / 'no_such_dir'}")
+    # a root of the wrong layout: the MSD spleen folder given as the btcv root
+    args = ["--out", str(tmp_path / "o"), "--root", f"btcv={sample_ct / 'msd_spleen'}", "--root", f"folder={sample_ct / 'msd_spleen'}"]
+    proc = run_build(repo_root, *args, check=2)
+    assert "btcv=" in proc.stderr and "no case found (expected layout: RawData" in proc.stderr and "--allow-empty" in proc.stderr
+    assert not (tmp_path / "o" / ".state").exists()
+    run_build(repo_root, *args, "--allow-empty")
+    rejections = [json.loads(line) for line in (tmp_path / "o" / "rejections.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in rejections] == [("btcv", "no_case_found")]
+
+
+def test_unreadable_folder_and_extensionless_dicom_are_failures(tmp_path, repo_root, real_data, sample_ct):
+    """chmod 000 on a sub-folder and on an extension-less DICOM file: both are in failures.jsonl, exit code 1. Root
+    reads anything, so as root the build runs without the capabilities that bypass file permissions (setpriv)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(sample_ct / "msd_spleen", tree / "spleen", ignore=shutil.ignore_patterns("*.json"))
+    shutil.copytree(real_data / "dcmqi_ct3slice" / "dicom", tree / "locked")
+    (tree / "series").mkdir()
+    for i, f in enumerate(sorted((real_data / "dcmqi_ct3slice" / "dicom").glob("*.dcm"))):
+        shutil.copy(f, tree / "series" / f"IM{i:04d}")
+    os.chmod(tree / "locked", 0)
+    os.chmod(tree / "series" / "IM0001", 0)
+    out = tmp_path / "out"
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "running as root needs util-linux setpriv to drop CAP_DAC_OVERRIDE for this test"
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        proc = subprocess.run([*prefix, sys.executable, *SCRIPT, "--workers", "0", "--out", str(out), "--root", f"folder={tree}"],
+                              cwd=repo_root, capture_output=True, text=True, timeout=600)
+    finally:
+        os.chmod(tree / "locked", 0o755)
+        os.chmod(tree / "series" / "IM0001", 0o644)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted((Path(f["file"]).name, f["reason"]) for f in failures) == [("IM0001", "unreadable"), ("locked", "unreadable")]
+    assert all("Permission denied" in f["detail"] for f in failures)
+    cases = {m["case"] for _, m in read_samples(out).values()}
+    assert cases == {"spleen_sub-spleen2_ct", "series"}  # the readable files of the series are still used
+
+
+def test_nbia_download_tree_gets_short_stable_keys(tmp_path, repo_root, real_data, run_build):
+    """The NBIA downloader's folder names make case ids of ~100 characters: keys are shortened with a hash of the case
+    id (under the 100-byte tar name limit, identical on every run) and the full path stays in the json and manifest."""
+    rel = ("manifest-1599750808610/Pancreas-CT/PANCREAS_0001/11-24-2015-PANCREAS0001-Pancreas-99667/"
+           "1.000000-Pancreas-99667-Abdomen-Venous-Phase")
+    series = tmp_path / "nbia" / rel
+    series.mkdir(parents=True)
+    for i, f in enumerate(sorted((real_data / "dcmqi_ct3slice/dicom").glob("*.dcm"))):
+        shutil.copy(f, series / f"1-{i + 1:03d}.dcm")
+    out = tmp_path / "out"
+    run_build(repo_root, "--out", str(out), "--root", f"folder={tmp_path / 'nbia'}")
+    samples = read_samples(out)
+    assert len(samples) == 3
+    for key, (_, meta) in samples.items():
+        assert len(f"{key}.json".encode()) <= 100 and key.startswith("folder-manifest-1599750808610_Pancreas-CT_PANCREAS_0001")
+        assert meta["source_path"] == rel and meta["case"] == rel.replace("/", "_").replace(".", "_")
+    with open(out / "manifest.csv") as fh:
+        assert {r["source_path"] for r in csv.DictReader(fh)} == {rel}
+    again = tmp_path / "again"
+    run_build(repo_root, "--out", str(again), "--root", f"folder={tmp_path / 'nbia'}")
+    assert sorted(read_samples(again)) == sorted(samples)
+
+
+def test_config_typos_and_wrong_types_are_errors(tmp_path, repo_root):
+    default = repo_root / "configs/data/ct3m.yaml"
+    with pytest.raises(SystemExit, match=r"unknown config key output.samples_per_shrd \(command line\); did you mean output.samples_per_shard\?"):
+        load_config(default, [], ["output.samples_per_shrd=3"])
+    with pytest.raises(SystemExit, match=r"config key geometry.output_size \(command line\): expected a list"):
+        load_config(default, [], ["geometry.output_size=256"])
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(default.read_text().replace("  min_slice_step_mm: null", "  min_slice_stepmm: 2.0"))
+    with pytest.raises(SystemExit, match=rf"unknown config key slices.min_slice_stepmm \({copy}\); did you mean slices.min_slice_step_mm\?"):
+        load_config(copy)
+    cfg = load_config(default, [], ["output.samples_per_shard=500", "slices.min_slice_step_mm=2.5", "geometry.output_size=null"])
+    assert cfg["output"]["samples_per_shard"] == 500 and cfg["slices"]["min_slice_step_mm"] == 2.5 and cfg["geometry"]["output_size"] is None

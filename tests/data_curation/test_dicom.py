@@ -206,3 +206,32 @@ def test_series_grouping_in_one_folder(tmp_path, real_data, ct3m_cfg):
     assert len(set(suffixes)) == 2 and all(len(s) == 8 and int(s, 16) >= 0 for s in suffixes)
     uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
     assert not any(s in uid for s in suffixes for uid in uids)
+
+
+def _ts_series(real_data: Path) -> list[Path]:
+    return sorted(p for p in (real_data / "totalsegmentator" / "example_ct_dicom").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("cut", [200, 800, 4900, 78000, -100])  # in the header, before/inside the pixel data, near the end
+def test_truncated_slice_is_a_failure_and_the_series_survives(tmp_path, real_data, ct3m_cfg, cut):
+    """A copy cut short is ``truncated`` (a failure), never the by-design filter "not CT: Modality missing"."""
+    files = _ts_series(real_data)[:5]
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    damaged = tmp_path / files[2].name
+    damaged.write_bytes(damaged.read_bytes()[:cut])
+    volumes, rejections = _read(sorted(tmp_path.iterdir()), ct3m_cfg)
+    assert [(Path(r.path).name, r.reason, r.filtered) for r in rejections] == [(damaged.name, "truncated", False)]
+    assert len(volumes) == 1 and volumes[0].data.shape[2] == 4
+
+
+def test_negative_pixel_spacing_is_refused_not_mirrored(tmp_path, real_data, ct3m_cfg):
+    """A negative PixelSpacing would lay the pixels out mirrored (a 180 deg rotation after canonicalisation) while
+    the slices are still labelled LPS: the file is refused as ``bad_geometry``."""
+    for f in _ts_series(real_data)[:3]:
+        ds = pydicom.dcmread(str(f))
+        ds.PixelSpacing = [-float(v) for v in ds.PixelSpacing]
+        ds.save_as(str(tmp_path / f.name))
+    volumes, rejections = _read(sorted(tmp_path.iterdir()), ct3m_cfg)
+    assert not volumes and {r.reason for r in rejections} == {"bad_geometry"} and not rejections[0].filtered
+    assert "must be positive" in rejections[0].detail

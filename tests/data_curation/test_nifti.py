@@ -60,3 +60,20 @@ def test_truncated_gzip_is_unreadable_with_both_decoders(tmp_path, real_data, ct
                 with pytest.raises(CurationError) as err:
                     nifti.read_nifti(path, ct3m_cfg["reading"])
             assert err.value.rejection.reason == "unreadable" and path.name in err.value.rejection.path
+
+
+def test_all_nan_volume_is_a_failure(tmp_path, real_data, ct3m_cfg):
+    """An all-NaN float volume is ``all_nonfinite`` (a failure), not a volume of air that silently keeps 0 slices."""
+    import nibabel as nib
+    import numpy as np
+
+    from data_curation.readers.common import CurationError
+    from data_curation.readers.nifti import read_nifti
+
+    ref = nib.load(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(ref.shape, np.nan, np.float32), ref.affine), str(path))
+    with pytest.raises(CurationError) as err:
+        read_nifti(path, ct3m_cfg["reading"])
+    assert err.value.rejection.reason == "all_nonfinite" and not err.value.rejection.filtered
+    assert f"{int(np.prod(ref.shape))} voxels is NaN or Inf" in err.value.rejection.detail

@@ -201,3 +201,25 @@ def test_holdout_excludes_exactly_the_finetune_validation_images(tmp_path, nii, 
     paths = {c.uid: os.path.abspath(c.paths[0]) for c in found[source]}
     assert {paths[uid] for uid in held[task]} == expected
     assert 2 <= len(expected) < len(by_id)
+
+
+def test_symlink_loop_yields_each_file_once(tmp_path, nii, dcm_files):
+    link(nii, tmp_path / "a" / "scan.nii.gz")
+    os.symlink(tmp_path, tmp_path / "a" / "up")        # a/up -> root: a loop
+    os.symlink(tmp_path / "a", tmp_path / "a_again")  # a second way into a/
+    for f in dcm_files:
+        link(f, tmp_path / "a" / "series" / f.stem)   # extension-less DICOM names
+    cases = REGISTRY["folder"].find(tmp_path, {"exclude_patterns": []})
+    assert [(c.case_id, c.kind, len(c.paths)) for c in cases] == [("a_scan", "nifti", 1), ("a_series", "dicom", 3)]
+
+
+def test_unreadable_files_and_folders_are_reported_during_discovery(tmp_path, nii):
+    from data_curation.sources.base import collect_problems
+
+    link(nii, tmp_path / "good" / "scan.nii.gz")
+    os.symlink(tmp_path / "gone", tmp_path / "good" / "IM0001")  # extension-less file that cannot be opened
+    with collect_problems() as problems:
+        cases = REGISTRY["folder"].find(tmp_path, {"exclude_patterns": []})
+    assert [c.case_id for c in cases] == ["good_scan"]
+    assert [(Path(p["file"]).name, p["reason"], p["filtered"]) for p in problems] == [("IM0001", "unreadable", False)]
+    assert "No such file or directory" in problems[0]["detail"]

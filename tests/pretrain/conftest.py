@@ -2,11 +2,12 @@
 
 ``write_ct3m_shards`` writes the axial slices of ``totalsegmentator/example_ct.nii.gz`` (a real abdomen/pelvis CT)
 as webdataset shards in the CT-3M contract (``ct3m-%06d.tar`` with ``npy`` int16 HU + ``json`` per sample,
-``manifest.csv``, ``stats.json``), so the trainer tests run on real CT before/independently of the curation CLI.
+``manifest.csv``, ``shards.csv``, ``stats.json``), so the trainer tests run on real CT before/independently of the curation CLI.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -51,6 +52,12 @@ def write_ct3m_shards(ct_path: Path, out_dir: Path, slices_per_shard: int = 40, 
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "stats.json").write_text(json.dumps({"n_samples": len(keys), "n_shards": shard_idx + 1}))
+    counts = {}
+    for row in rows:
+        counts[row["shard"]] = counts.get(row["shard"], 0) + 1
+    (out_dir / "shards.csv").write_text("shard,n_samples,bytes,sha256\n" + "".join(  # what the loader verifies
+        f"{name},{n},{(out_dir / name).stat().st_size},{hashlib.sha256((out_dir / name).read_bytes()).hexdigest()}\n"
+        for name, n in counts.items()))
     return keys
 
 

@@ -1,0 +1,38 @@
+"""The finetune config is strict: the shipped files define the keys, a typo or a wrong type is a one-line error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.config import load_config
+
+
+def test_unknown_key_names_the_nearest_valid_one():
+    with pytest.raises(ValueError, match=r"^unknown config key optim.decoder_lrr \(command line\); did you mean optim.decoder_lr\?$"):
+        load_config("btcv", overrides=["optim.decoder_lrr=1"])
+    with pytest.raises(ValueError, match=r"unknown config key trian \(command line\); did you mean train\?"):
+        load_config("btcv", overrides=["trian.epochs=3"])
+
+
+def test_unknown_key_in_an_extra_file_names_the_file(tmp_path: Path):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("infer:\n  mirorr: false\n")
+    with pytest.raises(ValueError, match=rf"unknown config key infer.mirorr \({extra}\); did you mean infer.mirror\?"):
+        load_config("btcv", extra_files=[extra])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ValueError, match=r"config key train.epochs \(command line\): expected an int like the default 1000, got 'ten'"):
+        load_config("btcv", overrides=["train.epochs=ten"])
+    with pytest.raises(ValueError, match=r"config key data.patch_size .*expected a list"):
+        load_config("btcv", overrides=["data.patch_size=64"])
+
+
+def test_valid_overrides_and_open_mappings_still_work():
+    cfg = load_config("btcv", extra_files=["tiny.yaml"], overrides=[
+        "optim.decoder_lr=1", "preprocess.target_slice_px=null", "model.backbone_overrides.depth=2", "infer.mirror=false"])
+    assert cfg.optim.decoder_lr == 1 and cfg.preprocess.target_slice_px is None
+    assert cfg.model.backbone_overrides.depth == 2 and cfg.infer.mirror is False
+    cfg.task.class_names = ["background", "spleen"]  # code may still add derived keys
+    assert cfg.output_dir == "outputs/finetune/btcv/primus/fold_0"
