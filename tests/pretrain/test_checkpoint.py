@@ -481,3 +481,68 @@ def test_bad_files_are_one_line_errors(golden, tmp_path):
         save_file(tensors, tmp_path / f"{name}.safetensors", metadata=meta)
         with pytest.raises(CheckpointError, match=rf"{name}\.safetensors: .*'arch' metadata"):
             load_backbone(tmp_path / f"{name}.safetensors")
+
+
+# ------------------------------------------------------------------------------ against real transformers
+@pytest.fixture(scope="module")
+def transformers():
+    """The real transformers, with hub kernels off (they are downloaded at load time; no network here)."""
+    module = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[interop]')")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("USE_HUB_KERNELS", "0")
+        yield module
+
+
+def test_hf_export_processor_and_card_reproduce_the_ct_mapping(golden, transformers, repo_root, sample_ct, tmp_path,
+                                                               capsys):
+    """AutoImageProcessor + AutoModel on a real clamped CT slice give our transform's input and our features."""
+    import nibabel as nib
+    from omegaconf import OmegaConf
+
+    from pretrain.data.transforms import HUTransform
+    from pretrain.models.export import main
+
+    hf_dir = tmp_path / "hf"
+    assert main(["--checkpoint", str(golden[0]), "--out", str(tmp_path / "b.safetensors"), "--hf-dir", str(hf_dir)]) == 0
+    assert "configs/pretrain/base.yaml" in capsys.readouterr().out
+    block = OmegaConf.load(repo_root / "configs" / "pretrain" / "base.yaml").data.transform  # the numbers' one home
+    transform = HUTransform.from_config(block)
+    ct = nib.load(str(sample_ct / "totalsegmentator" / "example_ct.nii.gz"))
+    hu = np.asarray(ct.dataobj, dtype=np.float32)[:64, :48, ct.shape[2] // 2].T  # [H=48, W=64], real HU
+    clamped = np.clip(hu, *block.hu_clamp)
+    processor = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+    pixel_values = processor(np.repeat(clamped[None], 3, axis=0), return_tensors="pt")["pixel_values"]
+    expected = transform.expand_channels(transform(torch.from_numpy(hu))[None])  # [1, 3, H, W], training path
+    assert pixel_values.shape == (1, 3, 48, 64)
+    torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
+    hf_model = transformers.AutoModel.from_pretrained(hf_dir).eval()
+    ours = load_backbone(golden[0])
+    with torch.no_grad():
+        hf_tokens = hf_model(pixel_values=pixel_values).last_hidden_state
+        ff = ours.forward_features(expected)
+    ref = torch.cat([ff["x_norm_clstoken"][:, None], ff["x_storage_tokens"], ff["x_norm_patchtokens"]], 1)
+    torch.testing.assert_close(hf_tokens, ref, rtol=0, atol=1e-4)
+    card = (hf_dir / "README.md").read_text()
+    for fact in ("clamp to [-1000, 1000] HU", "repeat the one channel to 3", "(x - 65.1084) / 178.0166",
+                 "embed_dim 64, depth 4", "official DINOv3 release"):
+        assert fact in card, fact
+    assert "Numerical note" not in card  # fp32 RoPE: nothing changes
+
+
+def test_meddinov3_release_hf_export_states_the_rope_dtype_change(transformers, tmp_path, capsys):
+    torch.manual_seed(0)
+    src = build_backbone("meddinov3_vitb16", embed_dim=64, depth=2, num_heads=4).eval()
+    path = tmp_path / "release.pth"
+    torch.save({"teacher": {**_wrap(src.state_dict(), "backbone."), "dino_head.w": torch.zeros(2),
+                            "ibot_head.w": torch.zeros(2)}}, path)
+    from pretrain.models.export import main
+
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "b.safetensors"),
+                 "--hf-dir", str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr().out
+    note = [line for line in printed.splitlines() if line.startswith("note")]
+    assert note and "bf16" in note[0] and "fp32" in note[0] and "relative error" in note[0]
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Numerical note" in card and "bf16" in card and "MedDINOv3 release" in card
+    assert "dino_head" in card  # what was left out is said
+    transformers.AutoModel.from_pretrained(tmp_path / "hf")  # and it still loads
