@@ -33,7 +33,7 @@ from finetune.metrics import evaluate_case, evaluation_classes, format_table, su
 from finetune.preprocess import (Plans, load_plans, plan_from_training_cases, preprocess_dataset, read_volume,
                                  save_label_nifti, save_plans)
 from finetune.splits import fold_split, nnunet_kfold_splits, save_splits_file
-from finetune.tasks import task_cases, task_eval_regions, task_labels
+from finetune.tasks import task_cases, task_eval_regions, task_labels, task_splits_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -65,18 +65,42 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
+def fold_case_ids(cfg, case_ids: list[str], write: bool = True) -> tuple[list[str], list[str]]:
+    """(train ids, val ids) of ``cfg.fold``, from the ``splits_final.json`` nnU-Net would use, else its default split.
+
+    Says which split it took. ``write`` (rank 0) records a found file in ``cfg.splits_file`` (so config.yaml names
+    it) or writes the default 5-fold split to ``<output>/splits_final.json``; fold ``all`` reads and writes none
+    (as nnU-Net), so it also works with fewer cases than folds.
+    """
+    output_dir = Path(cfg.output_dir)
+    every_case = str(cfg.fold) == "all"
+    splits_file, origin = (None, "") if every_case else task_splits_file(cfg)
+    train_ids, val_ids = fold_split(case_ids, cfg.fold, splits_file)
+    if not write:
+        return train_ids, val_ids
+    if splits_file is not None:
+        cfg.splits_file = str(splits_file)
+        print(f"split: {splits_file} (from {origin}), fold {cfg.fold}", flush=True)
+    elif every_case:
+        print("split: fold all, every case is trained and validated on", flush=True)
+    else:
+        print(f"split: nnU-Net's default 5-fold split, written to {output_dir / 'splits_final.json'} "
+              f"(splits_final.json: {origin})", flush=True)
+        save_splits_file(nnunet_kfold_splits(case_ids), output_dir / "splits_final.json")
+    return train_ids, val_ids
+
+
 def prepare_fold(cfg, rank: int = 0):
     """Cases, split, plans and the preprocessed cache of one fold. Returns (train cases, val cases, plans, dirs)."""
     output_dir = Path(cfg.output_dir)
     labels = list(cfg.task.class_names)
     cases = task_cases(cfg)
     by_id = {c.case_id: c for c in cases}
-    train_ids, val_ids = fold_split(list(by_id), cfg.fold, cfg.get("splits_file"))
-    plans_path = output_dir / "plans.json"
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.get("splits_file"):
-            save_splits_file(nnunet_kfold_splits(list(by_id)), output_dir / "splits_final.json")
+    train_ids, val_ids = fold_case_ids(cfg, list(by_id), write=rank == 0)
+    plans_path = output_dir / "plans.json"
+    if rank == 0:
         if plans_path.exists():
             plans = load_plans(plans_path)
             if plans.labels != labels:
