@@ -3,7 +3,7 @@ overlays.
 
 Callable from the finetune CLI (``plot_summary_bars``, ``plot_case_overlays``) and standalone::
 
-    python -m finetune.plots bars --summary out/summary.json --out out/plots/scores.png
+    python -m finetune.plots bars --summary out/validation/summary.json --out out/plots/scores.png
     python -m finetune.plots overlays --image ct.nii.gz --gt gt.nii.gz --pred pred.nii.gz --out case.png
 
 Volumes are reoriented to RAS (nibabel closest canonical); a label map whose grid differs from the image's
@@ -52,7 +52,7 @@ def load_config(path: str | Path | None = None) -> DictConfig:
     return block
 
 
-def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+def save_png(fig: Figure, path: str | Path, dpi: int) -> Path:
     """PNG written to a temporary file in the target folder, then renamed (no half-written pictures)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ def plot_summary_bars(
     title = " | ".join(f"{k} {summary[k]}" if k == "fold" else str(summary[k])
                        for k in ("task", "head", "fold", "checkpoint") if k in summary)
     fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in))
-    return _save(fig, out_path, int(cfg.dpi))
+    return save_png(fig, out_path, int(cfg.dpi))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def plot_case_overlays(
     fig = overlays_figure(displays, gts, preds, [f"axial slice {z}" for z in indices], spacing, names,
                           str(cfg.label_colormap), float(cfg.label_alpha), float(cfg.panel_size_in),
                           Path(image_path).name)
-    return _save(fig, out_path, int(cfg.dpi))
+    return save_png(fig, out_path, int(cfg.dpi))
 
 
 def normalise_class_names(names: Mapping[Any, Any] | None) -> dict[int, str]:
@@ -420,7 +420,7 @@ def plot_finetune_outputs(
 ) -> list[Path]:
     """All pictures of a finetune run, written under ``output_dir/plots``.
 
-    ``output_dir`` holds ``summary.json``, ``per_case.csv`` and ``validation/<case_id>.nii.gz`` (as written by
+    ``output_dir`` holds ``per_case.csv``, ``validation/summary.json`` and ``validation/<case_id>.nii.gz`` (as written by
     ``finetune.run``); ``cases`` are the validation cases, as ``finetune.tasks`` ``Case`` objects (``case_id``,
     ``image``, ``label``) or ``(case_id, image_path, label_path)`` tuples. Writes ``plots/scores.png`` and
     ``plots/overlays/<case_id>.png`` for the first ``max_overlay_cases`` cases that have a prediction and a
@@ -429,7 +429,7 @@ def plot_finetune_outputs(
     cfg = cfg if cfg is not None else load_config()
     output_dir = Path(output_dir)
     written = []
-    summary = output_dir / "summary.json"
+    summary = output_dir / "validation" / "summary.json"
     per_case = output_dir / "per_case.csv"
     if summary.is_file():
         if class_names is None:

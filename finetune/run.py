@@ -1,5 +1,5 @@
 """Finetune one fold end to end: split -> plan + preprocess (cached) -> train -> predict the validation cases ->
-metrics (``summary.json``, ``per_case.csv``, a Table-2-style printout).
+metrics (``validation/summary.json``, ``per_case.csv``, a Table-2-style printout).
 
     python finetune/run.py --task amos22|btcv|kits23|lits|path/to/DatasetXXX_Name [--head primus|mvr|med3d|window3d]
         [--checkpoint backbone.pth] [--fold 0] [--output DIR] [--config extra.yaml ...] [key=value ...]
@@ -7,14 +7,15 @@ metrics (``summary.json``, ``per_case.csv``, a Table-2-style printout).
 ``--checkpoint`` sets ``model.checkpoint`` and ``model.init=pretrained`` (MedDINOv3 release, official DINOv3 .pth,
 or our ``teacher_backbone.pth``); without it the config decides (``model.init=random`` for the paper's random-init
 row). ``--weights dinov3`` picks the 1e-4 encoder lr for official DINOv3 weights (3e-5 for MedDINOv3).
-Output folder (nnU-Net-like): ``config.yaml`` (resolved), ``plans.json``, ``splits_final.json``, ``metrics.jsonl``,
-``checkpoints/latest.pt``, ``model_final.pt``, ``validation/<case>.nii.gz``, ``summary.json``, ``per_case.csv``.
+Output folder (nnU-Net's fold layout): ``config.yaml`` (resolved), ``plans.json``, ``splits_final.json`` (when the
+default split is used), ``training_log.txt``, ``progress.png``, ``metrics.jsonl``, ``checkpoints/latest.pt``,
+``checkpoint_best.pth``, ``checkpoint_final.pth``, ``model_final.pt`` (plain weights), ``tensorboard/``
+(``train.tensorboard=true``), ``validation/<case>.nii.gz``, ``validation/summary.json``, ``per_case.csv``.
 Re-running the same command resumes training from the last checkpoint (``train.resume=auto``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -122,25 +123,29 @@ def prepare_fold(cfg, rank: int = 0):
 
 
 def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.device) -> dict:
-    """Predict each validation case from its raw NIfTI, save it, and compute the metrics."""
+    """Predict each validation case from its raw image, save it, and compute the metrics (a progress bar: i/N, ETA)."""
+    from tqdm import tqdm
+
     output_dir = Path(cfg.output_dir)
+    validation = output_dir / "validation"
     classes = evaluation_classes(plans.labels, task_eval_regions(cfg))
     tolerance = {"default": float(cfg.metrics.nsd_tolerance_mm),
                  **{str(k): float(v) for k, v in (cfg.task.get("nsd_tolerance_mm") or {}).items()}}
     per_case = {}
-    for case in val_cases:
+    bar = tqdm(val_cases, desc="validation", unit="case", dynamic_ncols=True, disable=not bool(cfg.train.progress))
+    for case in bar:
         t0 = time.time()
         image = read_volume(case.image)
         pred = predict_case(model, recipe, image, plans, cfg, device)
-        save_label_nifti(pred, image, output_dir / "validation" / f"{case.case_id}.nii.gz")
+        save_label_nifti(pred, image, validation / f"{case.case_id}.nii.gz")
         gt = read_volume(case.label).array.astype(int)
         per_case[case.case_id] = evaluate_case(pred, gt, image.spacing_zyx, classes, tolerance,
                                                str(cfg.metrics.nsd_method), bool(cfg.metrics.compute_hd95))
-        print(f"  {case.case_id}: " + ", ".join(f"{k} DSC {v['dice']:.3f}" for k, v in per_case[case.case_id].items())
-              + f"  ({time.time() - t0:.1f}s)", flush=True)
+        bar.write(f"  {case.case_id}: " + ", ".join(f"{k} DSC {v['dice']:.3f}" for k, v in per_case[case.case_id].items())
+                  + f"  ({time.time() - t0:.1f}s)")
     summary = summarize(per_case)
     write_per_case_csv(per_case, output_dir / "per_case.csv")
-    write_summary_json(summary, output_dir / "summary.json",
+    write_summary_json(summary, validation / "summary.json",
                        {"task": str(cfg.task.name), "head": str(cfg.head.name), "fold": str(cfg.fold),
                         "nsd_method": str(cfg.metrics.nsd_method), "nsd_tolerance_mm": tolerance,
                         "classes": classes, "cases": sorted(per_case)})
@@ -152,7 +157,7 @@ def load_trained_model(cfg, recipe, model_path: Path, device: torch.device):
     build_cfg = OmegaConf.merge(cfg, {"model": {"init": "none"}})
     model = recipe.build_model(build_cfg, len(cfg.task.class_names))
     state = torch.load(model_path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "optimizer" in state:
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # checkpoint_{best,final}.pth, latest.pt
         state = state["model"]
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -192,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         summary = evaluate_fold(cfg, model, recipe, val_cases, plans, device)
         print()
         print(format_table({str(cfg.task.name): summary}, f"MedDINOv3 ({cfg.head.name})"))
-        print(f"\nwrote {output_dir / 'summary.json'} and {output_dir / 'per_case.csv'}")
+        print(f"\nwrote {output_dir / 'validation' / 'summary.json'} and {output_dir / 'per_case.csv'}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

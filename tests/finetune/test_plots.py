@@ -168,7 +168,7 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, ca
         "dicom_case": evaluate_case(pred, np.zeros_like(gt), image.spacing_zyx, classes, 1.0, "boundary", False),
     }
     write_per_case_csv(per_case, run / "per_case.csv")
-    write_summary_json(summarize(per_case), run / "summary.json",
+    write_summary_json(summarize(per_case), run / "validation" / "summary.json",
                        {"task": "Dataset009_Spleen", "head": "primus", "fold": "0", "classes": classes})
     save_label_nifti(pred, image, run / "validation" / "spleen_2.nii.gz")
     save_label_nifti(pred, image, run / "validation" / "dicom_case.nii.gz")
@@ -181,7 +181,7 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, ca
     assert "dicom_case" in capsys.readouterr().err
     for path in written:
         assert _png(path)[1].std() > 20
-    scores = plots.per_class_scores(json.loads((run / "summary.json").read_text()), ["dice", "nsd"])
+    scores = plots.per_class_scores(json.loads((run / "validation" / "summary.json").read_text()), ["dice", "nsd"])
     assert scores["dice"]["spleen"] == pytest.approx(per_case["spleen_2"]["spleen"]["dice"])
     assert 0.5 < scores["dice"]["spleen"] < 1.0
     # the case whose ground truth lacks the class is not in the spread (as it is not in the summary mean)

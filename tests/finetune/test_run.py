@@ -21,10 +21,12 @@ FAST = ["preprocess.target_spacing_mm=[4.5,4.5]", "train.epochs=2", "train.iters
 def trained_run(tiny_nnunet_dataset: Path, repo_root: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft_run") / "fold0"
     cmd = [sys.executable, "finetune/run.py", "--task", str(tiny_nnunet_dataset), "--head", "primus",
-           "--config", "configs/finetune/tiny.yaml", "--output", str(out), *FAST]
+           "--config", "configs/finetune/tiny.yaml", "--output", str(out), *FAST, "train.progress=true"]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DSC (%)" in proc.stdout and "MedDINOv3 (primus)" in proc.stdout
+    assert "validation: 100%" in proc.stderr and "2/2" in proc.stderr  # a progress bar with i/N and ETA
+    assert "split: nnU-Net's default 5-fold split" in proc.stdout
     return out
 
 
@@ -32,14 +34,15 @@ def trained_run(tiny_nnunet_dataset: Path, repo_root: Path, tmp_path_factory) ->
 def test_run_writes_model_predictions_and_metrics(trained_run: Path, tiny_nnunet_dataset: Path):
     out = trained_run
     for name in ("config.yaml", "plans.json", "splits_final.json", "metrics.jsonl", "model_final.pt",
-                 "checkpoints/latest.pt", "summary.json", "per_case.csv"):
+                 "checkpoints/latest.pt", "validation/summary.json", "per_case.csv", "training_log.txt",
+                 "progress.png", "checkpoint_best.pth", "checkpoint_final.pth"):
         assert (out / name).exists(), name
     splits = json.loads((out / "splits_final.json").read_text())
     assert splits[0]["val"] == ["ts_lower", "ts_upper"]           # nnU-Net fold 0 of the 6 sorted ids
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 4]
     assert all(math.isfinite(r["train_loss"]) for r in records)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "validation" / "summary.json").read_text())
     assert set(summary["per_class"]) == {"spleen", "liver"}
     assert summary["n_cases"] == 2 and summary["cases"] == ["ts_lower", "ts_upper"]
     # ts_lower has neither organ: excluded from the means and reported as absent
