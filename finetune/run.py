@@ -1,8 +1,13 @@
 """Finetune one fold end to end: split -> plan + preprocess (cached) -> train -> predict the validation cases ->
 metrics (``validation/summary.json``, ``per_case.csv``, a Table-2-style printout).
 
-    python finetune/run.py --task amos22|btcv|kits23|lits|path/to/DatasetXXX_Name [--head primus|mvr|med3d|window3d]
-        [--checkpoint backbone.pth] [--fold 0] [--output DIR] [--config extra.yaml ...] [key=value ...]
+    meddino-finetune --task amos22|btcv|kits23|lits|path/to/DatasetXXX_Name|DatasetXXX_Name|XXX
+        [--head primus|mvr|med3d|window3d] [--checkpoint backbone.pth] [--fold 0|...|4|all] [--output DIR]
+        [--config extra.yaml ...] [key=value ...]
+
+(``python finetune/run.py`` and ``python -m finetune.run`` are the same command.) ``DatasetXXX_Name`` and ``XXX``
+are looked up in ``$nnUNet_raw`` as nnU-Net's own commands do; a ``splits_final.json`` in
+``$nnUNet_preprocessed/DatasetXXX_Name/`` or in the raw dataset folder is used (``splits_file=`` names another).
 
 ``--checkpoint`` sets ``model.checkpoint`` and ``model.init=pretrained`` (MedDINOv3 release, official DINOv3 .pth,
 or our ``teacher_backbone.pth``); without it the config decides (``model.init=random`` for the paper's random-init
@@ -38,16 +43,22 @@ from finetune.tasks import task_cases, task_eval_regions, task_labels, task_spli
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help="registered task name or an nnU-Net raw DatasetXXX_Name folder")
-    parser.add_argument("--head", default="primus", help=f"one of {', '.join(available_heads())}")
+    parser = argparse.ArgumentParser(prog="meddino-finetune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True,
+                        help="a registered task (amos22, btcv, kits23, lits), an nnU-Net raw DatasetXXX_Name folder, "
+                             "or DatasetXXX_Name / XXX found in $nnUNet_raw")
+    parser.add_argument("--head", default="primus", help=f"segmentation head: one of {', '.join(available_heads())}")
     parser.add_argument("--checkpoint", default=None, help="backbone weights (sets model.init=pretrained)")
-    parser.add_argument("--weights", choices=("meddinov3", "dinov3"), default=None, help="origin of --checkpoint (encoder lr)")
+    parser.add_argument("--weights", choices=("meddinov3", "dinov3"), default=None,
+                        help="origin of --checkpoint, which sets the encoder lr (3e-5 MedDINOv3, 1e-4 DINOv3)")
     parser.add_argument("--fold", default=None, help="0..4 or 'all' (default: config, 0)")
     parser.add_argument("--output", default=None, help="output folder (default: config output_dir)")
-    parser.add_argument("--config", action="append", default=[], help="extra YAML merged last (e.g. configs/finetune/tiny.yaml)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="extra YAML merged last, repeatable (e.g. configs/finetune/tiny.yaml or tiny.yaml)")
     parser.add_argument("--skip-training", action="store_true", help="predict + evaluate with the existing model_final.pt")
-    parser.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. train.epochs=10")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides (OmegaConf dot-list), e.g. train.epochs=10")
     return parser.parse_args(argv)
 
 
@@ -205,7 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    from finetune.console import finetune
+
+    sys.exit(finetune())
