@@ -231,7 +231,7 @@ def export_backbone(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.models.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="any format load_backbone reads (official/MedDINOv3 .pth, training checkpoint, "
                              "HF or timm folder, .safetensors)")
