@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
 METRIC_ALIASES = {"dice": ("dice", "dsc"), "nsd": ("nsd", "normalized_surface_dice"), "hd95": ("hd95",)}
 METRIC_LABELS = {"dice": "DSC", "nsd": "NSD", "hd95": "HD95 (mm)"}
+NSD_METHODS = ("boundary", "surface")  # finetune.metrics: voxel-face boundary | area-weighted surfels
 
 
 def load_config(path: str | Path | None = None) -> DictConfig:
@@ -79,6 +80,31 @@ def _metric_value(scores: Mapping[str, Any], metric: str) -> float | None:
         if key.lower() in METRIC_ALIASES.get(metric, (metric,)) and isinstance(value, (int, float)):
             return float(value)
     return None
+
+
+def nsd_definition(summary: Mapping[str, Any]) -> str:
+    """How the summary's NSD was computed, for the label next to the number: ``"boundary, τ = 1 mm"``.
+
+    Read from ``nsd_definition.method`` (nnU-Net layout), ``nsd_method``, or the NSD key's name (``nsd_boundary`` /
+    ``nsd_surface``); the tolerance from ``nsd_tolerance_mm`` (a number or ``{"default": mm, class: mm}``). The
+    two definitions differ by ~10 points on real masks, so a number without its definition is not comparable.
+    """
+    definition = summary.get("nsd_definition")
+    method = definition.get("method") if isinstance(definition, Mapping) else summary.get("nsd_method")
+    if method is None:
+        blocks = [b for b in (summary.get("per_class"), summary.get("mean")) if isinstance(b, Mapping)]
+        keys = {k for b in blocks for v in b.values() if isinstance(v, Mapping) for k in v} | {
+            k for b in blocks for k in b}
+        method = next((m for m in NSD_METHODS if f"nsd_{m}" in keys), None)
+    tolerance = summary.get("nsd_tolerance_mm")
+    if isinstance(tolerance, Mapping):
+        others = {k: v for k, v in tolerance.items() if k != "default"}
+        tolerance = f"{tolerance.get('default'):g} mm" + (" (per class: " + ", ".join(
+            f"{k} {v:g}" for k, v in others.items()) + ")" if others else "")
+    elif tolerance is not None:
+        tolerance = f"{float(tolerance):g} mm"
+    parts = [str(method) if method else "definition not recorded"] + ([f"τ = {tolerance}"] if tolerance else [])
+    return ", ".join(parts)
 
 
 def per_class_scores(summary: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -153,9 +179,11 @@ def scores_figure(
     spread: Mapping[str, Mapping[str, float]] | None,
     title: str,
     panel_in: float,
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Grouped bars: one group per class, one bar per metric (value written at its base); error bars = std
-    over cases when ``spread`` is given."""
+    over cases when ``spread`` is given. ``labels`` name the metrics in the legend (default ``METRIC_LABELS``)."""
+    labels = {**METRIC_LABELS, **(labels or {})}
     metrics = [m for m in scores if scores[m]]
     classes: list[str] = []
     for m in metrics:
@@ -170,7 +198,7 @@ def scores_figure(
         if spread and spread.get(metric):
             errors = np.array([spread[metric].get(c, np.nan) for c in classes])
         bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(heights), width,
-                      yerr=errors, capsize=2, label=f"{METRIC_LABELS.get(metric, metric)} "
+                      yerr=errors, capsize=2, label=f"{labels.get(metric, metric)} "
                       f"(mean {np.nanmean(heights):.3f})")
         for bar, h in zip(bars, heights):
             # value printed inside the bar's base so it never collides with the error bar
@@ -212,7 +240,8 @@ def plot_summary_bars(
     spread = per_case_spread(per_case_csv, metrics) if per_case_csv is not None else None
     title = " | ".join(f"{k} {summary[k]}" if k == "fold" else str(summary[k])
                        for k in ("task", "head", "fold", "checkpoint") if k in summary)
-    fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in))
+    fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in),
+                        {"nsd": f"NSD ({nsd_definition(summary)})"})
     return save_png(fig, out_path, int(cfg.dpi))
 
 

@@ -203,3 +203,22 @@ def test_module_entry_point(tmp_path: Path, repo_root: Path, spleen) -> None:
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.is_file() and f"wrote {out}" in done.stdout
+
+
+def test_nsd_is_named_by_its_definition(tmp_path, monkeypatch):
+    """The NSD in the bar chart's legend carries its definition and tolerance, whatever summary layout wrote it."""
+    assert plots.nsd_definition({"nsd_method": "boundary", "nsd_tolerance_mm": {"default": 1.0}}) == "boundary, τ = 1 mm"
+    nnunet_layout = {"nsd_definition": {"method": "surface", "key": "nsd_surface"},
+                     "nsd_tolerance_mm": {"default": 1.0, "tumor": 2.0}}
+    assert plots.nsd_definition(nnunet_layout) == "surface, τ = 1 mm (per class: tumor 2)"
+    assert plots.nsd_definition({"per_class": {"liver": {"dice": 0.9, "nsd_surface": 0.8}}}) == "surface"
+    assert plots.nsd_definition({"per_class": {"liver": {"nsd": 0.8}}}) == "definition not recorded"
+
+    legends = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi: legends.append(
+        [t.get_text() for legend in fig.legends for t in legend.get_texts()]) or Path(path))
+    _summary(tmp_path / "summary.json")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "nsd_method": "boundary", "nsd_tolerance_mm": 1.0}))
+    plots.plot_summary_bars(tmp_path / "summary.json", tmp_path / "scores.png")
+    assert any(text.startswith("NSD (boundary, τ = 1 mm)") for text in legends[0]), legends
