@@ -116,6 +116,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def _export_arch(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The architecture stored by :func:`save_backbone` (a clear error when the metadata was stripped)."""
+    if "arch" not in metadata:
+        raise CheckpointError(f"{path}: a {EXPORT_FORMAT_TAG} safetensors file without 'arch' metadata "
+                              "(re-export it with python -m pretrain.models.export)")
+    try:
+        arch = json.loads(metadata["arch"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: the 'arch' metadata is not valid JSON ({exc})") from exc
+    unknown = sorted(set(arch) - set(ViTConfig.__dataclass_fields__)) if isinstance(arch, dict) else ["<not a dict>"]
+    if unknown:
+        raise CheckpointError(f"{path}: the 'arch' metadata has unknown fields {unknown}")
+    return arch
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
 
@@ -566,10 +581,11 @@ def _read_hf_dir(path: Path) -> BackboneCheckpoint:
         raise CheckpointError(f"{path}: a directory, but no config.json (expected a transformers dinov3_vit dir)")
     config = _read_json(config_path)
     if "model_type" not in config and "architecture" in config:  # a timm hub folder
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            raise CheckpointError(f"{path}: timm folder ({config['architecture']}) without model.safetensors")
-        return read_backbone_checkpoint(weights)
+        weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+        if not weights:
+            raise CheckpointError(f"{path}: timm folder ({config['architecture']}) without model.safetensors "
+                                  "or pytorch_model.bin")
+        return read_backbone_checkpoint(weights[0])
     if config.get("model_type") not in _HF_MODEL_TYPES:
         raise CheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not 'dinov3_vit'")
     tensors: dict[str, Tensor] = {}
@@ -670,21 +686,6 @@ def _official_keys_without_qkv(hints: Mapping[str, Any]) -> list[str]:
                                  "attn.proj.weight", "attn.proj.bias", "ls1.gamma", "ls2.gamma")]
         keys += [f"{b}mlp.{n}.{kind}" for n in fc for kind in ("weight", "bias")]
     return keys
-
-
-def _export_arch(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
-    """The architecture stored by :func:`save_backbone` (a clear error when the metadata was stripped)."""
-    if "arch" not in metadata:
-        raise CheckpointError(f"{path}: a {EXPORT_FORMAT_TAG} safetensors file without 'arch' metadata "
-                              "(re-export it with python -m pretrain.models.export)")
-    try:
-        arch = json.loads(metadata["arch"])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: the 'arch' metadata is not valid JSON ({exc})") from exc
-    unknown = sorted(set(arch) - set(ViTConfig.__dataclass_fields__)) if isinstance(arch, dict) else ["<not a dict>"]
-    if unknown:
-        raise CheckpointError(f"{path}: the 'arch' metadata has unknown fields {unknown}")
-    return arch
 
 
 # ------------------------------------------------------------------------------------------ timm format

@@ -63,15 +63,20 @@ def _max_feature_diff(a: DinoVisionTransformer, b: DinoVisionTransformer) -> flo
         return float((a.forward_features(x)["x_prenorm"] - b.forward_features(x)["x_prenorm"]).abs().max())
 
 
+def _run_config(checkpoint: str | Path) -> Path | None:
+    """The ``config.yaml`` of the pretraining run that wrote ``checkpoint`` (next to it, or next to ``checkpoints/``)."""
+    here = Path(checkpoint)
+    folder = here if here.is_dir() else here.parent
+    return next((c for c in (folder / "config.yaml", folder.parent / "config.yaml") if c.is_file()), None)
+
+
 def transform_config_path(checkpoint: str | Path, transform_config: str | Path | None = None) -> Path:
     """The pretrain config whose ``data.transform`` the export documents (see the module docstring)."""
     if transform_config is not None:
         return Path(transform_config)
-    here = Path(checkpoint)
-    folder = here if here.is_dir() else here.parent
-    for candidate in (folder / "config.yaml", folder.parent / "config.yaml"):
-        if candidate.is_file() and OmegaConf.select(OmegaConf.load(candidate), "data.transform") is not None:
-            return candidate
+    run = _run_config(checkpoint)
+    if run is not None and OmegaConf.select(OmegaConf.load(run), "data.transform") is not None:
+        return run
     return default_config_dir() / BASE_NAME
 
 
@@ -108,17 +113,17 @@ def preprocessor_config(transform: HUTransform) -> dict[str, Any] | None:
     }
 
 
+RUN_FACTS = ("stage", "student.arch", "train.iterations", "train.global_batch_size", "optim.lr", "init.backbone",
+             "data.shards")  # what the model card repeats from a pretraining run's config.yaml
+
+
 def _run_summary(checkpoint: str | Path) -> list[str]:
     """A few facts of the pretraining run that wrote ``checkpoint`` (its ``config.yaml``), when there is one."""
-    here = Path(checkpoint)
-    folder = here if here.is_dir() else here.parent
-    for candidate in (folder / "config.yaml", folder.parent / "config.yaml"):
-        if candidate.is_file():
-            cfg = OmegaConf.load(candidate)
-            keys = ("stage", "student.arch", "train.iterations", "train.global_batch_size", "optim.lr",
-                    "init.backbone", "data.shards")
-            return [f"`{k}`: {OmegaConf.select(cfg, k)}" for k in keys if OmegaConf.select(cfg, k) is not None]
-    return []
+    run = _run_config(checkpoint)
+    if run is None:
+        return []
+    cfg = OmegaConf.load(run)
+    return [f"`{k}`: {OmegaConf.select(cfg, k)}" for k in RUN_FACTS if OmegaConf.select(cfg, k) is not None]
 
 
 def model_card(source: BackboneCheckpoint, model: DinoVisionTransformer, transform: HUTransform,

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from finetune.config import load_config
 from finetune.heads import HeadRecipe, get_recipe

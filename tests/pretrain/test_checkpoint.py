@@ -546,3 +546,24 @@ def test_meddinov3_release_hf_export_states_the_rope_dtype_change(transformers, 
     assert "## Numerical note" in card and "bf16" in card and "MedDINOv3 release" in card
     assert "dino_head" in card  # what was left out is said
     transformers.AutoModel.from_pretrained(tmp_path / "hf")  # and it still loads
+
+
+def test_hf_export_of_a_training_run_documents_the_runs_own_transform(golden, official_sd, repo_root, tmp_path):
+    """A training checkpoint's card and processor come from its run's config.yaml (here: other HU statistics)."""
+    from omegaconf import OmegaConf
+
+    from pretrain.models.export import export_backbone
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = OmegaConf.load(repo_root / "configs" / "pretrain" / "base.yaml")
+    cfg.data.transform.mean, cfg.data.transform.std = 40.0, 350.0
+    cfg.stage = "stage1"
+    OmegaConf.save(cfg, run / "config.yaml")
+    torch.save({"teacher": _wrap(official_sd, "backbone."), "iteration": 7}, run / "checkpoints" / "ckpt.pth")
+    report = export_backbone(run / "checkpoints" / "ckpt.pth", tmp_path / "b.safetensors", tmp_path / "hf")
+    assert report["source_format"] == "training" and report["transform_config"] == str(run / "config.yaml")
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [40.0] * 3 and processor["image_std"] == [350.0] * 3
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "(x - 40.0) / 350.0" in card and "`stage`: stage1" in card and "pretraining on CT" in card
