@@ -73,12 +73,13 @@ def task_splits_file(cfg: DictConfig) -> tuple[Path | None, str]:
     nnU-Net's trainer reads it); else the raw dataset folder (where nnU-Net's planner copies it from).
     None means nnU-Net's default 5-fold split of the sorted case ids.
     """
-    if cfg.get("splits_file"):
+    if cfg.splits_file:
         return Path(str(cfg.splits_file)), "splits_file="
     dataset_dir = Path(str(cfg.task.dataset_dir))
     preprocessed = os.environ.get("nnUNet_preprocessed")
-    candidates = [(Path(preprocessed) / dataset_dir.name / "splits_final.json", "$nnUNet_preprocessed")] if preprocessed else []
-    candidates.append((dataset_dir / "splits_final.json", "the raw dataset folder"))
+    candidates = [(dataset_dir / "splits_final.json", "the raw dataset folder")]
+    if preprocessed:
+        candidates.insert(0, (Path(preprocessed) / dataset_dir.name / "splits_final.json", "$nnUNet_preprocessed"))
     for path, origin in candidates:
         if path.is_file():
             return path, origin
