@@ -34,8 +34,6 @@ def _convert(src: Path, dst: Path, ending: str) -> Path:
 @pytest.mark.parametrize("ending", [".mha", ".nrrd"])
 def test_mha_nrrd_dataset_reads_like_its_nifti(tiny_nnunet_dataset: Path, tmp_path: Path, ending: str):
     ds = _convert(tiny_nnunet_dataset, tmp_path / "Dataset902_Converted", ending)
-    integrity = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
-    integrity.verify_dataset_integrity(str(ds), num_processes=1)  # nnU-Net accepts this dataset
     cfg = load_config(str(ds), "primus")
     cases = task_cases(cfg)
     assert [c.case_id for c in cases] == sorted(CASES) and all(c.image.name.endswith(ending) for c in cases)
@@ -48,6 +46,13 @@ def test_mha_nrrd_dataset_reads_like_its_nifti(tiny_nnunet_dataset: Path, tmp_pa
         np.testing.assert_allclose(image.affine, nib.load(str(nifti_path)).affine, atol=1e-4)
         ref_label = read_volume(tiny_nnunet_dataset / "labelsTr" / f"{case.case_id}.nii.gz").array
         np.testing.assert_array_equal(label, ref_label.astype(np.uint8))
+
+
+def test_nnunet_accepts_the_converted_dataset(tiny_nnunet_dataset: Path, tmp_path: Path):
+    """The .mha dataset read above is a valid nnU-Net dataset by nnU-Net's own integrity check."""
+    integrity = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    ds = _convert(tiny_nnunet_dataset, tmp_path / "Dataset902_Converted", ".mha")
+    integrity.verify_dataset_integrity(str(ds), num_processes=1)
 
 
 def test_unreadable_non_nifti_is_one_line_error(tiny_nnunet_dataset: Path, tmp_path: Path):
