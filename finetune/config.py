@@ -34,6 +34,8 @@ def load_config(task: str, head: str = "primus", extra_files: Sequence[str | Pat
         path = Path(extra)
         if not path.exists() and (configs_dir / path).exists():
             path = configs_dir / path
+        elif not path.exists() and (PACKAGE_ROOT / path).exists():  # configs/finetune/x.yaml outside a checkout
+            path = PACKAGE_ROOT / path
         if not path.exists():
             raise FileNotFoundError(f"--config {extra}: file not found")
         parts.append((str(path), OmegaConf.load(path)))

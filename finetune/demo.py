@@ -168,7 +168,7 @@ def print_summary(out: Path, outputs: dict, timings: dict, scores: dict) -> None
     for key, value in outputs.items():
         print(f"  {key:<{width}}  {value}")
     if scores:
-        print("\nValidation scores (finetune/summary.json):")
+        print("\nValidation scores (finetune/validation/summary.json):")
         print("  " + json.dumps(scores.get("mean", scores), indent=None)[:400])
     print(f"\nEverything is under {out}; step logs in {out / 'logs'}.")
 
@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                  *[pre / f"stage{i}" / "metrics.jsonl" for i in (1, 2, 3)],
                                  "--labels", "stage1", "stage2", "stage3", "--out", pics / "pretrain_curves.png"],
              logs, 6, total)
-    run_step("pictures-scores", [py, "-m", "finetune.plots", "bars", "--summary", ft / "summary.json",
+    run_step("pictures-scores", [py, "-m", "finetune.plots", "bars", "--summary", ft / "validation" / "summary.json",
                                  "--out", pics / "finetune_scores.png"], logs, 6, total)
     if str(cfg.finetune.task) == DEMO_TASK:
         # each validation case: CT, its reference mask and the finetuned model's prediction, a few slices
@@ -263,14 +263,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 "--labels", "1=spleen", "--out", pics / f"overlays_{val_case}.png"], logs, 6, total)
     timings["pictures"] = time.time() - t0
 
-    scores = _summary_scores(ft / "summary.json")
+    scores = _summary_scores(ft / "validation" / "summary.json")
     outputs = {
         "CT-3M shards": f"{ct3m} (manifest.csv, stats.json)",
         "pretraining runs": f"{pre}/stage{{1,2,3}} (config.yaml, metrics.jsonl, checkpoints/)",
         "MedDINOv3 backbone": str(teacher),
         "finetune dataset": task,
         "finetune model": f"{ft / 'model_final.pt'}",
-        "validation metrics": f"{ft / 'summary.json'}, {ft / 'per_case.csv'}",
+        "validation metrics": f"{ft / 'validation' / 'summary.json'}, {ft / 'per_case.csv'}",
         "validation masks": str(ft / "validation"),
         "predicted masks": str(pred_dir),
         "pictures": ", ".join(sorted(p.name for p in pics.glob("*.png"))) + f" in {pics}",

@@ -3,7 +3,7 @@ overlays.
 
 Callable from the finetune CLI (``plot_summary_bars``, ``plot_case_overlays``) and standalone::
 
-    python -m finetune.plots bars --summary out/summary.json --out out/plots/scores.png
+    python -m finetune.plots bars --summary out/validation/summary.json --out out/plots/scores.png
     python -m finetune.plots overlays --image ct.nii.gz --gt gt.nii.gz --pred pred.nii.gz --out case.png
 
 Volumes are reoriented to RAS (nibabel closest canonical); a label map whose grid differs from the image's
@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
 METRIC_ALIASES = {"dice": ("dice", "dsc"), "nsd": ("nsd", "normalized_surface_dice"), "hd95": ("hd95",)}
 METRIC_LABELS = {"dice": "DSC", "nsd": "NSD", "hd95": "HD95 (mm)"}
+NSD_METHODS = ("boundary", "surface")  # finetune.metrics: voxel-face boundary | area-weighted surfels
 
 
 def load_config(path: str | Path | None = None) -> DictConfig:
@@ -52,7 +53,7 @@ def load_config(path: str | Path | None = None) -> DictConfig:
     return block
 
 
-def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+def save_png(fig: Figure, path: str | Path, dpi: int) -> Path:
     """PNG written to a temporary file in the target folder, then renamed (no half-written pictures)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,31 @@ def _metric_value(scores: Mapping[str, Any], metric: str) -> float | None:
         if key.lower() in METRIC_ALIASES.get(metric, (metric,)) and isinstance(value, (int, float)):
             return float(value)
     return None
+
+
+def nsd_definition(summary: Mapping[str, Any]) -> str:
+    """How the summary's NSD was computed, for the label next to the number: ``"boundary, τ = 1 mm"``.
+
+    Read from ``nsd_definition.method`` (nnU-Net layout), ``nsd_method``, or the NSD key's name (``nsd_boundary`` /
+    ``nsd_surface``); the tolerance from ``nsd_tolerance_mm`` (a number or ``{"default": mm, class: mm}``). The
+    two definitions differ by ~10 points on real masks, so a number without its definition is not comparable.
+    """
+    definition = summary.get("nsd_definition")
+    method = definition.get("method") if isinstance(definition, Mapping) else summary.get("nsd_method")
+    if method is None:
+        blocks = [b for b in (summary.get("per_class"), summary.get("mean")) if isinstance(b, Mapping)]
+        keys = {k for b in blocks for v in b.values() if isinstance(v, Mapping) for k in v} | {
+            k for b in blocks for k in b}
+        method = next((m for m in NSD_METHODS if f"nsd_{m}" in keys), None)
+    tolerance = summary.get("nsd_tolerance_mm")
+    if isinstance(tolerance, Mapping):
+        others = {k: v for k, v in tolerance.items() if k != "default"}
+        tolerance = f"{tolerance.get('default'):g} mm" + (" (per class: " + ", ".join(
+            f"{k} {v:g}" for k, v in others.items()) + ")" if others else "")
+    elif tolerance is not None:
+        tolerance = f"{float(tolerance):g} mm"
+    parts = [str(method) if method else "definition not recorded"] + ([f"τ = {tolerance}"] if tolerance else [])
+    return ", ".join(parts)
 
 
 def per_class_scores(summary: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -153,9 +179,11 @@ def scores_figure(
     spread: Mapping[str, Mapping[str, float]] | None,
     title: str,
     panel_in: float,
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Grouped bars: one group per class, one bar per metric (value written at its base); error bars = std
-    over cases when ``spread`` is given."""
+    over cases when ``spread`` is given. ``labels`` name the metrics in the legend (default ``METRIC_LABELS``)."""
+    labels = {**METRIC_LABELS, **(labels or {})}
     metrics = [m for m in scores if scores[m]]
     classes: list[str] = []
     for m in metrics:
@@ -170,7 +198,7 @@ def scores_figure(
         if spread and spread.get(metric):
             errors = np.array([spread[metric].get(c, np.nan) for c in classes])
         bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(heights), width,
-                      yerr=errors, capsize=2, label=f"{METRIC_LABELS.get(metric, metric)} "
+                      yerr=errors, capsize=2, label=f"{labels.get(metric, metric)} "
                       f"(mean {np.nanmean(heights):.3f})")
         for bar, h in zip(bars, heights):
             # value printed inside the bar's base so it never collides with the error bar
@@ -212,8 +240,9 @@ def plot_summary_bars(
     spread = per_case_spread(per_case_csv, metrics) if per_case_csv is not None else None
     title = " | ".join(f"{k} {summary[k]}" if k == "fold" else str(summary[k])
                        for k in ("task", "head", "fold", "checkpoint") if k in summary)
-    fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in))
-    return _save(fig, out_path, int(cfg.dpi))
+    fig = scores_figure(scores, spread, title or summary_path.parent.name, float(cfg.panel_size_in),
+                        {"nsd": f"NSD ({nsd_definition(summary)})"})
+    return save_png(fig, out_path, int(cfg.dpi))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,7 +424,7 @@ def plot_case_overlays(
     fig = overlays_figure(displays, gts, preds, [f"axial slice {z}" for z in indices], spacing, names,
                           str(cfg.label_colormap), float(cfg.label_alpha), float(cfg.panel_size_in),
                           Path(image_path).name)
-    return _save(fig, out_path, int(cfg.dpi))
+    return save_png(fig, out_path, int(cfg.dpi))
 
 
 def normalise_class_names(names: Mapping[Any, Any] | None) -> dict[int, str]:
@@ -420,7 +449,7 @@ def plot_finetune_outputs(
 ) -> list[Path]:
     """All pictures of a finetune run, written under ``output_dir/plots``.
 
-    ``output_dir`` holds ``summary.json``, ``per_case.csv`` and ``validation/<case_id>.nii.gz`` (as written by
+    ``output_dir`` holds ``per_case.csv``, ``validation/summary.json`` and ``validation/<case_id>.nii.gz`` (as written by
     ``finetune.run``); ``cases`` are the validation cases, as ``finetune.tasks`` ``Case`` objects (``case_id``,
     ``image``, ``label``) or ``(case_id, image_path, label_path)`` tuples. Writes ``plots/scores.png`` and
     ``plots/overlays/<case_id>.png`` for the first ``max_overlay_cases`` cases that have a prediction and a
@@ -429,7 +458,7 @@ def plot_finetune_outputs(
     cfg = cfg if cfg is not None else load_config()
     output_dir = Path(output_dir)
     written = []
-    summary = output_dir / "summary.json"
+    summary = output_dir / "validation" / "summary.json"
     per_case = output_dir / "per_case.csv"
     if summary.is_file():
         if class_names is None:
@@ -481,16 +510,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.plots", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bars = sub.add_parser("bars", help="per-class DSC/NSD bar chart from summary.json")
-    bars.add_argument("--summary", required=True)
+    bars.add_argument("--summary", required=True, help="a run's validation/summary.json")
     bars.add_argument("--per-case", default=None, help="per-case CSV (adds std error bars)")
-    bars.add_argument("--out", required=True)
+    bars.add_argument("--out", required=True, help="output PNG")
     over = sub.add_parser("overlays", help="CT / ground truth / prediction overlays for a few slices")
-    over.add_argument("--image", required=True)
-    over.add_argument("--gt", default=None)
-    over.add_argument("--pred", default=None)
+    over.add_argument("--image", required=True, help="CT volume (NIfTI)")
+    over.add_argument("--gt", default=None, help="ground-truth label map on the image grid (NIfTI)")
+    over.add_argument("--pred", default=None, help="predicted label map, e.g. a run's validation/<case>.nii.gz")
     over.add_argument("--labels", default=None, help="class names: JSON file or 1=spleen,2=liver")
     over.add_argument("--slices", type=int, default=None, help="number of slices (default from config)")
-    over.add_argument("--out", required=True)
+    over.add_argument("--out", required=True, help="output PNG")
     for p in (bars, over):
         p.add_argument("--config", default=None, help=f"visualisation config (default {DEFAULT_CONFIG})")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from finetune.sitk_reader import is_nifti, read_sitk_volume
 from finetune.tasks.layouts import Case
 
 AFFINE_ATOL_MM = 1e-3
@@ -80,6 +81,9 @@ class Plans:
 def read_volume(path: str | Path, dtype=np.float32) -> Volume:
     """Read a 3-D NIfTI as ``[Z, Y, X]``; clear errors for unreadable or non-3-D files."""
     path = Path(path)
+    if not is_nifti(path):  # .mha, .nrrd, ...: the file_ending of an nnU-Net dataset
+        array, spacing_zyx, affine = read_sitk_volume(path)
+        return Volume(np.ascontiguousarray(array).astype(dtype, copy=False), spacing_zyx, affine, str(path))
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)

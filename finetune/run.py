@@ -1,20 +1,26 @@
 """Finetune one fold end to end: split -> plan + preprocess (cached) -> train -> predict the validation cases ->
-metrics (``summary.json``, ``per_case.csv``, a Table-2-style printout).
+metrics (``validation/summary.json``, ``per_case.csv``, a Table-2-style printout).
 
-    python finetune/run.py --task amos22|btcv|kits23|lits|path/to/DatasetXXX_Name [--head primus|mvr|med3d|window3d]
-        [--checkpoint backbone.pth] [--fold 0] [--output DIR] [--config extra.yaml ...] [key=value ...]
+    meddino-finetune --task amos22|btcv|kits23|lits|path/to/DatasetXXX_Name|DatasetXXX_Name|XXX
+        [--head primus|mvr|med3d|window3d] [--checkpoint backbone.pth] [--fold 0|...|4|all] [--output DIR]
+        [--config extra.yaml ...] [key=value ...]
+
+(``python finetune/run.py`` and ``python -m finetune.run`` are the same command.) ``DatasetXXX_Name`` and ``XXX``
+are looked up in ``$nnUNet_raw`` as nnU-Net's own commands do; a ``splits_final.json`` in
+``$nnUNet_preprocessed/DatasetXXX_Name/`` or in the raw dataset folder is used (``splits_file=`` names another).
 
 ``--checkpoint`` sets ``model.checkpoint`` and ``model.init=pretrained`` (MedDINOv3 release, official DINOv3 .pth,
 or our ``teacher_backbone.pth``); without it the config decides (``model.init=random`` for the paper's random-init
 row). ``--weights dinov3`` picks the 1e-4 encoder lr for official DINOv3 weights (3e-5 for MedDINOv3).
-Output folder (nnU-Net-like): ``config.yaml`` (resolved), ``plans.json``, ``splits_final.json``, ``metrics.jsonl``,
-``checkpoints/latest.pt``, ``model_final.pt``, ``validation/<case>.nii.gz``, ``summary.json``, ``per_case.csv``.
+Output folder (nnU-Net's fold layout): ``config.yaml`` (resolved), ``plans.json``, ``splits_final.json`` (when the
+default split is used), ``training_log.txt``, ``progress.png``, ``metrics.jsonl``, ``checkpoints/latest.pt``,
+``checkpoint_best.pth``, ``checkpoint_final.pth``, ``model_final.pt`` (plain weights), ``tensorboard/``
+(``train.tensorboard=true``), ``validation/<case>.nii.gz``, ``validation/summary.json``, ``per_case.csv``.
 Re-running the same command resumes training from the last checkpoint (``train.resume=auto``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,20 +39,26 @@ from finetune.metrics import evaluate_case, evaluation_classes, format_table, su
 from finetune.preprocess import (Plans, load_plans, plan_from_training_cases, preprocess_dataset, read_volume,
                                  save_label_nifti, save_plans)
 from finetune.splits import fold_split, nnunet_kfold_splits, save_splits_file
-from finetune.tasks import task_cases, task_eval_regions, task_labels
+from finetune.tasks import task_cases, task_eval_regions, task_labels, task_splits_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help="registered task name or an nnU-Net raw DatasetXXX_Name folder")
-    parser.add_argument("--head", default="primus", help=f"one of {', '.join(available_heads())}")
+    parser = argparse.ArgumentParser(prog="meddino-finetune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True,
+                        help="a registered task (amos22, btcv, kits23, lits), an nnU-Net raw DatasetXXX_Name folder, "
+                             "or DatasetXXX_Name / XXX found in $nnUNet_raw")
+    parser.add_argument("--head", default="primus", help=f"segmentation head: one of {', '.join(available_heads())}")
     parser.add_argument("--checkpoint", default=None, help="backbone weights (sets model.init=pretrained)")
-    parser.add_argument("--weights", choices=("meddinov3", "dinov3"), default=None, help="origin of --checkpoint (encoder lr)")
+    parser.add_argument("--weights", choices=("meddinov3", "dinov3"), default=None,
+                        help="origin of --checkpoint, which sets the encoder lr (3e-5 MedDINOv3, 1e-4 DINOv3)")
     parser.add_argument("--fold", default=None, help="0..4 or 'all' (default: config, 0)")
     parser.add_argument("--output", default=None, help="output folder (default: config output_dir)")
-    parser.add_argument("--config", action="append", default=[], help="extra YAML merged last (e.g. configs/finetune/tiny.yaml)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="extra YAML merged last, repeatable (e.g. configs/finetune/tiny.yaml or tiny.yaml)")
     parser.add_argument("--skip-training", action="store_true", help="predict + evaluate with the existing model_final.pt")
-    parser.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. train.epochs=10")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides (OmegaConf dot-list), e.g. train.epochs=10")
     return parser.parse_args(argv)
 
 
@@ -65,18 +77,42 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
+def fold_case_ids(cfg, case_ids: list[str], write: bool = True) -> tuple[list[str], list[str]]:
+    """(train ids, val ids) of ``cfg.fold``, from the ``splits_final.json`` nnU-Net would use, else its default split.
+
+    Says which split it took. ``write`` (rank 0) records a found file in ``cfg.splits_file`` (so config.yaml names
+    it) or writes the default 5-fold split to ``<output>/splits_final.json``; fold ``all`` reads and writes none
+    (as nnU-Net), so it also works with fewer cases than folds.
+    """
+    output_dir = Path(cfg.output_dir)
+    every_case = str(cfg.fold) == "all"
+    splits_file, origin = (None, "") if every_case else task_splits_file(cfg)
+    train_ids, val_ids = fold_split(case_ids, cfg.fold, splits_file)
+    if not write:
+        return train_ids, val_ids
+    if splits_file is not None:
+        cfg.splits_file = str(splits_file)
+        print(f"split: {splits_file} (from {origin}), fold {cfg.fold}", flush=True)
+    elif every_case:
+        print("split: fold all, every case is trained and validated on", flush=True)
+    else:
+        print(f"split: nnU-Net's default 5-fold split, written to {output_dir / 'splits_final.json'} "
+              f"(splits_final.json: {origin})", flush=True)
+        save_splits_file(nnunet_kfold_splits(case_ids), output_dir / "splits_final.json")
+    return train_ids, val_ids
+
+
 def prepare_fold(cfg, rank: int = 0):
     """Cases, split, plans and the preprocessed cache of one fold. Returns (train cases, val cases, plans, dirs)."""
     output_dir = Path(cfg.output_dir)
     labels = list(cfg.task.class_names)
     cases = task_cases(cfg)
     by_id = {c.case_id: c for c in cases}
-    train_ids, val_ids = fold_split(list(by_id), cfg.fold, cfg.get("splits_file"))
-    plans_path = output_dir / "plans.json"
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.get("splits_file"):
-            save_splits_file(nnunet_kfold_splits(list(by_id)), output_dir / "splits_final.json")
+    train_ids, val_ids = fold_case_ids(cfg, list(by_id), write=rank == 0)
+    plans_path = output_dir / "plans.json"
+    if rank == 0:
         if plans_path.exists():
             plans = load_plans(plans_path)
             if plans.labels != labels:
@@ -98,25 +134,29 @@ def prepare_fold(cfg, rank: int = 0):
 
 
 def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.device) -> dict:
-    """Predict each validation case from its raw NIfTI, save it, and compute the metrics."""
+    """Predict each validation case from its raw image, save it, and compute the metrics (a progress bar: i/N, ETA)."""
+    from tqdm import tqdm
+
     output_dir = Path(cfg.output_dir)
+    validation = output_dir / "validation"
     classes = evaluation_classes(plans.labels, task_eval_regions(cfg))
     tolerance = {"default": float(cfg.metrics.nsd_tolerance_mm),
                  **{str(k): float(v) for k, v in (cfg.task.get("nsd_tolerance_mm") or {}).items()}}
     per_case = {}
-    for case in val_cases:
+    bar = tqdm(val_cases, desc="validation", unit="case", dynamic_ncols=True, disable=not bool(cfg.train.progress))
+    for case in bar:
         t0 = time.time()
         image = read_volume(case.image)
         pred = predict_case(model, recipe, image, plans, cfg, device)
-        save_label_nifti(pred, image, output_dir / "validation" / f"{case.case_id}.nii.gz")
+        save_label_nifti(pred, image, validation / f"{case.case_id}.nii.gz")
         gt = read_volume(case.label).array.astype(int)
         per_case[case.case_id] = evaluate_case(pred, gt, image.spacing_zyx, classes, tolerance,
                                                str(cfg.metrics.nsd_method), bool(cfg.metrics.compute_hd95))
-        print(f"  {case.case_id}: " + ", ".join(f"{k} DSC {v['dice']:.3f}" for k, v in per_case[case.case_id].items())
-              + f"  ({time.time() - t0:.1f}s)", flush=True)
+        bar.write(f"  {case.case_id}: " + ", ".join(f"{k} DSC {v['dice']:.3f}" for k, v in per_case[case.case_id].items())
+                  + f"  ({time.time() - t0:.1f}s)")
     summary = summarize(per_case)
     write_per_case_csv(per_case, output_dir / "per_case.csv")
-    write_summary_json(summary, output_dir / "summary.json",
+    write_summary_json(summary, validation / "summary.json",
                        {"task": str(cfg.task.name), "head": str(cfg.head.name), "fold": str(cfg.fold),
                         "nsd_method": str(cfg.metrics.nsd_method), "nsd_tolerance_mm": tolerance,
                         "classes": classes, "cases": sorted(per_case)})
@@ -128,7 +168,7 @@ def load_trained_model(cfg, recipe, model_path: Path, device: torch.device):
     build_cfg = OmegaConf.merge(cfg, {"model": {"init": "none"}})
     model = recipe.build_model(build_cfg, len(cfg.task.class_names))
     state = torch.load(model_path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "optimizer" in state:
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # checkpoint_{best,final}.pth, latest.pt
         state = state["model"]
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -168,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         summary = evaluate_fold(cfg, model, recipe, val_cases, plans, device)
         print()
         print(format_table({str(cfg.task.name): summary}, f"MedDINOv3 ({cfg.head.name})"))
-        print(f"\nwrote {output_dir / 'summary.json'} and {output_dir / 'per_case.csv'}")
+        print(f"\nwrote {output_dir / 'validation' / 'summary.json'} and {output_dir / 'per_case.csv'}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -176,7 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    from finetune.console import finetune
+
+    sys.exit(finetune())

@@ -26,6 +26,7 @@ from torch import nn
 from finetune.data import PatchSampler, PreprocessedCase, batch_stream, load_preprocessed
 from finetune.infer import autocast_context
 from finetune.losses import pseudo_dice_stats
+from finetune.progress import FoldProgress
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -152,6 +153,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
 
         progress = tqdm(total=total, initial=start, desc=f"train {recipe.name}", unit="it", dynamic_ncols=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    fold_progress = FoldProgress(output_dir, cfg, start, total) if rank == 0 else None
     train_model.train()
     train_stats = torch.zeros(3, n_classes - 1, dtype=torch.float64)
     epoch_losses: list[float] = []
@@ -200,12 +202,14 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
                 if (epoch + 1) % every == 0 or iteration + 1 == total:
                     _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict(), "iteration": iteration + 1}, ckpt_path)
+                fold_progress.end_epoch(record, model)  # training_log.txt, progress.png, checkpoint_best.pth
             epoch_losses, t_epoch = [], time.time()
             train_stats.zero_()
     if progress is not None:
         progress.close()
     if rank == 0:
         _atomic_torch_save(model.state_dict(), output_dir / "model_final.pt")
+        fold_progress.finish(ckpt_path)
     if dist.is_initialized():
         dist.barrier()
     model.eval()

@@ -736,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     pca.add_argument("--checkpoint", required=True, help="backbone checkpoint or random:<arch>")
     common_image(pca)
     pca.add_argument("--resolutions", type=_int_list, default=None, help="e.g. 224,448,896")
-    pca.add_argument("--pca-fit", choices=["joint", "separate"], default=None)
+    pca.add_argument("--pca-fit", choices=["joint", "separate"], default=None,
+                     help="one PCA fitted on all checkpoints/resolutions together (joint: comparable colours) or one "
+                          "per panel (separate); default from the config")
     pca.add_argument("--out", required=True, help="output PNG")
 
     sim = sub.add_parser("similarity", help="cosine similarity to a reference patch, per checkpoint")

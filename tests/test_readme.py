@@ -31,7 +31,9 @@ HELP_OF = {
     "pretrain.pipeline": ("pretrain.pipeline", "parse_args"),
     "pretrain.submit": ("pretrain.submit", "parse_args"),
     "finetune/run.py": ("finetune.run", "parse_args"),
+    "meddino-finetune": ("finetune.run", "parse_args"),
     "finetune/predict.py": ("finetune.predict", "main"),
+    "meddino-predict": ("finetune.predict", "main"),
     "finetune.demo": ("finetune.demo", "main"),
     "pretrain.models.summary": ("pretrain.models.summary", "main"),
     "pretrain.models.export": ("pretrain.models.export", "main"),
@@ -46,6 +48,7 @@ CONFIGS_OF = {
     "slurm/stage1.sh": ["configs/pretrain/base.yaml"],
     "finetune/run.py": ["configs/finetune/base.yaml", "configs/finetune/heads/primus.yaml"],
     "finetune/predict.py": ["configs/finetune/base.yaml", "configs/finetune/predict.yaml"],
+    "meddino-finetune": ["configs/finetune/base.yaml", "configs/finetune/heads/primus.yaml"],
 }
 
 # entry point -> tests that run it for real (path::test function)
@@ -73,6 +76,8 @@ EXERCISED_BY = {
                         "tests/finetune/test_heads_window3d.py"],
     "finetune/predict.py": ["tests/finetune/test_run.py::test_predict_nifti_and_dicom_keep_original_geometry",
                             "tests/finetune/test_predict.py::test_mr_dicom_is_refused_unless_forced"],
+    "meddino-finetune": ["tests/finetune/test_install.py::test_readme_finetune_and_predict_from_another_folder"],
+    "meddino-predict": ["tests/finetune/test_install.py::test_readme_finetune_and_predict_from_another_folder"],
     "finetune.demo": ["tests/finetune/test_demo.py::test_demo_runs_end_to_end_and_says_where_outputs_are"],
     "pretrain.models.summary": ["tests/pretrain/test_summary.py::test_cli_prints_parameters_and_gflops"],
     "pretrain.models.export": ["tests/pretrain/test_checkpoint.py::test_export_cli"],

@@ -1,11 +1,15 @@
 """Task registry: a task = a dataset folder + label names (+ evaluation regions), from `configs/finetune/<task>.yaml`.
 
-``resolve_task(task_arg, configs_dir)`` turns ``--task`` (a registered name such as ``amos22``, or a path to any
-nnU-Net raw ``DatasetXXX_Name`` folder) into a config fragment; ``task_cases(cfg)`` lists the labelled cases;
-``task_labels(cfg)`` gives the ordered class names (background first) the model predicts.
+``resolve_task(task_arg, configs_dir)`` turns ``--task`` (a registered name such as ``amos22``, a path to any
+nnU-Net raw ``DatasetXXX_Name`` folder, or, as nnU-Net's CLIs take it, ``DatasetXXX_Name`` / ``XXX`` looked up in
+``$nnUNet_raw``) into a config fragment; ``task_cases(cfg)`` lists the labelled cases; ``task_labels(cfg)`` gives
+the ordered class names (background first) the model predicts; ``task_splits_file(cfg)`` finds the
+``splits_final.json`` to use where nnU-Net keeps it.
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,16 +19,72 @@ from finetune.tasks.layouts import Case, discover_cases, filter_modality, read_d
 REGISTERED_TASKS = ("amos22", "btcv", "kits23", "lits")
 
 
+NNUNET_DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
+
+
+def nnunet_raw_dataset(task_arg: str) -> Path | None:
+    """``DatasetXXX_Name`` or ``XXX`` -> ``$nnUNet_raw/DatasetXXX_Name`` (None when ``task_arg`` is neither form).
+
+    As nnU-Net's ``maybe_convert_to_dataset_name``: a dataset id is zero-padded to three digits and must match
+    exactly one ``DatasetXXX_*`` folder. Errors say what was searched and how to fix it.
+    """
+    if task_arg.isdigit():
+        prefix = f"Dataset{int(task_arg):03d}_"
+    elif NNUNET_DATASET_NAME.match(task_arg):
+        prefix = None
+    else:
+        return None
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise ValueError(f"--task {task_arg}: an nnU-Net dataset name/id is looked up in $nnUNet_raw, which is not set; "
+                         "set it or pass the dataset folder's path")
+    root = Path(raw)
+    if prefix is None:
+        folder = root / task_arg
+        if not folder.is_dir():
+            raise ValueError(f"--task {task_arg}: no folder {folder} ($nnUNet_raw={raw})")
+        return folder
+    found = sorted(p for p in root.glob(f"{prefix}*") if p.is_dir()) if root.is_dir() else []
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
+        raise ValueError(f"--task {task_arg}: {what} folder named {prefix}* in $nnUNet_raw={raw}; need exactly one")
+    return found[0]
+
+
 def resolve_task(task_arg: str, configs_dir: Path) -> DictConfig:
     """Config fragment for ``--task``: the registered YAML, or a generic task for an nnU-Net raw folder."""
     if task_arg in REGISTERED_TASKS or (configs_dir / f"{task_arg}.yaml").exists():
         return OmegaConf.load(configs_dir / f"{task_arg}.yaml")
     path = Path(task_arg)
+    if not path.is_dir():
+        path = nnunet_raw_dataset(task_arg) or path
     if path.is_dir():
         name = path.resolve().name
         return OmegaConf.create({"task": {"name": name, "dataset_dir": str(path.resolve()), "layout": "nnunet"}})
-    raise ValueError(f"--task {task_arg!r} is neither a registered task ({', '.join(REGISTERED_TASKS)}) "
-                     "nor an existing nnU-Net raw dataset folder (DatasetXXX_Name with imagesTr/labelsTr/dataset.json)")
+    raise ValueError(f"--task {task_arg!r} is neither a registered task ({', '.join(REGISTERED_TASKS)}), "
+                     "an existing nnU-Net raw dataset folder (DatasetXXX_Name with imagesTr/labelsTr/dataset.json), "
+                     "nor a DatasetXXX_Name / dataset id in $nnUNet_raw")
+
+
+def task_splits_file(cfg: DictConfig) -> tuple[Path | None, str]:
+    """The ``splits_final.json`` to use and where it was found (for the log), or ``(None, reason)``.
+
+    In nnU-Net's order: ``splits_file=`` when given; else ``$nnUNet_preprocessed/<DatasetXXX_Name>/`` (where
+    nnU-Net's trainer reads it); else the raw dataset folder (where nnU-Net's planner copies it from).
+    None means nnU-Net's default 5-fold split of the sorted case ids.
+    """
+    if cfg.splits_file:
+        return Path(str(cfg.splits_file)), "splits_file="
+    dataset_dir = Path(str(cfg.task.dataset_dir))
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    candidates = [(dataset_dir / "splits_final.json", "the raw dataset folder")]
+    if preprocessed:
+        candidates.insert(0, (Path(preprocessed) / dataset_dir.name / "splits_final.json", "$nnUNet_preprocessed"))
+    for path, origin in candidates:
+        if path.is_file():
+            return path, origin
+    searched = ", ".join(str(p) for p, _ in candidates)
+    return None, f"none found (looked for {searched})"
 
 
 def task_labels(cfg: DictConfig) -> list[str]:
@@ -88,4 +148,5 @@ def task_cases(cfg: DictConfig, require_labels: bool = True) -> list[Case]:
     return cases
 
 
-__all__ = ["Case", "REGISTERED_TASKS", "resolve_task", "task_cases", "task_eval_regions", "task_labels"]
+__all__ = ["Case", "REGISTERED_TASKS", "nnunet_raw_dataset", "resolve_task", "task_cases", "task_eval_regions",
+           "task_labels", "task_splits_file"]

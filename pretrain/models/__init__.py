@@ -2,7 +2,7 @@
 
 ``build_backbone(arch, **overrides)`` builds a preset; ``load_backbone(path)`` loads any supported
 checkpoint format (official DINOv3, MedDINOv3 release, training checkpoints, Hugging Face directory,
-our safetensors export); ``save_backbone(model, path)`` writes safetensors with the architecture.
+timm's DINOv3 weights, our safetensors export); ``save_backbone(model, path)`` writes safetensors with the architecture.
 """
 from .checkpoint import CheckpointError, detect_format, infer_arch, load_backbone, save_backbone
 from .vision_transformer import ARCH_PRESETS, DinoVisionTransformer, ViTConfig, build_backbone

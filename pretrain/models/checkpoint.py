@@ -12,7 +12,9 @@ Formats (``detect_format`` names):
   ``backbone.``/``teacher.backbone.`` prefixes, ``module.``/``_orig_mod.``/``_checkpoint_wrapped_module.``/
   ``_fsdp_wrapped_module.`` segments anywhere in the keys;
 - ``hf``: transformers ``dinov3_vit`` directory (``config.json`` + ``model.safetensors``), q/k/v split;
-- ``export``: our safetensors with the architecture in the metadata (``save_backbone``).
+- ``export``: our safetensors with the architecture in the metadata (``save_backbone``);
+- ``timm``: timm's ``vit_*_patch16_dinov3*`` state dict (``reg_token``, ``gamma_1/2``, ``q_bias``/``v_bias``;
+  a flat ``.pth``/``.safetensors`` or a timm hub folder), converted back by inverting timm's checkpoint filter.
 Pickle files are only ever read with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
@@ -59,7 +61,18 @@ class BackboneCheckpoint:
 
 
 # ------------------------------------------------------------------------------------------ reading
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive; legacy pickle (protocol >= 2)
+
+
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(_TORCH_MAGIC):
+        kind = "an empty file" if not head else ("a text file" if _is_text(head) else "not a torch.save file")
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({kind}, starts with {head[:16]!r}); expected the zip archive "
+            f"torch.save writes, a .safetensors file or a Hugging Face/timm folder"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -68,11 +81,27 @@ def _torch_load(path: Path) -> Any:
             f"containers (torch.load(weights_only=True) rejected it). Only state dicts are accepted; "
             f"re-save the weights with torch.save(model.state_dict()). Details: {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"{path}: cannot read as a PyTorch checkpoint (truncated, corrupt or not a checkpoint): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
+
+
+def _is_text(head: bytes) -> bool:
+    """No control bytes other than whitespace: a text file (a README or a JSON saved as ``.pth``)."""
+    return all(b >= 32 or b in b"\t\n\r\f" for b in head)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (config.json, index files); a bad file is a one-line :class:`CheckpointError`."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read as JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
+    return obj
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -85,6 +114,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: cannot read as safetensors (truncated or corrupt?): {exc}") from exc
     return tensors, metadata
+
+
+def _export_arch(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The architecture stored by :func:`save_backbone` (a clear error when the metadata was stripped)."""
+    if "arch" not in metadata:
+        raise CheckpointError(f"{path}: a {EXPORT_FORMAT_TAG} safetensors file without 'arch' metadata "
+                              "(re-export it with python -m pretrain.models.export)")
+    try:
+        arch = json.loads(metadata["arch"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: the 'arch' metadata is not valid JSON ({exc})") from exc
+    unknown = sorted(set(arch) - set(ViTConfig.__dataclass_fields__)) if isinstance(arch, dict) else ["<not a dict>"]
+    if unknown:
+        raise CheckpointError(f"{path}: the 'arch' metadata has unknown fields {unknown}")
+    return arch
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -161,14 +205,13 @@ def read_backbone_checkpoint(path: str | os.PathLike, prefer: str = "teacher") -
     if path.suffix == ".safetensors":
         tensors, metadata = _read_safetensors(path)
         if metadata.get("format") == EXPORT_FORMAT_TAG:
-            hints = json.loads(metadata["arch"])
-            return BackboneCheckpoint(path, "export", tensors, hints)
+            return BackboneCheckpoint(path, "export", tensors, _export_arch(path, metadata))
         prefix = _hf_prefix(tensors)
         if prefix is not None:
             config_path = path.parent / "config.json"
             if not config_path.exists():
                 raise CheckpointError(f"{path}: Hugging Face key names but no config.json next to it")
-            return _from_hf(path, tensors, prefix, json.loads(config_path.read_text()))
+            return _from_hf(path, tensors, prefix, _read_json(config_path))
         sd, fmt = tensors, "official"
         trail: tuple[str, ...] = ()
         top_keys: set = set()
@@ -179,6 +222,11 @@ def read_backbone_checkpoint(path: str | os.PathLike, prefer: str = "teacher") -
         fmt = "official" if not trail else "training"
     sd = _strip_wrapper_segments(sd)
     picked, prefix, ignored = _select_backbone(sd, path, prefer)
+    if _is_timm(picked):
+        picked, hints, dropped = _from_timm(picked)
+        if dropped:
+            logger.info("%s: timm layout; ignoring non-backbone entries %s", path, dropped)
+        return BackboneCheckpoint(path, "timm", picked, hints, ignored + dropped)
     if prefix or trail:
         fmt = "training"
         release_like = trail == ("teacher",) and prefix == "backbone." and top_keys == {"teacher"}
@@ -190,7 +238,7 @@ def read_backbone_checkpoint(path: str | os.PathLike, prefer: str = "teacher") -
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """One of ``official, meddinov3_release, training, hf, export`` (raises :class:`CheckpointError`)."""
+    """One of ``official, meddinov3_release, training, hf, export, timm`` (raises :class:`CheckpointError`)."""
     return read_backbone_checkpoint(path).format
 
 
@@ -374,6 +422,8 @@ def load_backbone(
         model = DinoVisionTransformer(**cfg)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt.path}: cannot build a backbone for this checkpoint: {exc}") from exc
+    if ckpt.format == "timm":  # timm stores no RoPE periods: take the model's (num_heads may be overridden)
+        ckpt.state_dict["rope_embed.periods"] = model.rope_embed.periods.detach().clone()
     report = _diff_report(model, ckpt.state_dict)
     if report is not None:
         how = f"arch={arch!r}" if arch else "the architecture inferred from the weights"
@@ -397,11 +447,11 @@ def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": EXPORT_FORMAT_TAG, "arch": json.dumps(model.config.to_dict()), "version": "1"}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -520,8 +570,8 @@ def save_hf_dir(model: DinoVisionTransformer, out_dir: str | os.PathLike) -> Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, config = to_hf(model)
-    _atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return out_dir
 
 
@@ -529,14 +579,20 @@ def _read_hf_dir(path: Path) -> BackboneCheckpoint:
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path}: a directory, but no config.json (expected a transformers dinov3_vit dir)")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
+    if "model_type" not in config and "architecture" in config:  # a timm hub folder
+        weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
+        if not weights:
+            raise CheckpointError(f"{path}: timm folder ({config['architecture']}) without model.safetensors "
+                                  "or pytorch_model.bin")
+        return read_backbone_checkpoint(weights[0])
     if config.get("model_type") not in _HF_MODEL_TYPES:
         raise CheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not 'dinov3_vit'")
     tensors: dict[str, Tensor] = {}
     if (path / "model.safetensors").exists():
         tensors, _ = _read_safetensors(path / "model.safetensors")
     elif (path / "model.safetensors.index.json").exists():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index = _read_json(path / "model.safetensors.index.json")
         for shard in sorted(set(index["weight_map"].values())):
             tensors.update(_read_safetensors(path / shard)[0])
     elif (path / "pytorch_model.bin").exists():
@@ -552,6 +608,9 @@ def _read_hf_dir(path: Path) -> BackboneCheckpoint:
 def _from_hf(path: Path, tensors: Mapping[str, Tensor], prefix: str, config: Mapping[str, Any]) -> BackboneCheckpoint:
     """transformers ``dinov3_vit`` weights + config -> official layout and exact architecture hints."""
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    absent = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in config]
+    if absent:
+        raise CheckpointError(f"{path}: config.json lacks {absent} (needed to rebuild the dinov3_vit architecture)")
     dim, depth = int(config["hidden_size"]), int(config["num_hidden_layers"])
     heads = int(config["num_attention_heads"])
     gated = bool(config.get("use_gated_mlp", config.get("use_swiglu_ffn", False)))
@@ -627,3 +686,53 @@ def _official_keys_without_qkv(hints: Mapping[str, Any]) -> list[str]:
                                  "attn.proj.weight", "attn.proj.bias", "ls1.gamma", "ls2.gamma")]
         keys += [f"{b}mlp.{n}.{kind}" for n in fc for kind in ("weight", "bias")]
     return keys
+
+
+# ------------------------------------------------------------------------------------------ timm format
+# timm's DINOv3 models (``timm.models.eva``, ``vit_*_patch16_dinov3*``) build LayerNorm(eps=1e-5) and RoPE with
+# temperature 100 in fp32, and do not store either; every released DINOv3 ViT up to H+ has 64-dim heads.
+TIMM_DINOV3_HINTS: dict[str, Any] = {"norm_eps": 1e-5, "pos_embed_rope_base": 100.0, "pos_embed_rope_dtype": "fp32"}
+TIMM_HEAD_DIM = 64
+_TIMM_NON_BACKBONE = ("head.", "fc_norm.", "head_drop.")
+
+
+def _is_timm(sd: Mapping[str, Tensor]) -> bool:
+    """timm's names for DINOv3 weights: register tokens and EVA-style LayerScale/bias names."""
+    return "reg_token" in sd or "blocks.0.gamma_1" in sd or "blocks.0.attn.q_bias" in sd
+
+
+def _from_timm(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
+    """timm DINOv3 state dict -> (official layout, architecture hints, dropped non-backbone prefixes).
+
+    Inverts timm's ``eva.checkpoint_filter_fn`` for DINOv3: ``reg_token`` -> ``storage_tokens``,
+    ``gamma_1/2`` -> ``ls1/ls2.gamma``, ``q_bias``/``v_bias`` -> one ``qkv.bias`` with a zero K part and the
+    ``bias_mask`` that keeps it zero, SwiGLU ``fc1_g/fc1_x/fc2`` -> ``w1/w2/w3``. What timm drops is rebuilt:
+    ``mask_token`` (zeros, its DINOv3 initial value; only used when pretraining) and ``rope_embed.periods``.
+    """
+    dim = int(sd["cls_token"].shape[-1])
+    heads = max(1, dim // TIMM_HEAD_DIM)
+    gated = "blocks.0.mlp.fc1_g.weight" in sd
+    out: dict[str, Tensor] = {}
+    dropped: set[str] = set()
+    for key, value in sd.items():
+        if key.startswith(_TIMM_NON_BACKBONE):
+            dropped.add(key.split(".")[0])
+            continue
+        if key.endswith((".q_bias", ".k_bias", ".v_bias")) or key.startswith("rope."):
+            continue  # biases merged below; timm's RoPE buffers are recomputed from the base period
+        new = key.replace("reg_token", "storage_tokens")
+        new = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", new)
+        if gated:
+            new = re.sub(r"\.mlp\.fc1_g\.", ".mlp.w1.", new)
+            new = re.sub(r"\.mlp\.fc1_x\.", ".mlp.w2.", new)
+            new = re.sub(r"\.mlp\.fc2\.", ".mlp.w3.", new)
+        out[new] = value
+    qkv_bias = "blocks.0.attn.q_bias" in sd
+    for i in sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.attn\.q_bias$", k))}):
+        q, v = sd[f"blocks.{i}.attn.q_bias"], sd[f"blocks.{i}.attn.v_bias"]
+        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)])
+    out.setdefault("mask_token", torch.zeros(1, dim, dtype=sd["cls_token"].dtype))
+    out["rope_embed.periods"] = rope_periods(dim // heads, TIMM_DINOV3_HINTS["pos_embed_rope_base"])
+    hints = {**TIMM_DINOV3_HINTS, "num_heads": heads, "qkv_bias": qkv_bias, "mask_k_bias": qkv_bias}
+    return out, hints, sorted(dropped)

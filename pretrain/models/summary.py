@@ -84,9 +84,10 @@ def format_summary(name: str, model: DinoVisionTransformer, s: ModelSummary) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.models.summary", description=__doc__.split("\n")[0])
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--arch", default="vitb16", choices=sorted(ARCH_PRESETS))
+    src.add_argument("--arch", default="vitb16", choices=sorted(ARCH_PRESETS),
+                     help="summarise a randomly initialised preset (default vitb16)")
     src.add_argument("--checkpoint", help="summarise a checkpoint (any format load_backbone reads)")
     parser.add_argument("--img", type=int, nargs="+", default=[224], help="image size: S (square) or H W")
     args = parser.parse_args(argv)

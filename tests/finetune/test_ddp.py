@@ -26,7 +26,7 @@ def test_torchrun_two_processes_train_and_evaluate(tiny_nnunet_dataset: Path, re
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "validation" / "summary.json").read_text())
     assert summary["mean"]["dice"] == summary["mean"]["dice"]  # evaluated (rank 0 only) and finite
     state = torch.load(out / "model_final.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the DDP wrapper is not saved

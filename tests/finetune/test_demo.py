@@ -62,7 +62,7 @@ def test_demo_runs_end_to_end_and_says_where_outputs_are(tmp_path, capsys):
     for stage in (1, 2, 3):
         assert (out / "pretrain" / f"stage{stage}" / "teacher_backbone.pth").is_file()
     assert (out / "pretrain" / "teacher_backbone.pth").is_file()
-    summary = json.loads((out / "finetune" / "summary.json").read_text())
+    summary = json.loads((out / "finetune" / "validation" / "summary.json").read_text())
     assert "spleen" in json.dumps(summary)
     pred = nib.load(str(out / "predict" / "sub-spleen2_ct.nii.gz"))
     source = nib.load(str(demo.REPO_ROOT / "data_curation/sample_ct/msd_spleen/sub-spleen2_ct.nii.gz"))

@@ -228,4 +228,4 @@ def test_med3d_two_stages_train_predict_and_evaluate_spleen(spleen_nnunet_datase
     ref = nib.load(str(ds / "imagesTr" / "spleen2_0000.nii.gz"))
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
     assert 0.0 <= summary["per_class"]["spleen"]["dice"] <= 1.0
-    assert json.loads((out / "summary.json").read_text())["head"] == "med3d"
+    assert json.loads((out / "validation" / "summary.json").read_text())["head"] == "med3d"

@@ -185,7 +185,7 @@ def test_mvr_trains_predicts_and_evaluates_sem_2d(sem_dataset: Path, tmp_path: P
     assert pred.shape == nib.load(str(sem_dataset / "imagesTr" / f"{ids[2]}_0000.nii.gz")).shape
     assert set(summary["per_class"]) == {"axon", "myelin"}
     assert all(0.0 <= summary["per_class"][c]["dice"] <= 1.0 for c in ("axon", "myelin"))
-    assert json.loads((out / "summary.json").read_text())["head"] == "mvr"
+    assert json.loads((out / "validation" / "summary.json").read_text())["head"] == "mvr"
 
 
 @pytest.mark.slow

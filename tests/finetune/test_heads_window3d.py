@@ -193,7 +193,7 @@ def test_window3d_trains_predicts_and_evaluates_spleen(spleen_nnunet_dataset, tm
     ref = nib.load(str(ds / "imagesTr" / "spleen2_0000.nii.gz"))
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
     assert 0.0 <= summary["per_class"]["spleen"]["dice"] <= 1.0
-    assert json.loads((out / "summary.json").read_text())["head"] == "window3d"
+    assert json.loads((out / "validation" / "summary.json").read_text())["head"] == "window3d"
 
 
 def test_slice_resize_to_encoder_resolution(spleen_crop) -> None:

@@ -168,7 +168,7 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, ca
         "dicom_case": evaluate_case(pred, np.zeros_like(gt), image.spacing_zyx, classes, 1.0, "boundary", False),
     }
     write_per_case_csv(per_case, run / "per_case.csv")
-    write_summary_json(summarize(per_case), run / "summary.json",
+    write_summary_json(summarize(per_case), run / "validation" / "summary.json",
                        {"task": "Dataset009_Spleen", "head": "primus", "fold": "0", "classes": classes})
     save_label_nifti(pred, image, run / "validation" / "spleen_2.nii.gz")
     save_label_nifti(pred, image, run / "validation" / "dicom_case.nii.gz")
@@ -181,7 +181,7 @@ def test_plot_finetune_outputs_from_a_run_folder(tmp_path: Path, spleen, cfg, ca
     assert "dicom_case" in capsys.readouterr().err
     for path in written:
         assert _png(path)[1].std() > 20
-    scores = plots.per_class_scores(json.loads((run / "summary.json").read_text()), ["dice", "nsd"])
+    scores = plots.per_class_scores(json.loads((run / "validation" / "summary.json").read_text()), ["dice", "nsd"])
     assert scores["dice"]["spleen"] == pytest.approx(per_case["spleen_2"]["spleen"]["dice"])
     assert 0.5 < scores["dice"]["spleen"] < 1.0
     # the case whose ground truth lacks the class is not in the spread (as it is not in the summary mean)
@@ -203,3 +203,22 @@ def test_module_entry_point(tmp_path: Path, repo_root: Path, spleen) -> None:
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.is_file() and f"wrote {out}" in done.stdout
+
+
+def test_nsd_is_named_by_its_definition(tmp_path, monkeypatch):
+    """The NSD in the bar chart's legend carries its definition and tolerance, whatever summary layout wrote it."""
+    assert plots.nsd_definition({"nsd_method": "boundary", "nsd_tolerance_mm": {"default": 1.0}}) == "boundary, τ = 1 mm"
+    nnunet_layout = {"nsd_definition": {"method": "surface", "key": "nsd_surface"},
+                     "nsd_tolerance_mm": {"default": 1.0, "tumor": 2.0}}
+    assert plots.nsd_definition(nnunet_layout) == "surface, τ = 1 mm (per class: tumor 2)"
+    assert plots.nsd_definition({"per_class": {"liver": {"dice": 0.9, "nsd_surface": 0.8}}}) == "surface"
+    assert plots.nsd_definition({"per_class": {"liver": {"nsd": 0.8}}}) == "definition not recorded"
+
+    legends = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi: legends.append(
+        [t.get_text() for legend in fig.legends for t in legend.get_texts()]) or Path(path))
+    _summary(tmp_path / "summary.json")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "nsd_method": "boundary", "nsd_tolerance_mm": 1.0}))
+    plots.plot_summary_bars(tmp_path / "summary.json", tmp_path / "scores.png")
+    assert any(text.startswith("NSD (boundary, τ = 1 mm)") for text in legends[0]), legends

@@ -21,10 +21,12 @@ FAST = ["preprocess.target_spacing_mm=[4.5,4.5]", "train.epochs=2", "train.iters
 def trained_run(tiny_nnunet_dataset: Path, repo_root: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft_run") / "fold0"
     cmd = [sys.executable, "finetune/run.py", "--task", str(tiny_nnunet_dataset), "--head", "primus",
-           "--config", "configs/finetune/tiny.yaml", "--output", str(out), *FAST]
+           "--config", "configs/finetune/tiny.yaml", "--output", str(out), *FAST, "train.progress=true"]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DSC (%)" in proc.stdout and "MedDINOv3 (primus)" in proc.stdout
+    assert "validation: 100%" in proc.stderr and "2/2" in proc.stderr  # a progress bar with i/N and ETA
+    assert "split: nnU-Net's default 5-fold split" in proc.stdout
     return out
 
 
@@ -32,14 +34,15 @@ def trained_run(tiny_nnunet_dataset: Path, repo_root: Path, tmp_path_factory) ->
 def test_run_writes_model_predictions_and_metrics(trained_run: Path, tiny_nnunet_dataset: Path):
     out = trained_run
     for name in ("config.yaml", "plans.json", "splits_final.json", "metrics.jsonl", "model_final.pt",
-                 "checkpoints/latest.pt", "summary.json", "per_case.csv"):
+                 "checkpoints/latest.pt", "validation/summary.json", "per_case.csv", "training_log.txt",
+                 "progress.png", "checkpoint_best.pth", "checkpoint_final.pth"):
         assert (out / name).exists(), name
     splits = json.loads((out / "splits_final.json").read_text())
     assert splits[0]["val"] == ["ts_lower", "ts_upper"]           # nnU-Net fold 0 of the 6 sorted ids
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 4]
     assert all(math.isfinite(r["train_loss"]) for r in records)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "validation" / "summary.json").read_text())
     assert set(summary["per_class"]) == {"spleen", "liver"}
     assert summary["n_cases"] == 2 and summary["cases"] == ["ts_lower", "ts_upper"]
     # ts_lower has neither organ: excluded from the means and reported as absent
@@ -79,3 +82,40 @@ def test_predict_nifti_and_dicom_keep_original_geometry(trained_run: Path, tiny_
 
     with pytest.raises(FileNotFoundError, match="plans.json|config.yaml|model"):
         predict_main(["--model", str(tmp_path), "--input", str(scan), "--output", str(tmp_path / "x")])
+
+
+def test_fold_split_found_where_nnunet_keeps_it_matches_nnunet_trainer(tmp_path, monkeypatch, capsys):
+    """A splits_final.json in $nnUNet_preprocessed/DatasetXXX_Name/ is used, and said so, with the cases nnU-Net's
+    own trainer (nnUNetTrainer.do_split) takes from the same file; fold 'all' needs no split and writes none."""
+    from types import SimpleNamespace
+
+    trainer = pytest.importorskip("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    from finetune.run import build_config, fold_case_ids, parse_args
+
+    raw = tmp_path / "raw" / "Dataset777_Three"
+    ids = ["case_a", "case_b", "case_c"]
+    for case in ids:
+        (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (raw / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                  "labels": {"background": 0, "liver": 1}}))
+    pre = tmp_path / "pre" / raw.name
+    pre.mkdir(parents=True)
+    splits = [{"train": ["case_a", "case_b"], "val": ["case_c"]}, {"train": ["case_c"], "val": ["case_a", "case_b"]}]
+    (pre / "splits_final.json").write_text(json.dumps(splits))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = build_config(parse_args(["--task", str(raw), "--fold", "1", "--output", str(out)]))
+    ours = fold_case_ids(cfg, ids)
+    assert f"split: {pre / 'splits_final.json'} (from $nnUNet_preprocessed), fold 1" in capsys.readouterr().out
+    assert cfg.splits_file == str(pre / "splits_final.json") and not (out / "splits_final.json").exists()
+    fake_trainer = SimpleNamespace(
+        dataset_class=lambda *a, **k: SimpleNamespace(identifiers=ids), fold=1, preprocessed_dataset_folder=str(pre),
+        preprocessed_dataset_folder_base=str(pre), folder_with_segs_from_previous_stage=None,
+        print_to_log_file=lambda *a, **k: None)
+    assert ours == tuple(trainer.nnUNetTrainer.do_split(fake_trainer))
+
+    cfg = build_config(parse_args(["--task", str(raw), "--fold", "all", "--output", str(out)]))
+    assert fold_case_ids(cfg, ids) == (ids, ids)  # 3 cases < 5 folds: fine for fold all
+    assert "fold all" in capsys.readouterr().out and not (out / "splits_final.json").exists()

@@ -96,3 +96,60 @@ def test_bad_task_arguments(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot tell the dataset layout"):
         discover_cases(tmp_path / "empty")
+
+
+def _nnunet_dataset(root: Path, name: str) -> Path:
+    ds = root / name
+    _touch(ds / "imagesTr" / "case_a_0000.nii.gz")
+    _touch(ds / "labelsTr" / "case_a.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
+                                                 "file_ending": ".nii.gz"}))
+    return ds
+
+
+def test_task_by_nnunet_dataset_name_or_id_through_nnunet_raw(tmp_path, monkeypatch):
+    """--task Dataset777_Name and --task 777 resolve as nnU-Net's maybe_convert_to_dataset_name does."""
+    nnunet_ids = pytest.importorskip("nnunetv2.utilities.dataset_name_id_conversion")
+    raw = tmp_path / "nnUNet_raw"
+    ds = _nnunet_dataset(raw, "Dataset777_Liver")
+    _nnunet_dataset(raw, "Dataset077_Other")
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for arg in ("777", "Dataset777_Liver", str(ds)):
+        cfg = load_config(arg, "primus")
+        assert Path(cfg.task.dataset_dir) == ds.resolve() and cfg.task.name == "Dataset777_Liver", arg
+        assert [c.case_id for c in task_cases(cfg)] == ["case_a"]
+    for arg in ("777", "77", "Dataset777_Liver"):
+        assert nnunet_ids.maybe_convert_to_dataset_name(arg) == Path(load_config(arg, "primus").task.dataset_dir).name
+    with pytest.raises(ValueError, match=r"no folder named Dataset778_\* in \$nnUNet_raw"):
+        load_config("778", "primus")
+    _nnunet_dataset(raw, "Dataset777_Again")
+    with pytest.raises(ValueError, match=r"2 \(Dataset777_Again, Dataset777_Liver\) folder named Dataset777_"):
+        load_config("777", "primus")
+    monkeypatch.delenv("nnUNet_raw")
+    with pytest.raises(ValueError, match=r"\$nnUNet_raw, which is not set"):
+        load_config("Dataset777_Liver", "primus")
+    load_config(str(ds), "primus")  # a path needs no environment
+
+
+def test_splits_file_found_where_nnunet_keeps_it(tmp_path, monkeypatch):
+    from finetune.tasks import task_splits_file
+
+    ds = _nnunet_dataset(tmp_path / "raw", "Dataset777_Liver")
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    cfg = load_config(str(ds), "primus")
+    path, origin = task_splits_file(cfg)
+    assert path is None and str(ds / "splits_final.json") in origin
+    (ds / "splits_final.json").write_text("[]")
+    assert task_splits_file(cfg) == (ds / "splits_final.json", "the raw dataset folder")
+    pre = tmp_path / "pre"
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))
+    assert task_splits_file(cfg)[0] == ds / "splits_final.json"  # nothing preprocessed yet: the raw one
+    (pre / "Dataset777_Liver").mkdir(parents=True)
+    (pre / "Dataset777_Liver" / "splits_final.json").write_text("[]")
+    assert task_splits_file(cfg) == (pre / "Dataset777_Liver" / "splits_final.json", "$nnUNet_preprocessed")
+    explicit = tmp_path / "mine.json"
+    cfg = load_config(str(ds), "primus", overrides=[f"splits_file={explicit}"])
+    assert task_splits_file(cfg) == (explicit, "splits_file=")

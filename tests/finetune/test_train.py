@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from finetune.config import load_config
 from finetune.heads import HeadRecipe, get_recipe
@@ -68,3 +67,30 @@ def test_frozen_encoder_is_unchanged(spleen_dirs, tmp_path):
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(model.decoder.classifier.weight, dec_before)
+
+
+def test_fold_folder_like_nnunet(spleen_dirs, tmp_path):
+    """training_log.txt, progress.png, checkpoint_best/final.pth and TensorBoard scalars, continued on resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = get_recipe("primus")
+    out = tmp_path / "fold"
+    cfg = _cfg(tmp_path, **{"train.tensorboard": "true"})
+    model = fit(cfg, recipe, spleen_dirs, spleen_dirs, out)
+    log = (out / "training_log.txt").read_text().splitlines()
+    assert "training started of 4" in log[0] and [line for line in log if ": epoch 1: train loss" in line]
+    assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    final = out / "checkpoint_final.pth"
+    assert final.stat().st_ino == (out / "checkpoints" / "latest.pt").stat().st_ino  # a link, not a copy
+    assert torch.load(final, weights_only=True)["iteration"] == 4
+    best = torch.load(out / "checkpoint_best.pth", weights_only=True)
+    assert best["epoch"] in (0, 1) and set(best["model"]) == set(model.state_dict())
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("finetune/train_loss")] == [2, 4]
+    assert "finetune/ema_pseudo_dice" in events.Tags()["scalars"]
+    cfg = _cfg(tmp_path, **{"train.epochs": 3})  # resume to a longer schedule: the log and curves continue
+    fit(cfg, recipe, spleen_dirs, spleen_dirs, out)
+    log = (out / "training_log.txt").read_text()
+    assert "training resumed at iteration 4 of 6" in log and ": epoch 2: train loss" in log
+    assert torch.load(final, weights_only=True)["iteration"] == 6

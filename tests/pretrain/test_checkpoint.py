@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain.models import CheckpointError, build_backbone, detect_format, infer_arch, load_backbone, save_backbone
-from pretrain.models.checkpoint import save_hf_dir, to_hf
+from pretrain.models.checkpoint import read_backbone_checkpoint, save_hf_dir, to_hf
 
 TOL = 2e-5
 
@@ -330,3 +330,240 @@ def test_export_cli(golden, tmp_path, capsys):
     # eps cannot be inferred: --set passes it through and it is stored in the export's metadata
     assert main(["--checkpoint", str(golden[0]), "--out", str(out), "--set", "norm_eps=1e-6"]) == 0
     assert load_backbone(out).config.norm_eps == 1e-6
+
+
+# ----------------------------------------------------------------------------------- against real timm
+class _NoTorchvision:
+    """Lets ``import timm`` succeed without torchvision (never installed here: it pins torch).
+
+    timm's ViT/EVA model code does not use torchvision; only its data pipeline and two norm layers import it
+    at package import time. Any ``torchvision.*`` import gets a module whose every attribute is an inert class;
+    the entries are removed from ``sys.modules`` afterwards so no other library sees a fake torchvision.
+    """
+
+    class _Meta(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return f"{cls.__name__}.{name}"
+
+    def find_spec(self, fullname, path, target=None):
+        import importlib.machinery
+
+        if fullname.split(".")[0] == "torchvision":
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        import types
+
+        meta = self._Meta
+
+        class _Module(types.ModuleType):
+            __path__: list = []
+
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                value = meta(name, (), {"__init__": lambda *a, **k: None})
+                setattr(self, name, value)
+                return value
+
+        return _Module(spec.name)
+
+    def exec_module(self, module):
+        return None
+
+
+@pytest.fixture(scope="module")
+def timm():
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (pip install -e '.[interop]')")
+    if importlib.util.find_spec("torchvision") is not None:
+        import timm as real
+        return real
+    finder = _NoTorchvision()
+    sys.meta_path.insert(0, finder)
+    try:
+        import timm as real
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+    return real
+
+
+def _random_timm_dinov3(timm, variant: str, **kwargs):
+    """A timm DINOv3 model (2 blocks) with every parameter random, so each one matters to the output."""
+    torch.manual_seed(0)
+    model = timm.create_model(variant, pretrained=False, depth=2, **kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "gamma" in name or "bias" in name or "token" in name else 0.05))
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+                p.add_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb",
+                                     "vit_small_plus_patch16_dinov3"])
+def test_timm_dinov3_weights_load_and_match_timm(timm, variant, tmp_path, caplog):
+    """timm's own model and state dict: the loaded backbone gives timm's normalised tokens (cls, storage, patch)."""
+    from safetensors.torch import save_file
+
+    ref_model = _random_timm_dinov3(timm, variant)
+    sd = ref_model.state_dict()
+    pth = tmp_path / "timm.pth"
+    torch.save(sd, pth)
+    hub = tmp_path / "hub"  # the layout of a timm hub folder: config.json with "architecture" + model.safetensors
+    hub.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, hub / "model.safetensors")
+    (hub / "config.json").write_text(json.dumps({"architecture": variant, "num_classes": 0}))
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        ref = ref_model.forward_features(x)  # [B, 1 + 4 + N, D] after the final norm
+    for path in (pth, hub / "model.safetensors", hub):
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            assert detect_format(path) == "timm"
+            model = load_backbone(path)
+        assert not [r for r in caplog.records if "MedDINOv3" in r.getMessage()]
+        assert model.config.qkv_bias == variant.endswith("_qkvb") and model.config.norm_eps == 1e-5
+        with torch.no_grad():
+            ff = model.forward_features(x)
+        ours = torch.cat([ff["x_norm_clstoken"][:, None], ff["x_storage_tokens"], ff["x_norm_patchtokens"]], 1)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
+
+
+def test_timm_classifier_head_is_ignored_and_mismatch_names_timm(timm, tmp_path):
+    sd = _random_timm_dinov3(timm, "vit_small_patch16_dinov3_qkvb", num_classes=7).state_dict()
+    path = tmp_path / "timm_cls.pth"
+    torch.save(sd, path)
+    ckpt = read_backbone_checkpoint(path)
+    assert ckpt.format == "timm" and "head" in ckpt.ignored_prefixes
+    bias = ckpt.state_dict["blocks.1.attn.qkv.bias"]
+    torch.testing.assert_close(bias, torch.cat([sd["blocks.1.attn.q_bias"], torch.zeros(384), sd["blocks.1.attn.v_bias"]]))
+    with pytest.raises(CheckpointError, match=r"timm_cls\.pth \(timm format\) does not match arch='vitb16'"):
+        load_backbone(path, arch="vitb16")
+
+
+def test_bad_files_are_one_line_errors(golden, tmp_path):
+    """A text file named .pth, a broken/incomplete HF config.json, an export without its 'arch' metadata."""
+    from safetensors.torch import save_file
+
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, these are my notes\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pth: not a PyTorch checkpoint \(a text file"):
+        load_backbone(text)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pth: not a PyTorch checkpoint \(an empty file"):
+        load_backbone(tmp_path / "empty.pth")
+
+    model = load_backbone(golden[0])
+    hf = save_hf_dir(model, tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config)[:-5])
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read as JSON"):
+        load_backbone(hf)
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"}))
+    with pytest.raises(CheckpointError, match=r"hf: config\.json lacks \['num_hidden_layers'\]"):
+        load_backbone(hf)
+
+    export = save_backbone(model, tmp_path / "e.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(export), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    for name, meta in (("noarch", {"format": metadata["format"]}), ("badarch", {**metadata, "arch": "{oops"})):
+        save_file(tensors, tmp_path / f"{name}.safetensors", metadata=meta)
+        with pytest.raises(CheckpointError, match=rf"{name}\.safetensors: .*'arch' metadata"):
+            load_backbone(tmp_path / f"{name}.safetensors")
+
+
+# ------------------------------------------------------------------------------ against real transformers
+@pytest.fixture(scope="module")
+def transformers():
+    """The real transformers, with hub kernels off (they are downloaded at load time; no network here)."""
+    module = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[interop]')")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("USE_HUB_KERNELS", "0")
+        yield module
+
+
+def test_hf_export_processor_and_card_reproduce_the_ct_mapping(golden, transformers, repo_root, sample_ct, tmp_path,
+                                                               capsys):
+    """AutoImageProcessor + AutoModel on a real clamped CT slice give our transform's input and our features."""
+    import nibabel as nib
+    from omegaconf import OmegaConf
+
+    from pretrain.data.transforms import HUTransform
+    from pretrain.models.export import main
+
+    hf_dir = tmp_path / "hf"
+    assert main(["--checkpoint", str(golden[0]), "--out", str(tmp_path / "b.safetensors"), "--hf-dir", str(hf_dir)]) == 0
+    assert "configs/pretrain/base.yaml" in capsys.readouterr().out
+    block = OmegaConf.load(repo_root / "configs" / "pretrain" / "base.yaml").data.transform  # the numbers' one home
+    transform = HUTransform.from_config(block)
+    ct = nib.load(str(sample_ct / "totalsegmentator" / "example_ct.nii.gz"))
+    hu = np.asarray(ct.dataobj, dtype=np.float32)[:64, :48, ct.shape[2] // 2].T  # [H=48, W=64], real HU
+    clamped = np.clip(hu, *block.hu_clamp)
+    processor = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+    pixel_values = processor(np.repeat(clamped[None], 3, axis=0), return_tensors="pt")["pixel_values"]
+    expected = transform.expand_channels(transform(torch.from_numpy(hu))[None])  # [1, 3, H, W], training path
+    assert pixel_values.shape == (1, 3, 48, 64)
+    torch.testing.assert_close(pixel_values, expected, rtol=0, atol=1e-5)
+    hf_model = transformers.AutoModel.from_pretrained(hf_dir).eval()
+    ours = load_backbone(golden[0])
+    with torch.no_grad():
+        hf_tokens = hf_model(pixel_values=pixel_values).last_hidden_state
+        ff = ours.forward_features(expected)
+    ref = torch.cat([ff["x_norm_clstoken"][:, None], ff["x_storage_tokens"], ff["x_norm_patchtokens"]], 1)
+    torch.testing.assert_close(hf_tokens, ref, rtol=0, atol=1e-4)
+    card = (hf_dir / "README.md").read_text()
+    for fact in ("clamp to [-1000, 1000] HU", "repeat the one channel to 3", "(x - 65.1084) / 178.0166",
+                 "embed_dim 64, depth 4", "official DINOv3 release"):
+        assert fact in card, fact
+    assert "Numerical note" not in card  # fp32 RoPE: nothing changes
+
+
+def test_meddinov3_release_hf_export_states_the_rope_dtype_change(transformers, tmp_path, capsys):
+    torch.manual_seed(0)
+    src = build_backbone("meddinov3_vitb16", embed_dim=64, depth=2, num_heads=4).eval()
+    path = tmp_path / "release.pth"
+    torch.save({"teacher": {**_wrap(src.state_dict(), "backbone."), "dino_head.w": torch.zeros(2),
+                            "ibot_head.w": torch.zeros(2)}}, path)
+    from pretrain.models.export import main
+
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "b.safetensors"),
+                 "--hf-dir", str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr().out
+    note = [line for line in printed.splitlines() if line.startswith("note")]
+    assert note and "bf16" in note[0] and "fp32" in note[0] and "relative error" in note[0]
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Numerical note" in card and "bf16" in card and "MedDINOv3 release" in card
+    assert "dino_head" in card  # what was left out is said
+    transformers.AutoModel.from_pretrained(tmp_path / "hf")  # and it still loads
+
+
+def test_hf_export_of_a_training_run_documents_the_runs_own_transform(golden, official_sd, repo_root, tmp_path):
+    """A training checkpoint's card and processor come from its run's config.yaml (here: other HU statistics)."""
+    from omegaconf import OmegaConf
+
+    from pretrain.models.export import export_backbone
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = OmegaConf.load(repo_root / "configs" / "pretrain" / "base.yaml")
+    cfg.data.transform.mean, cfg.data.transform.std = 40.0, 350.0
+    cfg.stage = "stage1"
+    OmegaConf.save(cfg, run / "config.yaml")
+    torch.save({"teacher": _wrap(official_sd, "backbone."), "iteration": 7}, run / "checkpoints" / "ckpt.pth")
+    report = export_backbone(run / "checkpoints" / "ckpt.pth", tmp_path / "b.safetensors", tmp_path / "hf")
+    assert report["source_format"] == "training" and report["transform_config"] == str(run / "config.yaml")
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [40.0] * 3 and processor["image_std"] == [350.0] * 3
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "(x - 40.0) / 350.0" in card and "`stage`: stage1" in card and "pretraining on CT" in card
