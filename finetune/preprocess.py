@@ -59,6 +59,7 @@ class Plans:
     mean: float
     std: float
     labels: list[str]                       # index = label value, 0 = background
+    normalization: str = "ct"               # ct (nnU-Net CTNormalization) | zscore (ZScoreNormalization, per image)
     crop_to_nonzero: bool = True
     image_order: int = 3
     median_shape_yx: list[float] = field(default_factory=list)
@@ -182,9 +183,19 @@ def resample_probs_inplane(probs: torch.Tensor, new_yx: Sequence[int]) -> torch.
 
 
 # ------------------------------------------------------------------------------------------------ intensities
-def ct_normalize(image: np.ndarray, plans: Plans) -> np.ndarray:
-    """nnU-Net CTNormalization: clip to the foreground percentiles, z-score with the foreground mean/std."""
-    out = np.clip(image.astype(np.float32, copy=False), plans.clip_low, plans.clip_high)
+NORMALIZATIONS = ("ct", "zscore")
+
+
+def normalize(image: np.ndarray, plans: Plans) -> np.ndarray:
+    """nnU-Net's two schemes. ``ct`` (CTNormalization): clip to the training foreground percentiles, z-score with
+    the training foreground mean/std. ``zscore`` (ZScoreNormalization, any channel not named CT, e.g. AMOS22's
+    "either_CT_or_MR"): z-score with this image's own mean/std."""
+    out = image.astype(np.float32, copy=False)
+    if plans.normalization == "zscore":
+        return (out - out.mean(dtype=np.float64)).astype(np.float32) / np.float32(max(float(out.std(dtype=np.float64)), 1e-8))
+    if plans.normalization != "ct":
+        raise ValueError(f"plans normalization must be one of {NORMALIZATIONS}, got {plans.normalization!r}")
+    out = np.clip(out, plans.clip_low, plans.clip_high)
     return (out - np.float32(plans.mean)) / np.float32(max(plans.std, 1e-8))
 
 
@@ -225,7 +236,7 @@ def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> P
     low, high = np.percentile(pooled, list(pcfg.clip_percentiles))
     return Plans(target_spacing_yx=[float(t) for t in target], clip_low=float(low), clip_high=float(high),
                  mean=float(pooled.mean()), std=float(pooled.std()), labels=list(labels),
-                 crop_to_nonzero=bool(pcfg.crop_to_nonzero), image_order=int(pcfg.image_order),
+                 normalization=str(pcfg.normalization), crop_to_nonzero=bool(pcfg.crop_to_nonzero), image_order=int(pcfg.image_order),
                  median_shape_yx=[float(s) for s in median_shape],
                  median_spacing_yx=[float(s) for s in median_spacing], n_training_cases=len(cases))
 
@@ -237,7 +248,7 @@ def preprocess_volume(image: Volume, plans: Plans, label: Optional[np.ndarray] =
     ``props`` holds what `restore_geometry` needs to go back (original shape, bbox, shapes)."""
     arr = image.array
     bbox = nonzero_bbox(arr) if plans.crop_to_nonzero else [[0, s] for s in arr.shape]
-    cropped = ct_normalize(crop(arr, bbox), plans)
+    cropped = normalize(crop(arr, bbox), plans)
     new_yx = resampled_shape_yx(cropped.shape[1:], image.spacing_zyx[1:], plans.target_spacing_yx)
     out_image = resample_image_inplane(cropped, new_yx, plans.image_order)
     out_label = None

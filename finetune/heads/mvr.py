@@ -217,12 +217,12 @@ def _mean_dice(summary: dict) -> float:
     for key in ("mean_dice", "dice"):
         if key in summary:
             return float(summary[key])
-    mean = summary.get("mean")
+    mean = summary.get("paper_mean", summary.get("mean"))
     if isinstance(mean, dict):
         for key in ("dice", "DSC", "dsc"):
             if key in mean:
                 return float(mean[key])
-    raise KeyError("summary.json has no mean Dice (looked for 'mean_dice', 'dice', 'mean.dice')")
+    raise KeyError("summary.json has no mean Dice (looked for 'mean_dice', 'dice', 'paper_mean.dice', 'mean.dice')")
 
 
 def few_shot_recovery(summary_k: Path, summary_full: Path) -> dict:

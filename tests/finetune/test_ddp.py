@@ -27,7 +27,7 @@ def test_torchrun_two_processes_train_and_evaluate(tiny_nnunet_dataset: Path, re
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mean"]["dice"] == summary["mean"]["dice"]  # evaluated (rank 0 only) and finite
+    assert summary["paper_mean"]["dice"] == summary["paper_mean"]["dice"]  # evaluated (rank 0 only) and finite
     state = torch.load(out / "model_final.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the DDP wrapper is not saved
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,13 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.preprocess import (Plans, ct_normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
+from finetune.preprocess import (Plans, normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
                                  preprocess_volume, read_case, read_volume, restore_geometry)
 from finetune.tasks.layouts import Case
 
 PCFG = OmegaConf.create({"preprocess": {"crop_to_nonzero": True, "target_spacing_mm": None, "target_slice_px": None,
                                         "image_order": 3, "foreground_samples_per_case": 10000,
-                                        "clip_percentiles": [0.5, 99.5]}})
+                                        "clip_percentiles": [0.5, 99.5], "normalization": "ct"}})
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_plans_follow_nnunet_ct_normalisation(spleen_case):
     assert plans.clip_low == pytest.approx(np.percentile(fg, 0.5), abs=10)
     assert plans.clip_high == pytest.approx(np.percentile(fg, 99.5), abs=10)
     assert plans.target_spacing_yx == pytest.approx([0.7949, 0.7949], abs=1e-3)
-    norm = ct_normalize(image.array, plans)
+    norm = normalize(image.array, plans)
     assert norm.max() == pytest.approx((plans.clip_high - plans.mean) / plans.std, rel=1e-5)
     # paper-style 896 px slices: spacing scaled so the median slice (166 px at 0.795 mm) becomes 896 px
     cfg896 = OmegaConf.merge(PCFG, {"preprocess": {"target_slice_px": 896}})
@@ -47,6 +47,19 @@ def test_plans_follow_nnunet_ct_normalisation(spleen_case):
     assert p896.target_spacing_yx[0] == pytest.approx(0.7949 * 166 / 896, rel=1e-3)
     out, lab, props = preprocess_volume(image, p896, label)
     assert out.shape[0] == 26 and max(out.shape[1:]) == 896 and lab.shape == out.shape
+
+
+def test_zscore_normalisation_is_per_image(spleen_case):
+    """amos22_ct_mri: nnU-Net's ZScoreNormalization (this image's mean/std, no clipping) for a CT-or-MR channel."""
+    image = read_volume(spleen_case.image)
+    plans = Plans(target_spacing_yx=[1.0, 1.0], clip_low=-100, clip_high=300, mean=80, std=40,
+                  labels=["background", "spleen"], normalization="zscore")
+    out = normalize(image.array, plans)
+    assert out.mean() == pytest.approx(0.0, abs=1e-4) and out.std() == pytest.approx(1.0, abs=1e-4)
+    x = image.array.astype(np.float64)
+    np.testing.assert_allclose(out, (x - x.mean()) / x.std(), atol=1e-4)    # no clipping to the plans' CT range
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        normalize(image.array, Plans(**{**plans.to_dict(), "normalization": "minmax"}))
 
 
 def test_preprocess_then_restore_reproduces_the_label(spleen_case):
