@@ -42,6 +42,51 @@ def load_preprocessed(case_dir: str | Path) -> PreprocessedCase:
                             np.load(case_dir / "label.npy", mmap_mode="r"), locations, props)
 
 
+@dataclass(frozen=True)
+class RankBatch:
+    """One DDP rank's share of the configured global batch (nnU-Net ``_set_batch_size_and_oversample``)."""
+
+    rank: int
+    batch_size: int
+    oversample: float          # this rank's foreground-oversampling fraction
+    n_forced: int              # samples of this rank's batch forced to contain foreground
+
+
+def rank_batch_plan(global_batch: int, world: int, oversample: float) -> list[RankBatch]:
+    """Split ``global_batch`` over ``world`` ranks as nnU-Net does under DDP.
+
+    The first ``global_batch % world`` ranks take one sample more. The global batch's last
+    ``global_batch - round(global_batch * (1 - oversample))`` samples are the forced-foreground ones; each rank gets
+    the fraction of those falling in its slice, so the whole step still forces the number a single process would
+    (global 12, oversample 0.33, 4 ranks: 3/3/3/3 samples, 0/0/1/3 forced).
+    """
+    if world < 1 or global_batch < world:
+        raise ValueError(f"data.batch_size={global_batch} is the global batch: it cannot be split over {world} "
+                         "processes (each needs at least one sample); raise the batch or use fewer GPUs")
+    sizes = [global_batch // world + (1 if r < global_batch % world else 0) for r in range(world)]
+    n_random = round(global_batch * (1 - oversample))
+    plan, low = [], 0
+    for rank, size in enumerate(sizes):
+        high = low + size
+        if high / global_batch < 1 - oversample:
+            frac = 0.0
+        elif low / global_batch > 1 - oversample:
+            frac = 1.0
+        else:
+            frac = sum(i >= n_random for i in range(low, high)) / size
+        plan.append(RankBatch(rank, size, frac, size - int(round(size * (1 - frac)))))
+        low = high
+    return plan
+
+
+def format_batch_plan(plan: Sequence[RankBatch], global_batch: int) -> str:
+    """The ``--plan``-style lines printed at the start of training (one per rank)."""
+    lines = [f"batch plan: global batch {global_batch} over {len(plan)} process(es)"]
+    lines += [f"  rank {r.rank}: {r.batch_size} samples, oversample {r.oversample:.3f} ({r.n_forced} forced foreground)"
+              for r in plan]
+    return "\n".join(lines)
+
+
 def _window_start(rng: np.random.Generator, size: int, patch: int, voxel: Optional[int]) -> int:
     """nnU-Net's bounds for a window start along one axis (negative / beyond = zero padding)."""
     need = max(patch - size, 0)
@@ -55,7 +100,10 @@ def _window_start(rng: np.random.Generator, size: int, patch: int, voxel: Option
 class PatchSampler:
     """Builds ``slice2d`` / ``slab3d`` batches from preprocessed cases (see module docstring)."""
 
-    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, seed: int, rank: int = 0) -> None:
+    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, seed: int, rank: int = 0,
+                 share: Optional[RankBatch] = None) -> None:
+        """``share``: this rank's batch size and oversampling (`rank_batch_plan`); None = the whole configured batch
+        (one process)."""
         if not cases:
             raise ValueError("no training cases")
         self.cases = list(cases)
@@ -66,7 +114,8 @@ class PatchSampler:
         self.patch = [int(p) for p in cfg.data.patch_size]
         self.context = int(cfg.data.get("context_slices", 0) or 0)
         self.slab_depth = int(cfg.data.get("slab_depth", 1) or 1)
-        self.oversample = float(cfg.data.oversample_foreground)
+        self.batch_size = int(share.batch_size) if share is not None else int(cfg.data.batch_size)
+        self.oversample = float(share.oversample) if share is not None else float(cfg.data.oversample_foreground)
 
     def _slice_indices(self, rng: np.random.Generator, n_slices: int, z_voxel: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
         """Image slice indices and label slice indices (``-1`` = padding) for one sample."""
@@ -105,7 +154,7 @@ class PatchSampler:
 
     def batch(self, iteration: int, batch_size: Optional[int] = None, stream: int = 0, augment: bool = True) -> dict:
         """Batch number ``iteration`` of ``stream`` (0 = training, 1 = validation)."""
-        batch_size = int(batch_size or self.cfg.data.batch_size)
+        batch_size = int(batch_size or self.batch_size)
         rng = np.random.default_rng([self.seed, self.rank, stream, int(iteration)])
         n_random = int(round(batch_size * (1 - self.oversample)))
         images, labels, ids = [], [], []
