@@ -4,9 +4,9 @@ A batch is a pure function of ``(seed, rank, iteration, stream)``: resuming at i
 of an uninterrupted run, and DDP ranks draw different batches. Batches are built in background threads
 (``data.num_workers``; numpy/scipy/torch release the GIL for the heavy parts) and handed out in order.
 
-Sampling (nnU-Net ``DataLoader2D``/``3D``): per sample a random case; the last ``round(B * oversample)`` samples of
-each batch are centred on a random voxel of a random foreground class present in the case (random if the case
-has none); in-plane windows follow nnU-Net's bounds (a window may stick out of a small image and is zero-padded).
+Sampling (nnU-Net ``DataLoader2D``/``3D``): per sample a random case; the last ``B - round(B * (1 - oversample))``
+samples of each batch are centred on a random voxel of a random foreground class present in the case (random if
+the case has none); windows follow nnU-Net's ``get_bbox`` (a window may stick out of the image and is zero-padded).
 See `finetune.heads` for the batch layout of ``slice2d`` and ``slab3d`` recipes.
 """
 from __future__ import annotations
@@ -88,13 +88,17 @@ def format_batch_plan(plan: Sequence[RankBatch], global_batch: int) -> str:
 
 
 def _window_start(rng: np.random.Generator, size: int, patch: int, voxel: Optional[int]) -> int:
-    """nnU-Net's bounds for a window start along one axis (negative / beyond = zero padding)."""
+    """A window start along one axis as nnU-Net's ``get_bbox`` (negative / beyond the image = zero padding).
+
+    Random windows start in ``[lb, ub]``. A foreground-forced window is centred on ``voxel`` and only clamped from
+    below (``max(lb, voxel - patch // 2)``): nnU-Net does not pull it back inside at the far end, so a structure at
+    the image border stays at the patch centre with padding beyond it."""
     need = max(patch - size, 0)
     lb = -(need // 2)
     ub = size + need // 2 + need % 2 - patch
     if voxel is None:
         return int(rng.integers(lb, ub + 1))
-    return int(min(max(voxel - patch // 2, lb), ub))
+    return int(max(voxel - patch // 2, lb))
 
 
 class PatchSampler:
