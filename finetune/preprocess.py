@@ -2,7 +2,7 @@
 
 Per case (nnU-Net v2 order): read NIfTI -> axial-first array ``[Z, Y, X]`` -> crop to the bounding box of non-zero
 voxels -> CT normalisation (clip to the 0.5/99.5 percentiles of the training foreground, z-score with the
-foreground mean/std, all from the training cases of the fold) -> in-plane resampling to the target spacing
+foreground mean/std, from all training cases of the dataset as nnU-Net's fingerprint) -> in-plane resampling to the target spacing
 (z untouched, as nnU-Net's 2-D configuration): images with cubic splines, labels per class with linear
 interpolation thresholded at 0.5 (nnU-Net's ``order=1`` segmentation resampling).
 
@@ -199,21 +199,25 @@ def normalize(image: np.ndarray, plans: Plans) -> np.ndarray:
     return (out - np.float32(plans.mean)) / np.float32(max(plans.std, 1e-8))
 
 
-def foreground_samples(image: np.ndarray, label: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``n_samples`` random image values where ``label > 0`` (nnU-Net's fingerprint sampling)."""
-    values = image[label > 0]
+def foreground_samples(image: np.ndarray, label: np.ndarray, n_samples: int, seed: int = 1234) -> np.ndarray:
+    """``n_samples`` image values drawn WITH replacement where ``label > 0``, with a fresh ``RandomState(seed)`` per
+    case: nnU-Net's ``DatasetFingerprintExtractor.collect_foreground_intensities`` (same draws for the same case).
+    Empty when the case has no foreground."""
+    values = image[label > 0].astype(np.float32, copy=False)
     if values.size == 0:
-        return values.astype(np.float32)
-    if values.size > n_samples:
-        values = rng.choice(values, n_samples, replace=False)
-    return values.astype(np.float32)
+        return values
+    return np.random.RandomState(seed).choice(values, int(n_samples), replace=True)
 
 
 # --------------------------------------------------------------------------------------------------- planning
 def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> Plans:
-    """Fingerprint the training cases (spacing, cropped shape, foreground intensities) and derive the plans."""
+    """Fingerprint the dataset's labelled cases (spacing, cropped shape, foreground intensities) and derive the plans.
+
+    As nnU-Net's fingerprint, ``cases`` are ALL training cases of the dataset (every fold), each contributing
+    ``preprocess.foreground_samples_total // len(cases)`` foreground intensities (nnU-Net: 1e8 in total); the CT
+    statistics are the 0.5/99.5 percentiles, mean and std of the pooled samples."""
     pcfg = cfg.preprocess
-    rng = np.random.default_rng(1234)
+    per_case = int(float(pcfg.foreground_samples_total) // max(len(cases), 1))
     spacings, shapes, samples = [], [], []
     for case in cases:
         image, label = read_case(case, len(labels))
@@ -221,7 +225,7 @@ def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> P
         cropped, cropped_label = crop(image.array, bbox), crop(label, bbox)
         spacings.append(image.spacing_zyx[1:])
         shapes.append(cropped.shape[1:])
-        samples.append(foreground_samples(cropped, cropped_label, int(pcfg.foreground_samples_per_case), rng))
+        samples.append(foreground_samples(cropped, cropped_label, per_case))
     pooled = np.concatenate(samples) if samples else np.zeros(0, np.float32)
     if pooled.size == 0:
         raise ValueError("no foreground voxels in any training case: cannot compute CT normalisation statistics")

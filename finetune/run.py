@@ -84,7 +84,7 @@ def prepare_fold(cfg, rank: int = 0):
                 raise ValueError(f"{plans_path} was made for labels {plans.labels}, the task now has {labels}; "
                                  "use a new --output folder")
         else:
-            plans = plan_from_training_cases([by_id[i] for i in train_ids], labels, cfg)
+            plans = plan_from_training_cases(cases, labels, cfg)   # every training case, as nnU-Net plans
             save_plans(plans, plans_path)
         cache = Path(cfg.preprocess.cache_dir) if cfg.preprocess.get("cache_dir") else output_dir.parent / "preprocessed"
         dirs = preprocess_dataset([by_id[i] for i in sorted(set(train_ids) | set(val_ids))], plans, cache,

@@ -8,12 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.preprocess import (Plans, normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
+from finetune.preprocess import (Plans, foreground_samples, normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
                                  preprocess_volume, read_case, read_volume, restore_geometry)
 from finetune.tasks.layouts import Case
 
 PCFG = OmegaConf.create({"preprocess": {"crop_to_nonzero": True, "target_spacing_mm": None, "target_slice_px": None,
-                                        "image_order": 3, "foreground_samples_per_case": 10000,
+                                        "image_order": 3, "foreground_samples_total": 1.0e6,
                                         "clip_percentiles": [0.5, 99.5], "normalization": "ct"}})
 
 
@@ -34,7 +34,7 @@ def test_plans_follow_nnunet_ct_normalisation(spleen_case):
     plans = plan_from_training_cases([spleen_case], labels, PCFG)
     image, label = read_case(spleen_case, 2)
     fg = image.array[label > 0]
-    # all 96,672 foreground voxels > 10,000 samples: statistics of a random subset, close to the full ones
+    # 1e6 draws with replacement from the 96,672 foreground voxels: close to the full statistics
     assert plans.mean == pytest.approx(fg.mean(), abs=3.0)
     assert plans.clip_low == pytest.approx(np.percentile(fg, 0.5), abs=10)
     assert plans.clip_high == pytest.approx(np.percentile(fg, 99.5), abs=10)
@@ -47,6 +47,22 @@ def test_plans_follow_nnunet_ct_normalisation(spleen_case):
     assert p896.target_spacing_yx[0] == pytest.approx(0.7949 * 166 / 896, rel=1e-3)
     out, lab, props = preprocess_volume(image, p896, label)
     assert out.shape[0] == 26 and max(out.shape[1:]) == 896 and lab.shape == out.shape
+
+
+def test_foreground_samples_are_nnunet_fingerprint_draws(spleen_case):
+    """The same draws as nnU-Net's DatasetFingerprintExtractor (seed 1234 per case, with replacement, 1e8 // n)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    image, label = read_case(spleen_case, 2)
+    box = nonzero_bbox(image.array)
+    img, lab = (a[tuple(slice(lo, hi) for lo, hi in box)] for a in (image.array, label))
+    theirs, _ = DatasetFingerprintExtractor.collect_foreground_intensities(lab[None], img[None], num_samples=333_333)
+    np.testing.assert_array_equal(foreground_samples(img, lab, 333_333), theirs[0])
+    cfg = OmegaConf.merge(PCFG, {"preprocess": {"foreground_samples_total": 2_000_000}})
+    plans = plan_from_training_cases([spleen_case, spleen_case], ["background", "spleen"], cfg)
+    pooled = np.concatenate([foreground_samples(img, lab, 1_000_000)] * 2)
+    assert plans.mean == pytest.approx(float(pooled.mean()), rel=1e-6)
+    assert plans.clip_high == pytest.approx(float(np.percentile(pooled, 99.5)))
 
 
 def test_zscore_normalisation_is_per_image(spleen_case):
