@@ -75,9 +75,9 @@ def run_size(size: int, args, image) -> dict:
     timer = Timer()
     model.backbone.get_intermediate_layers = timer.wrap(model.backbone.get_intermediate_layers, "backbone")
     hook_module(model.decoder, timer, "decoder")
-    originals = (pre.resample_image_inplane, pre.resample_probs_inplane)
+    originals = (pre.resample_image_inplane, pre.resample_logits_inplane)
     pre.resample_image_inplane = timer.wrap(originals[0], "resample_in")
-    pre.resample_probs_inplane = timer.wrap(originals[1], "resample_out")
+    pre.resample_logits_inplane = timer.wrap(originals[1], "resample_out")
     try:
         with torch.inference_mode():
             infer_mod.predict_case(model, recipe, image, plans, cfg, torch.device("cpu"))  # warm-up
@@ -86,7 +86,7 @@ def run_size(size: int, args, image) -> dict:
             infer_mod.predict_case(model, recipe, image, plans, cfg, torch.device("cpu"))
             total = time.perf_counter() - t0
     finally:
-        pre.resample_image_inplane, pre.resample_probs_inplane = originals
+        pre.resample_image_inplane, pre.resample_logits_inplane = originals
     n_slices = image.array.shape[0]
     shares = {k: v / total for k, v in timer.seconds.items()}
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))

@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -144,7 +144,9 @@ def resampled_shape_yx(shape_yx: Sequence[int], spacing_yx: Sequence[float], tar
 
 
 def resample_image_inplane(image: np.ndarray, new_yx: Sequence[int], order: int = 3) -> np.ndarray:
-    """``[Z, Y, X]`` -> ``[Z, Y', X']`` with a spline of ``order`` per slice, pixel-centre aligned, edge mode."""
+    """``[Z, Y, X]`` -> ``[Z, Y', X']`` with a spline of ``order`` per slice, pixel-centre aligned, edge mode, then
+    clipped to the input's value range: a cubic spline overshoots at sharp edges (air/bone, the 0-padding of the
+    crop), which would create intensities the normalised image never had."""
     z, y, x = image.shape
     if (y, x) == tuple(new_yx):
         return image.astype(np.float32, copy=False)
@@ -152,6 +154,8 @@ def resample_image_inplane(image: np.ndarray, new_yx: Sequence[int], order: int 
     out = np.empty((z, *new_yx), dtype=np.float32)
     for k in range(z):
         out[k] = ndimage.zoom(image[k].astype(np.float32, copy=False), zoom, order=order, mode="nearest", grid_mode=True)
+    if image.size:
+        np.clip(out, np.float32(image.min()), np.float32(image.max()), out=out)
     return out
 
 
@@ -173,12 +177,12 @@ def resample_labels_inplane(label: np.ndarray, new_yx: Sequence[int], n_classes:
     return out
 
 
-def resample_probs_inplane(probs: torch.Tensor, new_yx: Sequence[int]) -> torch.Tensor:
-    """Class probabilities ``[K, Z, Y', X']`` -> ``[K, Z, Y, X]`` bilinearly (nnU-Net resamples predictions with order 1)."""
-    if tuple(probs.shape[-2:]) == tuple(new_yx):
-        return probs
-    k, z = probs.shape[:2]
-    out = F.interpolate(probs.permute(1, 0, 2, 3).float(), size=tuple(new_yx), mode="bilinear", align_corners=False)
+def resample_logits_inplane(logits: torch.Tensor, new_yx: Sequence[int]) -> torch.Tensor:
+    """Class logits ``[K, Z, Y', X']`` (any float dtype, any device) -> ``[K, Z, Y, X]`` float32, bilinearly: nnU-Net
+    resamples its predicted logits (order 1 in-plane) before the softmax/argmax."""
+    if tuple(logits.shape[-2:]) == tuple(new_yx):
+        return logits.float()
+    out = F.interpolate(logits.permute(1, 0, 2, 3).float(), size=tuple(new_yx), mode="bilinear", align_corners=False)
     return out.permute(1, 0, 2, 3)
 
 
@@ -264,18 +268,32 @@ def preprocess_volume(image: Volume, plans: Plans, label: Optional[np.ndarray] =
     return out_image, out_label, props
 
 
-def restore_geometry(probs: torch.Tensor, props: dict, chunk: int = 16) -> np.ndarray:
-    """Probabilities on the preprocessed grid ``[K, Z, Y', X']`` -> label map on the ORIGINAL grid ``[Z, Y, X]``
-    (uint8): resample in-plane back to the cropped shape in z-chunks, argmax, paste into the uncropped volume."""
+def restore_geometry_chunks(chunks: Iterable[tuple[int, torch.Tensor]], props: dict, n_classes: int) -> np.ndarray:
+    """Logit chunks ``(z0, [K, n, Y', X'])`` on the preprocessed grid -> label map on the ORIGINAL grid ``[Z, Y, X]``
+    (uint8): each chunk is resampled in-plane back to the cropped shape (as logits), reduced to the argmax class
+    (= the argmax of the softmax) and pasted into the uncropped volume, so only one chunk's scores live at a time."""
     cropped = props["cropped_shape_zyx"]
-    if probs.shape[1] != cropped[0]:
-        raise ValueError(f"prediction has {probs.shape[1]} slices, expected {cropped[0]}")
     full = np.zeros(props["shape_zyx"], dtype=np.uint8)
     (z0, z1), (y0, y1), (x0, x1) = props["bbox"]
-    for k0 in range(0, probs.shape[1], chunk):
-        block = resample_probs_inplane(probs[:, k0:k0 + chunk], cropped[1:])
-        full[z0 + k0:z0 + k0 + block.shape[1], y0:y1, x0:x1] = block.argmax(0).to(torch.uint8).numpy()
+    done = 0
+    for k0, block in chunks:
+        if block.shape[0] != n_classes:
+            raise ValueError(f"prediction has {block.shape[0]} classes, expected {n_classes}")
+        labels = resample_logits_inplane(block, cropped[1:]).argmax(0).to(torch.uint8).cpu().numpy()
+        full[z0 + k0:z0 + k0 + labels.shape[0], y0:y1, x0:x1] = labels
+        done += labels.shape[0]
+    if done != cropped[0]:
+        raise ValueError(f"prediction has {done} slices, expected {cropped[0]}")
     return full
+
+
+def restore_geometry(logits: torch.Tensor, props: dict, chunk: int = 16) -> np.ndarray:
+    """Logits of the whole volume ``[K, Z, Y', X']`` -> label map on the original grid (see `restore_geometry_chunks`).
+    Probabilities work too (resampled the same way); logits are what nnU-Net resamples."""
+    if logits.shape[1] != props["cropped_shape_zyx"][0]:
+        raise ValueError(f"prediction has {logits.shape[1]} slices, expected {props['cropped_shape_zyx'][0]}")
+    chunks = ((k0, logits[:, k0:k0 + chunk]) for k0 in range(0, logits.shape[1], chunk))
+    return restore_geometry_chunks(chunks, props, logits.shape[0])
 
 
 def save_label_nifti(label_zyx: np.ndarray, reference: Volume | str | Path, path: str | Path) -> None:

@@ -379,8 +379,9 @@ def stage1_backbone_state(stage1: Med3DStage1Model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- inference
 @torch.no_grad()
 def predict_volume(model: nn.Module, volume: torch.Tensor, slab_depth: int, patch_size: Sequence[int],
-                   overlap: float, gaussian: bool) -> torch.Tensor:
-    """Sliding-window probabilities ``[C, Z, Y, X]`` (CPU float32) for a preprocessed volume ``[Z, Y, X]``.
+                   overlap: float, gaussian: bool, logits: bool = False) -> torch.Tensor:
+    """Sliding-window probabilities ``[C, Z, Y, X]`` (CPU float32; the blended logits with ``logits=True``) for a
+    preprocessed volume ``[Z, Y, X]``.
 
     Windows of ``slab_depth`` slices x ``patch_size`` slide along depth (and in-plane when the slice is larger)
     with ``overlap``; overlapping logits are blended with Gaussian importance weights (MONAI's sliding-window
@@ -391,9 +392,9 @@ def predict_volume(model: nn.Module, volume: torch.Tensor, slab_depth: int, patc
     model.eval()
     roi = (int(slab_depth), *[int(s) for s in patch_size])
     x = volume.float()[None, None]
-    logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model, overlap=overlap,
-                                      mode="gaussian" if gaussian else "constant", padding_mode="constant")
-    return logits[0].softmax(0).float().cpu()
+    out = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model, overlap=overlap,
+                                   mode="gaussian" if gaussian else "constant", padding_mode="constant")[0].float()
+    return (out if logits else out.softmax(0)).cpu()
 
 
 # ---------------------------------------------------------------- recipe for the common finetune pipeline
@@ -430,7 +431,7 @@ def build_model(cfg, n_classes: int) -> Med3DModel:
 def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
     return predict_volume(getattr(model, "module", model), volume, int(cfg.data.slab_depth),
                           [int(s) for s in cfg.data.patch_size], float(cfg.head.infer_overlap),
-                          bool(cfg.head.infer_gaussian))
+                          bool(cfg.head.infer_gaussian), logits=True)
 
 
 def stage_configs(cfg, output_dir):

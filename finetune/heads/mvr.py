@@ -263,7 +263,9 @@ def build_model(cfg, n_classes: int) -> MVRProbeModel:
 
 
 def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
-    return predict_volume(getattr(model, "module", model), volume, _head_cfg(cfg))
+    """The fused probabilities' log: the common pipeline resamples logits, and log-probabilities are the logits of
+    the fused distribution."""
+    return predict_volume(getattr(model, "module", model), volume, _head_cfg(cfg)).clamp_min(1e-8).log()
 
 
 def fit(cfg, recipe, train_cases, val_cases, output_dir):

@@ -123,3 +123,22 @@ def test_cache_is_reused(spleen_case, tmp_path):
     assert preprocess_dataset([spleen_case], plans, tmp_path)["spleen2"] == case_dir
     assert (case_dir / "image.npy").stat().st_mtime_ns == stamp
     assert (tmp_path / plans.digest() / "plans.json").exists()
+
+
+def test_resampled_image_stays_in_the_input_range(spleen_case):
+    """Cubic splines overshoot at sharp edges; the resampled image is clipped to the input's range."""
+    image = read_volume(spleen_case.image)
+    plans = Plans(target_spacing_yx=[0.35, 0.35], clip_low=-1000, clip_high=1500, mean=0, std=1,
+                  labels=["background", "spleen"], crop_to_nonzero=False)
+    arr, _, _ = preprocess_volume(image, plans)
+    assert arr.max() <= image.array.max() and arr.min() >= image.array.min()
+    assert arr.max() == pytest.approx(image.array.max(), abs=1.0)          # clipped, not shrunk
+
+
+def test_predictions_are_resampled_as_logits():
+    """Three classes on two pixels A, B: the midpoint of their logits is class 2, the midpoint of their softmax
+    probabilities class 0 — nnU-Net resamples logits, so the restored middle pixel is class 2."""
+    logits = torch.tensor([[5.0, 0.1], [0.0, 5.0], [4.0, 4.0]])[:, None, None, :]   # [K=3, Z=1, Y=1, X=2]
+    props = {"cropped_shape_zyx": [1, 1, 3], "shape_zyx": [1, 1, 3], "bbox": [[0, 1], [0, 1], [0, 3]]}
+    assert restore_geometry(logits, props)[0, 0].tolist() == [0, 2, 1]
+    assert restore_geometry(logits.softmax(0), props)[0, 0, 1] == 0      # what resampling probabilities gives
