@@ -20,7 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -102,13 +102,16 @@ def _as_cases(cases: Sequence[PreprocessedCase | str | Path]) -> list[Preprocess
 
 
 def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_cases: Sequence[PreprocessedCase | str | Path],
-        output_dir: Path, n_classes: Optional[int] = None, model: Optional[nn.Module] = None) -> nn.Module:
+        output_dir: Path, n_classes: Optional[int] = None, model: Optional[nn.Module] = None,
+        on_epoch_end: Optional[Callable[[dict, nn.Module], None]] = None) -> nn.Module:
     """Train ``recipe``'s model on preprocessed cases (objects with ``.case_id`` or their cache folders); returns the
     trained model (unwrapped, eval mode, on its device).
 
     ``n_classes`` defaults to ``len(cfg.task.class_names)`` (set by `finetune.run`). ``model`` may be passed in
     (multi-stage recipes); otherwise ``recipe.build_model(cfg, n_classes)``. Writes ``metrics.jsonl``,
-    ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``.
+    ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``. ``on_epoch_end(record,
+    model)`` is called on rank 0 after each epoch's validation with the ``metrics.jsonl`` record and the unwrapped
+    model (multi-stage recipes keep their best checkpoint with it).
     """
     if n_classes is None:
         n_classes = len(cfg.task.class_names)
@@ -204,6 +207,8 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
             if rank == 0:
                 with open(output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if on_epoch_end is not None:
+                    on_epoch_end(record, model)
                 if progress is not None:
                     progress.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
                                    f"pseudo-Dice {[round(d, 3) for d in val_dice]}")
