@@ -23,9 +23,11 @@ bounding box of both masks plus one voxel, which is exact because every boundary
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -315,3 +317,65 @@ def format_table(summaries: Mapping[str, dict], method_name: str = "MedDINOv3 (o
             hd = "   n/a" if math.isnan(m["hd95"]) else f"{m['hd95']:6.2f}"
             lines.append(f"  {cls:<28} {pct(m['dice'])} {pct(_nsd_value(m))} {hd}   {m['n_cases']:>3} / {m['n_absent_in_gt']}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ vs the paper
+PAPER_TABLE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "paper_table2.yaml"
+
+
+def read_summary(path: str | Path) -> dict:
+    """A run's ``summary.json`` (the file or its run folder), with a one-line error for a missing or broken file."""
+    path = Path(path)
+    path = path / "summary.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no summary.json (did the finetune run finish its evaluation?)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def compare_with_paper(summaries: Sequence[dict], paper: Mapping[str, Mapping]) -> str:
+    """A Markdown table: our DSC/NSD (paper convention) next to Table 2's, plus nnU-Net's foreground-mean Dice."""
+    rows = ["| dataset (task) | fold | DSC % ours | DSC % paper | NSD % ours | NSD % paper | nnU-Net-style Dice % |",
+            "|---|---|---|---|---|---|---|"]
+    def pct(v) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * float(v):.2f}"
+    for summary in summaries:
+        task = str(summary.get("task"))
+        ref = paper.get(task, {})
+        mean = summary.get("paper_mean", {})
+        rows.append(f"| {ref.get('column', '-')} ({task}) | {summary.get('fold', '?')} | {pct(mean.get('dice'))} | "
+                    f"{ref.get('dsc', '-')} | {pct(_nsd_value(mean))} | {ref.get('nsd', '-')} | "
+                    f"{pct(summary.get('foreground_mean', {}).get('Dice'))} |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """``python -m finetune.metrics compare RUN_DIR ... [--out table.md]``: our numbers next to the paper's."""
+    from omegaconf import OmegaConf
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.metrics", description="finetune scores vs the paper")
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare = sub.add_parser("compare", help="Table 2: our summary.json files next to the paper's numbers")
+    compare.add_argument("runs", nargs="+", help="finetune run folders (or their summary.json)")
+    compare.add_argument("--paper", default=str(PAPER_TABLE), help="the paper's numbers (YAML)")
+    compare.add_argument("--out", default=None, help="also write the table here (Markdown)")
+    args = parser.parse_args(argv)
+    paper = OmegaConf.to_container(OmegaConf.load(args.paper), resolve=True)
+    table = compare_with_paper([read_summary(r) for r in args.runs], paper)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(table + "\n")
+        tmp.replace(out)
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
