@@ -140,7 +140,7 @@ def holdout_cases(cfg: dict, found: dict[str, list[Case]]) -> dict[str, list[str
     """Fold-``holdout.fold`` validation cases of each finetune task -> their uids here.
 
     The split is the finetune package's own: ``finetune.splits.fold_split`` over the ids the finetune task gives the
-    cases it trains and validates on (each adapter's ``finetune_case_id``: e.g. LiTS ``volume-7`` is ``lits_007``
+    cases it trains and validates on (each adapter's ``finetune_case_id``: e.g. LiTS ``volume-7`` is ``train_7``
     there). The naming matters -- the nnU-Net split sorts the ids -- so the split is computed on the finetune ids and
     mapped back, never on this package's case names."""
     from finetune.splits import fold_split

@@ -1,10 +1,12 @@
 """nnU-Net v2 default 2-D augmentations on tensors, one sample at a time.
 
 Order and probabilities follow nnU-Net's ``get_training_transforms`` for 2-D: spatial (rotation p 0.2 within
-+-180 deg, scaling p 0.2 in [0.7, 1.4], no elastic) -> Gaussian noise (p 0.1, std ~ U(0, 0.1): batchgenerators
++-180 deg, scaling p 0.2 in [0.7, 1.4], no elastic; image bilinear, labels one-hot bilinear + argmax, as
+batchgeneratorsv2) -> Gaussian noise (p 0.1, std ~ U(0, 0.1): batchgenerators
 calls it "variance" but draws the normal's scale from that range) -> Gaussian blur (p 0.2, sigma U(0.5, 1),
 each channel with p 0.5) -> multiplicative brightness (p 0.15, U(0.75, 1.25)) -> contrast (p 0.15, range kept)
--> low-resolution simulation (p 0.25, zoom U(0.5, 1), nearest down / cubic up, each channel p 0.5) -> inverted
+-> low-resolution simulation (nnU-Net p 0.25, zoom U(0.5, 1), nearest-exact down / bilinear up, each channel
+p 0.5; off in the paper recipe, see base.yaml) -> inverted
 gamma (p 0.1) -> gamma (p 0.3, gamma in [0.7, 1.5], statistics retained) -> mirroring (p 0.5 per in-plane axis).
 All values come from ``cfg.augment``; the random draws come from a numpy Generator passed in, so a batch is a
 pure function of its seed (resume reproduces the same data).
@@ -50,12 +52,13 @@ def crop_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int
     return out_img, out_lab
 
 
-def rotate_scale_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int], patch: Sequence[int],
-                        angle_rad: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window ``top_left + patch`` sampled after rotating by ``angle_rad`` and scaling coordinates by ``scale``
-    about its centre (scale > 1 shows more anatomy, as batchgenerators). Image cubic, label nearest, zero outside."""
+def window_grid(shape_yx: Sequence[int], top_left: Sequence[int], patch: Sequence[int], angle_rad: float,
+                scale: float) -> torch.Tensor:
+    """``grid_sample`` coordinates ``[ph, pw, 2]`` (x, y in [-1, 1], ``align_corners=False``) of the window
+    ``top_left + patch`` rotated by ``angle_rad`` and with coordinates scaled by ``scale`` about its centre
+    (scale > 1 shows more anatomy, as batchgenerators)."""
     ph, pw = int(patch[0]), int(patch[1])
-    _, ny, nx = image.shape
+    ny, nx = int(shape_yx[0]), int(shape_yx[1])
     cy, cx = top_left[0] + (ph - 1) / 2.0, top_left[1] + (pw - 1) / 2.0
     oy = torch.arange(ph, dtype=torch.float32) - (ph - 1) / 2.0
     ox = torch.arange(pw, dtype=torch.float32) - (pw - 1) / 2.0
@@ -63,10 +66,35 @@ def rotate_scale_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequ
     cos, sin = math.cos(angle_rad) * scale, math.sin(angle_rad) * scale
     sy = cy + cos * gy - sin * gx
     sx = cx + sin * gy + cos * gx
-    grid = torch.stack([(2 * sx + 1) / nx - 1, (2 * sy + 1) / ny - 1], dim=-1)[None]
-    out_img = F.grid_sample(image[None].float(), grid, mode="bicubic", padding_mode="zeros", align_corners=False)[0]
-    out_lab = F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-    return out_img, out_lab.round().to(label.dtype)
+    return torch.stack([(2 * sx + 1) / nx - 1, (2 * sy + 1) / ny - 1], dim=-1)
+
+
+def resample_labels(label: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Label maps ``[L, Y, X]`` sampled at ``grid [ph, pw, 2]`` as batchgeneratorsv2's ``SpatialTransform`` with
+    nnU-Net's settings (``mode_seg="bilinear"``, ``bg_style_seg_sampling=False``, padding label -1): the one-hot map
+    of every label value is interpolated bilinearly and each pixel takes the argmax (lowest label on ties). Outside
+    the slice an extra "padding" class (one-hot 1 there) competes first and then becomes background, as nnU-Net's
+    ``RemoveLabelTansform(-1, 0)``. All label channels and values go through one ``grid_sample`` call."""
+    n_slices, ny, nx = label.shape
+    values = torch.unique(label)                                            # ascending
+    onehot = (label[:, None] == values.view(1, -1, 1, 1)).float().view(1, n_slices * len(values), ny, nx)
+    scores = F.grid_sample(onehot, grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    scores = scores.view(n_slices, len(values), *grid.shape[:2])
+    inside = F.grid_sample(torch.ones(1, 1, ny, nx), grid[None], mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[0]
+    scores = torch.cat([(1 - inside).expand(n_slices, 1, *grid.shape[:2]), scores], 1)
+    lookup = torch.cat([values.new_zeros(1), values])                       # padding class -> background
+    return lookup[scores.argmax(1)]
+
+
+def rotate_scale_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequence[int], patch: Sequence[int],
+                        angle_rad: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window after rotation/scaling (`window_grid`): image bilinear with zeros outside (batchgeneratorsv2's
+    ``mode_image="bilinear"``), labels by one-hot interpolation + argmax (`resample_labels`)."""
+    grid = window_grid(image.shape[1:], top_left, patch, angle_rad, scale)
+    out_img = F.grid_sample(image[None].float(), grid[None], mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[0]
+    return out_img, resample_labels(label, grid).to(label.dtype)
 
 
 def _gaussian_blur_channel(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -79,6 +107,14 @@ def _gaussian_blur_channel(x: torch.Tensor, sigma: float) -> torch.Tensor:
     y = F.conv2d(y, kernel.view(1, 1, 1, -1))
     y = F.pad(y, (0, 0, radius, radius), mode="replicate")
     return F.conv2d(y, kernel.view(1, 1, -1, 1))[0, 0]
+
+
+def simulate_lowres(x: torch.Tensor, zoom: float) -> torch.Tensor:
+    """``[Y, X]`` downsampled by ``zoom`` (nearest-exact) and back up bilinearly, as batchgeneratorsv2's
+    ``SimulateLowResolutionTransform`` (one zoom for both axes: nnU-Net's ``synchronize_axes=True``)."""
+    small = [max(int(round(s * zoom)), 1) for s in x.shape]
+    down = F.interpolate(x[None, None], size=small, mode="nearest-exact")
+    return F.interpolate(down, size=tuple(x.shape), mode="bilinear", align_corners=False)[0, 0]
 
 
 def _gamma(x: torch.Tensor, gamma: float, invert: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -112,11 +148,7 @@ def intensity_augment(image: torch.Tensor, rng: np.random.Generator, acfg, gener
     if rng.random() < acfg.lowres_p:
         for c in range(x.shape[0]):
             if rng.random() < 0.5:
-                zoom = _uniform(rng, acfg.lowres_zoom)
-                size = x.shape[1:]
-                small = [max(int(round(s * zoom)), 1) for s in size]
-                down = F.interpolate(x[c][None, None], size=small, mode="nearest")
-                x[c] = F.interpolate(down, size=tuple(size), mode="bicubic", align_corners=False)[0, 0]
+                x[c] = simulate_lowres(x[c], _uniform(rng, acfg.lowres_zoom))
     if rng.random() < acfg.gamma_invert_p:
         x = _gamma(x, _split_range(rng, acfg.gamma_range), invert=True)
     if rng.random() < acfg.gamma_p:

@@ -4,9 +4,9 @@ A batch is a pure function of ``(seed, rank, iteration, stream)``: resuming at i
 of an uninterrupted run, and DDP ranks draw different batches. Batches are built in background threads
 (``data.num_workers``; numpy/scipy/torch release the GIL for the heavy parts) and handed out in order.
 
-Sampling (nnU-Net ``DataLoader2D``/``3D``): per sample a random case; the last ``round(B * oversample)`` samples of
-each batch are centred on a random voxel of a random foreground class present in the case (random if the case
-has none); in-plane windows follow nnU-Net's bounds (a window may stick out of a small image and is zero-padded).
+Sampling (nnU-Net ``DataLoader2D``/``3D``): per sample a random case; the last ``B - round(B * (1 - oversample))``
+samples of each batch are centred on a random voxel of a random foreground class present in the case (random if
+the case has none); windows follow nnU-Net's ``get_bbox`` (a window may stick out of the image and is zero-padded).
 See `finetune.heads` for the batch layout of ``slice2d`` and ``slab3d`` recipes.
 """
 from __future__ import annotations
@@ -42,20 +42,72 @@ def load_preprocessed(case_dir: str | Path) -> PreprocessedCase:
                             np.load(case_dir / "label.npy", mmap_mode="r"), locations, props)
 
 
+@dataclass(frozen=True)
+class RankBatch:
+    """One DDP rank's share of the configured global batch (nnU-Net ``_set_batch_size_and_oversample``)."""
+
+    rank: int
+    batch_size: int
+    oversample: float          # this rank's foreground-oversampling fraction
+    n_forced: int              # samples of this rank's batch forced to contain foreground
+
+
+def rank_batch_plan(global_batch: int, world: int, oversample: float) -> list[RankBatch]:
+    """Split ``global_batch`` over ``world`` ranks as nnU-Net does under DDP.
+
+    The first ``global_batch % world`` ranks take one sample more. The global batch's last
+    ``global_batch - round(global_batch * (1 - oversample))`` samples are the forced-foreground ones; each rank gets
+    the fraction of those falling in its slice, so the whole step still forces the number a single process would
+    (global 12, oversample 0.33, 4 ranks: 3/3/3/3 samples, 0/0/1/3 forced).
+    """
+    if world < 1 or global_batch < world:
+        raise ValueError(f"data.batch_size={global_batch} is the global batch: it cannot be split over {world} "
+                         "processes (each needs at least one sample); raise the batch or use fewer GPUs")
+    sizes = [global_batch // world + (1 if r < global_batch % world else 0) for r in range(world)]
+    n_random = round(global_batch * (1 - oversample))
+    plan, low = [], 0
+    for rank, size in enumerate(sizes):
+        high = low + size
+        if high / global_batch < 1 - oversample:
+            frac = 0.0
+        elif low / global_batch > 1 - oversample:
+            frac = 1.0
+        else:
+            frac = sum(i >= n_random for i in range(low, high)) / size
+        plan.append(RankBatch(rank, size, frac, size - int(round(size * (1 - frac)))))
+        low = high
+    return plan
+
+
+def format_batch_plan(plan: Sequence[RankBatch], global_batch: int) -> str:
+    """The ``--plan``-style lines printed at the start of training (one per rank)."""
+    lines = [f"batch plan: global batch {global_batch} over {len(plan)} process(es)"]
+    lines += [f"  rank {r.rank}: {r.batch_size} samples, oversample {r.oversample:.3f} ({r.n_forced} forced foreground)"
+              for r in plan]
+    return "\n".join(lines)
+
+
 def _window_start(rng: np.random.Generator, size: int, patch: int, voxel: Optional[int]) -> int:
-    """nnU-Net's bounds for a window start along one axis (negative / beyond = zero padding)."""
+    """A window start along one axis as nnU-Net's ``get_bbox`` (negative / beyond the image = zero padding).
+
+    Random windows start in ``[lb, ub]``. A foreground-forced window is centred on ``voxel`` and only clamped from
+    below (``max(lb, voxel - patch // 2)``): nnU-Net does not pull it back inside at the far end, so a structure at
+    the image border stays at the patch centre with padding beyond it."""
     need = max(patch - size, 0)
     lb = -(need // 2)
     ub = size + need // 2 + need % 2 - patch
     if voxel is None:
         return int(rng.integers(lb, ub + 1))
-    return int(min(max(voxel - patch // 2, lb), ub))
+    return int(max(voxel - patch // 2, lb))
 
 
 class PatchSampler:
     """Builds ``slice2d`` / ``slab3d`` batches from preprocessed cases (see module docstring)."""
 
-    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, seed: int, rank: int = 0) -> None:
+    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, seed: int, rank: int = 0,
+                 share: Optional[RankBatch] = None) -> None:
+        """``share``: this rank's batch size and oversampling (`rank_batch_plan`); None = the whole configured batch
+        (one process)."""
         if not cases:
             raise ValueError("no training cases")
         self.cases = list(cases)
@@ -66,7 +118,8 @@ class PatchSampler:
         self.patch = [int(p) for p in cfg.data.patch_size]
         self.context = int(cfg.data.get("context_slices", 0) or 0)
         self.slab_depth = int(cfg.data.get("slab_depth", 1) or 1)
-        self.oversample = float(cfg.data.oversample_foreground)
+        self.batch_size = int(share.batch_size) if share is not None else int(cfg.data.batch_size)
+        self.oversample = float(share.oversample) if share is not None else float(cfg.data.oversample_foreground)
 
     def _slice_indices(self, rng: np.random.Generator, n_slices: int, z_voxel: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
         """Image slice indices and label slice indices (``-1`` = padding) for one sample."""
@@ -105,7 +158,7 @@ class PatchSampler:
 
     def batch(self, iteration: int, batch_size: Optional[int] = None, stream: int = 0, augment: bool = True) -> dict:
         """Batch number ``iteration`` of ``stream`` (0 = training, 1 = validation)."""
-        batch_size = int(batch_size or self.cfg.data.batch_size)
+        batch_size = int(batch_size or self.batch_size)
         rng = np.random.default_rng([self.seed, self.rank, stream, int(iteration)])
         n_random = int(round(batch_size * (1 - self.oversample)))
         images, labels, ids = [], [], []

@@ -23,9 +23,11 @@ bounding box of both masks plus one voxel, which is exact because every boundary
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -130,19 +132,30 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluation_classes(labels: Sequence[str], regions: Optional[Mapping[str, Sequence[int]]] = None
-                       ) -> dict[str, list[int]]:
-    """Evaluated classes as ``name -> label ids``: each foreground label, or the task's regions (unions)."""
-    if regions:
-        return {str(k): [int(i) for i in v] for k, v in regions.items()}
+NSD_DEFINITIONS = {
+    "boundary": "voxel-face boundary (MONAI compute_surface_dice without sub-voxels, as the MedDINOv3 metric script)",
+    "surface": "area-weighted surfels on 2x2x2 neighbourhoods (DeepMind surface-distance)",
+}
+
+
+def nsd_key(method: str) -> str:
+    """Name of the NSD entry in reports: the definition is part of the name (``nsd_boundary`` / ``nsd_surface``)."""
+    if method not in NSD_METHODS:
+        raise ValueError(f"nsd method must be one of {NSD_METHODS}, got {method!r}")
+    return f"nsd_{method}"
+
+
+def evaluation_classes(labels: Sequence[str]) -> dict[str, list[int]]:
+    """Per-label evaluation classes ``name -> [label id]`` (background dropped), as the MedDINOv3 metric script."""
     return {name: [i] for i, name in enumerate(labels) if i > 0}
 
 
 def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], classes: Mapping[str, Sequence[int]],
                   tolerance_mm: float | Mapping[str, float] = 1.0, nsd_method: str = "boundary",
                   compute_hd95: bool = True) -> dict[str, dict]:
-    """Per-class metrics for one case. ``pred``/``gt`` are label maps; a class absent from the GT gets
-    ``gt_present=False`` (its Dice is 0 if something was predicted, NaN otherwise) and is excluded from means."""
+    """Per-class metrics for one case. ``pred``/``gt`` are label maps; a class (a label id or a union of ids) absent
+    from the GT gets ``gt_present=False`` (its Dice is 0 if something was predicted, NaN otherwise). The confusion
+    counts ``tp/fp/fn/tn`` feed nnU-Net's summary layout; ``nsd_method`` travels with the NSD value."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
     out = {}
@@ -150,10 +163,11 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], cl
         p, g = np.isin(pred, ids), np.isin(gt, ids)
         tol = float(tolerance_mm.get(name, tolerance_mm.get("default", 1.0))) if isinstance(tolerance_mm, Mapping) \
             else float(tolerance_mm)
-        out[name] = {"dice": dice(p, g), "nsd": nsd(p, g, spacing, tol, nsd_method),
+        tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+        out[name] = {"dice": dice(p, g), "nsd": nsd(p, g, spacing, tol, nsd_method), "nsd_method": nsd_method,
                      "hd95": hd95(p, g, spacing) if compute_hd95 else float("nan"),
-                     "gt_present": bool(g.any()), "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum()),
-                     "nsd_tolerance_mm": tol}
+                     "gt_present": bool(g.any()), "gt_voxels": tp + fn, "pred_voxels": tp + fp,
+                     "nsd_tolerance_mm": tol, "tp": tp, "fp": fp, "fn": fn, "tn": int(p.size) - tp - fp - fn}
     return out
 
 
@@ -162,8 +176,17 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _method_of(per_case: Mapping[str, Mapping[str, dict]]) -> str:
+    methods = {row["nsd_method"] for classes in per_case.values() for row in classes.values()}
+    if len(methods) > 1:
+        raise ValueError(f"cases were scored with different NSD definitions {sorted(methods)}")
+    return methods.pop() if methods else "boundary"
+
+
 def summarize(per_case: Mapping[str, Mapping[str, dict]]) -> dict:
-    """Mean over cases (GT-present only) per class, then mean over classes; absent classes are reported."""
+    """The paper's convention (MedDINOv3 ``compute_metrics.py``): per class the mean over the cases whose reference
+    contains it (absent -> left out), then the mean over classes. NSD is named by its definition."""
+    key = nsd_key(_method_of(per_case))
     classes = list(next(iter(per_case.values())).keys()) if per_case else []
     per_class = {}
     for name in classes:
@@ -171,21 +194,90 @@ def summarize(per_case: Mapping[str, Mapping[str, dict]]) -> dict:
         present = [r for r in rows if r["gt_present"]]
         absent = [r for r in rows if not r["gt_present"]]
         per_class[name] = {
-            "dice": _nanmean(r["dice"] for r in present), "nsd": _nanmean(r["nsd"] for r in present),
+            "dice": _nanmean(r["dice"] for r in present), key: _nanmean(r["nsd"] for r in present),
             "hd95": _nanmean(r["hd95"] for r in present), "n_cases": len(present),
             "n_absent_in_gt": len(absent), "n_false_positive_when_absent": sum(r["pred_voxels"] > 0 for r in absent),
         }
-    mean = {k: _nanmean(per_class[c][k] for c in per_class) for k in ("dice", "nsd", "hd95")}
+    mean = {k: _nanmean(per_class[c][k] for c in per_class) for k in ("dice", key, "hd95")}
     return {"mean": mean, "per_class": per_class, "n_cases": len(per_case)}
 
 
+def nnunet_key(ids: Sequence[int]) -> str:
+    """nnU-Net's ``label_or_region_to_key``: ``"2"`` for a label, ``"(1, 2, 3)"`` for a region."""
+    ids = [int(i) for i in ids]
+    return str(ids[0]) if len(ids) == 1 else str(tuple(ids))
+
+
+def nnunet_summary(per_case: Mapping[str, Mapping[str, dict]], classes: Mapping[str, Sequence[int]],
+                   files: Mapping[str, tuple[str, str]]) -> dict:
+    """nnU-Net v2's ``summary.json`` layout (``evaluation/evaluate_predictions.compute_metrics_on_folder``).
+
+    ``metric_per_case``: one entry per case with ``reference_file``, ``prediction_file`` and ``metrics`` keyed by
+    label id / region tuple string; ``mean``: per key the nanmean over ALL cases (a false positive on a case without
+    the class counts Dice 0; nnU-Net's convention, not the paper's); ``foreground_mean``: plain mean over the keys.
+    Besides nnU-Net's Dice/IoU/counts each entry carries ``NSD_<definition>`` and ``HD95`` (mm).
+    """
+    nsd_name = f"NSD_{_method_of(per_case)}"
+    per_case_out = []
+    for case_id, rows in per_case.items():
+        metrics = {}
+        for name, ids in classes.items():
+            r = rows[name]
+            union = r["tp"] + r["fp"] + r["fn"]
+            metrics[nnunet_key(ids)] = {
+                "Dice": 2 * r["tp"] / (r["tp"] + union) if union else float("nan"),
+                "IoU": r["tp"] / union if union else float("nan"),
+                "FP": r["fp"], "TP": r["tp"], "FN": r["fn"], "TN": r["tn"],
+                "n_pred": r["tp"] + r["fp"], "n_ref": r["tp"] + r["fn"], nsd_name: r["nsd"], "HD95": r["hd95"]}
+        reference, prediction = files[case_id]
+        per_case_out.append({"reference_file": reference, "prediction_file": prediction, "metrics": metrics})
+    keys = [nnunet_key(ids) for ids in classes.values()]
+    metric_names = list(per_case_out[0]["metrics"][keys[0]]) if per_case_out and keys else []
+    mean = {k: {m: _nanmean(c["metrics"][k][m] for c in per_case_out) for m in metric_names} for k in keys}
+    foreground = {m: float(np.mean([mean[k][m] for k in keys])) if keys else float("nan") for m in metric_names}
+    return {"foreground_mean": foreground, "mean": mean, "metric_per_case": per_case_out}
+
+
+SUMMARY_CONVENTIONS = {
+    "foreground_mean/mean/metric_per_case": "nnU-Net v2 layout (readable by nnunetv2 load_summary_json): keys are label "
+        "ids, per-key means over all cases; a prediction on a case whose reference lacks the class counts Dice 0",
+    "paper_mean/per_class": "MedDINOv3 paper convention (its compute_metrics.py, Table 2): per label, cases whose "
+        "reference lacks the class are left out of that class's mean; paper_mean is the mean over classes",
+    "regions": "the task's evaluation regions (unions of label ids, e.g. KiTS23's hierarchical classes), scored "
+        "both ways: regions.paper_mean/per_class and regions.mean/foreground_mean (nnU-Net, region tuple keys)",
+}
+
+
+def build_summary(per_case: Mapping[str, Mapping[str, dict]], classes: Mapping[str, Sequence[int]],
+                  files: Mapping[str, tuple[str, str]],
+                  region_cases: Optional[Mapping[str, Mapping[str, dict]]] = None,
+                  regions: Optional[Mapping[str, Sequence[int]]] = None) -> dict:
+    """The full ``summary.json`` content: nnU-Net's layout at the top level, the paper's convention beside it
+    (``paper_mean``, ``per_class``), and the optional regions scored both ways under ``regions``."""
+    paper = summarize(per_case)
+    method = _method_of(per_case)
+    out = {**nnunet_summary(per_case, classes, files), "paper_mean": paper["mean"], "per_class": paper["per_class"],
+           "n_cases": paper["n_cases"], "classes": {k: list(v) for k, v in classes.items()},
+           "nsd_definition": {"method": method, "key": nsd_key(method), "text": NSD_DEFINITIONS[method]},
+           "conventions": SUMMARY_CONVENTIONS}
+    if regions:
+        region_paper = summarize(region_cases)
+        region_nnunet = nnunet_summary(region_cases, regions, files)
+        out["regions"] = {"classes": {k: list(v) for k, v in regions.items()}, "paper_mean": region_paper["mean"],
+                          "per_class": region_paper["per_class"], "mean": region_nnunet["mean"],
+                          "foreground_mean": region_nnunet["foreground_mean"]}
+    return out
+
+
 def write_per_case_csv(per_case: Mapping[str, Mapping[str, dict]], path: str | Path) -> None:
+    """One row per (case, class); the NSD column is named by its definition (``nsd_boundary`` / ``nsd_surface``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = nsd_key(_method_of(per_case))
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case_id", "class", "dice", "nsd", "hd95", "gt_present", "gt_voxels", "pred_voxels",
+        writer.writerow(["case_id", "class", "dice", key, "hd95", "gt_present", "gt_voxels", "pred_voxels",
                          "nsd_tolerance_mm"])
         for case_id, classes in per_case.items():
             for name, m in classes.items():
@@ -203,18 +295,87 @@ def write_summary_json(summary: dict, path: str | Path, extra: Optional[dict] = 
     tmp.replace(path)
 
 
+def _nsd_value(scores: Mapping[str, float]) -> float:
+    """The NSD entry of a paper-convention block, whichever definition it was scored with."""
+    return next((float(v) for k, v in scores.items() if k in {nsd_key(m) for m in NSD_METHODS}), float("nan"))
+
+
 def format_table(summaries: Mapping[str, dict], method_name: str = "MedDINOv3 (ours)") -> str:
-    """A Table-2-style block: DSC (%) and NSD (%) per dataset, then the per-class breakdown of each dataset."""
+    """A Table-2-style block in the paper's convention (``paper_mean``/``per_class`` of `build_summary` or
+    `summarize`): DSC (%) and NSD (%) per dataset, then the per-class breakdown of each dataset."""
     names = list(summaries)
+    means = {n: summaries[n].get("paper_mean", summaries[n].get("mean")) for n in names}
     def pct(v: float) -> str:
         return "  n/a " if math.isnan(v) else f"{100 * v:6.2f}"
     head = f"{'Method':<20}| " + " ".join(f"{n[:8]:>8}" for n in names) + " | " + " ".join(f"{n[:8]:>8}" for n in names)
     lines = [f"{'':<20}| {'DSC (%)':^{9 * len(names)}}| {'NSD (%)':^{9 * len(names)}}", head, "-" * len(head),
-             f"{method_name:<20}| " + " ".join(f"{pct(summaries[n]['mean']['dice']):>8}" for n in names) + " | "
-             + " ".join(f"{pct(summaries[n]['mean']['nsd']):>8}" for n in names)]
+             f"{method_name:<20}| " + " ".join(f"{pct(means[n]['dice']):>8}" for n in names) + " | "
+             + " ".join(f"{pct(_nsd_value(means[n])):>8}" for n in names)]
     for n in names:
         lines += ["", f"{n}: per class (DSC %, NSD %, HD95 mm, cases with the class in GT / absent)"]
         for cls, m in summaries[n]["per_class"].items():
             hd = "   n/a" if math.isnan(m["hd95"]) else f"{m['hd95']:6.2f}"
-            lines.append(f"  {cls:<28} {pct(m['dice'])} {pct(m['nsd'])} {hd}   {m['n_cases']:>3} / {m['n_absent_in_gt']}")
+            lines.append(f"  {cls:<28} {pct(m['dice'])} {pct(_nsd_value(m))} {hd}   {m['n_cases']:>3} / {m['n_absent_in_gt']}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ vs the paper
+PAPER_TABLE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "paper_table2.yaml"
+
+
+def read_summary(path: str | Path) -> dict:
+    """A run's ``summary.json`` (the file or its run folder), with a one-line error for a missing or broken file."""
+    path = Path(path)
+    path = path / "summary.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no summary.json (did the finetune run finish its evaluation?)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def compare_with_paper(summaries: Sequence[dict], paper: Mapping[str, Mapping]) -> str:
+    """A Markdown table: our DSC/NSD (paper convention) next to Table 2's, plus nnU-Net's foreground-mean Dice."""
+    rows = ["| dataset (task) | fold | DSC % ours | DSC % paper | NSD % ours | NSD % paper | nnU-Net-style Dice % |",
+            "|---|---|---|---|---|---|---|"]
+    def pct(v) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * float(v):.2f}"
+    for summary in summaries:
+        task = str(summary.get("task"))
+        ref = paper.get(task, {})
+        mean = summary.get("paper_mean", {})
+        rows.append(f"| {ref.get('column', '-')} ({task}) | {summary.get('fold', '?')} | {pct(mean.get('dice'))} | "
+                    f"{ref.get('dsc', '-')} | {pct(_nsd_value(mean))} | {ref.get('nsd', '-')} | "
+                    f"{pct(summary.get('foreground_mean', {}).get('Dice'))} |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """``python -m finetune.metrics compare RUN_DIR ... [--out table.md]``: our numbers next to the paper's."""
+    from omegaconf import OmegaConf
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.metrics", description="finetune scores vs the paper")
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare = sub.add_parser("compare", help="Table 2: our summary.json files next to the paper's numbers")
+    compare.add_argument("runs", nargs="+", help="finetune run folders (or their summary.json)")
+    compare.add_argument("--paper", default=str(PAPER_TABLE), help="the paper's numbers (YAML)")
+    compare.add_argument("--out", default=None, help="also write the table here (Markdown)")
+    args = parser.parse_args(argv)
+    paper = OmegaConf.to_container(OmegaConf.load(args.paper), resolve=True)
+    table = compare_with_paper([read_summary(r) for r in args.runs], paper)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(table + "\n")
+        tmp.replace(out)
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -35,7 +35,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
-METRIC_ALIASES = {"dice": ("dice", "dsc"), "nsd": ("nsd", "normalized_surface_dice"), "hd95": ("hd95",)}
+METRIC_ALIASES = {"dice": ("dice", "dsc"), "nsd": ("nsd", "nsd_boundary", "nsd_surface", "normalized_surface_dice"), "hd95": ("hd95",)}
 METRIC_LABELS = {"dice": "DSC", "nsd": "NSD", "hd95": "HD95 (mm)"}
 NSD_METHODS = ("boundary", "surface")  # finetune.metrics: voxel-face boundary | area-weighted surfels
 

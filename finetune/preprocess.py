@@ -2,7 +2,7 @@
 
 Per case (nnU-Net v2 order): read NIfTI -> axial-first array ``[Z, Y, X]`` -> crop to the bounding box of non-zero
 voxels -> CT normalisation (clip to the 0.5/99.5 percentiles of the training foreground, z-score with the
-foreground mean/std, all from the training cases of the fold) -> in-plane resampling to the target spacing
+foreground mean/std, from all training cases of the dataset as nnU-Net's fingerprint) -> in-plane resampling to the target spacing
 (z untouched, as nnU-Net's 2-D configuration): images with cubic splines, labels per class with linear
 interpolation thresholded at 0.5 (nnU-Net's ``order=1`` segmentation resampling).
 
@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -60,6 +60,7 @@ class Plans:
     mean: float
     std: float
     labels: list[str]                       # index = label value, 0 = background
+    normalization: str = "ct"               # ct (nnU-Net CTNormalization) | zscore (ZScoreNormalization, per image)
     crop_to_nonzero: bool = True
     image_order: int = 3
     median_shape_yx: list[float] = field(default_factory=list)
@@ -147,7 +148,9 @@ def resampled_shape_yx(shape_yx: Sequence[int], spacing_yx: Sequence[float], tar
 
 
 def resample_image_inplane(image: np.ndarray, new_yx: Sequence[int], order: int = 3) -> np.ndarray:
-    """``[Z, Y, X]`` -> ``[Z, Y', X']`` with a spline of ``order`` per slice, pixel-centre aligned, edge mode."""
+    """``[Z, Y, X]`` -> ``[Z, Y', X']`` with a spline of ``order`` per slice, pixel-centre aligned, edge mode, then
+    clipped to the input's value range: a cubic spline overshoots at sharp edges (air/bone, the 0-padding of the
+    crop), which would create intensities the normalised image never had."""
     z, y, x = image.shape
     if (y, x) == tuple(new_yx):
         return image.astype(np.float32, copy=False)
@@ -155,6 +158,8 @@ def resample_image_inplane(image: np.ndarray, new_yx: Sequence[int], order: int 
     out = np.empty((z, *new_yx), dtype=np.float32)
     for k in range(z):
         out[k] = ndimage.zoom(image[k].astype(np.float32, copy=False), zoom, order=order, mode="nearest", grid_mode=True)
+    if image.size:
+        np.clip(out, np.float32(image.min()), np.float32(image.max()), out=out)
     return out
 
 
@@ -176,37 +181,51 @@ def resample_labels_inplane(label: np.ndarray, new_yx: Sequence[int], n_classes:
     return out
 
 
-def resample_probs_inplane(probs: torch.Tensor, new_yx: Sequence[int]) -> torch.Tensor:
-    """Class probabilities ``[K, Z, Y', X']`` -> ``[K, Z, Y, X]`` bilinearly (nnU-Net resamples predictions with order 1)."""
-    if tuple(probs.shape[-2:]) == tuple(new_yx):
-        return probs
-    k, z = probs.shape[:2]
-    out = F.interpolate(probs.permute(1, 0, 2, 3).float(), size=tuple(new_yx), mode="bilinear", align_corners=False)
+def resample_logits_inplane(logits: torch.Tensor, new_yx: Sequence[int]) -> torch.Tensor:
+    """Class logits ``[K, Z, Y', X']`` (any float dtype, any device) -> ``[K, Z, Y, X]`` float32, bilinearly: nnU-Net
+    resamples its predicted logits (order 1 in-plane) before the softmax/argmax."""
+    if tuple(logits.shape[-2:]) == tuple(new_yx):
+        return logits.float()
+    out = F.interpolate(logits.permute(1, 0, 2, 3).float(), size=tuple(new_yx), mode="bilinear", align_corners=False)
     return out.permute(1, 0, 2, 3)
 
 
 # ------------------------------------------------------------------------------------------------ intensities
-def ct_normalize(image: np.ndarray, plans: Plans) -> np.ndarray:
-    """nnU-Net CTNormalization: clip to the foreground percentiles, z-score with the foreground mean/std."""
-    out = np.clip(image.astype(np.float32, copy=False), plans.clip_low, plans.clip_high)
+NORMALIZATIONS = ("ct", "zscore")
+
+
+def normalize(image: np.ndarray, plans: Plans) -> np.ndarray:
+    """nnU-Net's two schemes. ``ct`` (CTNormalization): clip to the training foreground percentiles, z-score with
+    the training foreground mean/std. ``zscore`` (ZScoreNormalization, any channel not named CT, e.g. AMOS22's
+    "either_CT_or_MR"): z-score with this image's own mean/std."""
+    out = image.astype(np.float32, copy=False)
+    if plans.normalization == "zscore":
+        return (out - out.mean(dtype=np.float64)).astype(np.float32) / np.float32(max(float(out.std(dtype=np.float64)), 1e-8))
+    if plans.normalization != "ct":
+        raise ValueError(f"plans normalization must be one of {NORMALIZATIONS}, got {plans.normalization!r}")
+    out = np.clip(out, plans.clip_low, plans.clip_high)
     return (out - np.float32(plans.mean)) / np.float32(max(plans.std, 1e-8))
 
 
-def foreground_samples(image: np.ndarray, label: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``n_samples`` random image values where ``label > 0`` (nnU-Net's fingerprint sampling)."""
-    values = image[label > 0]
+def foreground_samples(image: np.ndarray, label: np.ndarray, n_samples: int, seed: int = 1234) -> np.ndarray:
+    """``n_samples`` image values drawn WITH replacement where ``label > 0``, with a fresh ``RandomState(seed)`` per
+    case: nnU-Net's ``DatasetFingerprintExtractor.collect_foreground_intensities`` (same draws for the same case).
+    Empty when the case has no foreground."""
+    values = image[label > 0].astype(np.float32, copy=False)
     if values.size == 0:
-        return values.astype(np.float32)
-    if values.size > n_samples:
-        values = rng.choice(values, n_samples, replace=False)
-    return values.astype(np.float32)
+        return values
+    return np.random.RandomState(seed).choice(values, int(n_samples), replace=True)
 
 
 # --------------------------------------------------------------------------------------------------- planning
 def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> Plans:
-    """Fingerprint the training cases (spacing, cropped shape, foreground intensities) and derive the plans."""
+    """Fingerprint the dataset's labelled cases (spacing, cropped shape, foreground intensities) and derive the plans.
+
+    As nnU-Net's fingerprint, ``cases`` are ALL training cases of the dataset (every fold), each contributing
+    ``preprocess.foreground_samples_total // len(cases)`` foreground intensities (nnU-Net: 1e8 in total); the CT
+    statistics are the 0.5/99.5 percentiles, mean and std of the pooled samples."""
     pcfg = cfg.preprocess
-    rng = np.random.default_rng(1234)
+    per_case = int(float(pcfg.foreground_samples_total) // max(len(cases), 1))
     spacings, shapes, samples = [], [], []
     for case in cases:
         image, label = read_case(case, len(labels))
@@ -214,7 +233,7 @@ def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> P
         cropped, cropped_label = crop(image.array, bbox), crop(label, bbox)
         spacings.append(image.spacing_zyx[1:])
         shapes.append(cropped.shape[1:])
-        samples.append(foreground_samples(cropped, cropped_label, int(pcfg.foreground_samples_per_case), rng))
+        samples.append(foreground_samples(cropped, cropped_label, per_case))
     pooled = np.concatenate(samples) if samples else np.zeros(0, np.float32)
     if pooled.size == 0:
         raise ValueError("no foreground voxels in any training case: cannot compute CT normalisation statistics")
@@ -229,7 +248,7 @@ def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> P
     low, high = np.percentile(pooled, list(pcfg.clip_percentiles))
     return Plans(target_spacing_yx=[float(t) for t in target], clip_low=float(low), clip_high=float(high),
                  mean=float(pooled.mean()), std=float(pooled.std()), labels=list(labels),
-                 crop_to_nonzero=bool(pcfg.crop_to_nonzero), image_order=int(pcfg.image_order),
+                 normalization=str(pcfg.normalization), crop_to_nonzero=bool(pcfg.crop_to_nonzero), image_order=int(pcfg.image_order),
                  median_shape_yx=[float(s) for s in median_shape],
                  median_spacing_yx=[float(s) for s in median_spacing], n_training_cases=len(cases))
 
@@ -241,7 +260,7 @@ def preprocess_volume(image: Volume, plans: Plans, label: Optional[np.ndarray] =
     ``props`` holds what `restore_geometry` needs to go back (original shape, bbox, shapes)."""
     arr = image.array
     bbox = nonzero_bbox(arr) if plans.crop_to_nonzero else [[0, s] for s in arr.shape]
-    cropped = ct_normalize(crop(arr, bbox), plans)
+    cropped = normalize(crop(arr, bbox), plans)
     new_yx = resampled_shape_yx(cropped.shape[1:], image.spacing_zyx[1:], plans.target_spacing_yx)
     out_image = resample_image_inplane(cropped, new_yx, plans.image_order)
     out_label = None
@@ -253,18 +272,32 @@ def preprocess_volume(image: Volume, plans: Plans, label: Optional[np.ndarray] =
     return out_image, out_label, props
 
 
-def restore_geometry(probs: torch.Tensor, props: dict, chunk: int = 16) -> np.ndarray:
-    """Probabilities on the preprocessed grid ``[K, Z, Y', X']`` -> label map on the ORIGINAL grid ``[Z, Y, X]``
-    (uint8): resample in-plane back to the cropped shape in z-chunks, argmax, paste into the uncropped volume."""
+def restore_geometry_chunks(chunks: Iterable[tuple[int, torch.Tensor]], props: dict, n_classes: int) -> np.ndarray:
+    """Logit chunks ``(z0, [K, n, Y', X'])`` on the preprocessed grid -> label map on the ORIGINAL grid ``[Z, Y, X]``
+    (uint8): each chunk is resampled in-plane back to the cropped shape (as logits), reduced to the argmax class
+    (= the argmax of the softmax) and pasted into the uncropped volume, so only one chunk's scores live at a time."""
     cropped = props["cropped_shape_zyx"]
-    if probs.shape[1] != cropped[0]:
-        raise ValueError(f"prediction has {probs.shape[1]} slices, expected {cropped[0]}")
     full = np.zeros(props["shape_zyx"], dtype=np.uint8)
     (z0, z1), (y0, y1), (x0, x1) = props["bbox"]
-    for k0 in range(0, probs.shape[1], chunk):
-        block = resample_probs_inplane(probs[:, k0:k0 + chunk], cropped[1:])
-        full[z0 + k0:z0 + k0 + block.shape[1], y0:y1, x0:x1] = block.argmax(0).to(torch.uint8).numpy()
+    done = 0
+    for k0, block in chunks:
+        if block.shape[0] != n_classes:
+            raise ValueError(f"prediction has {block.shape[0]} classes, expected {n_classes}")
+        labels = resample_logits_inplane(block, cropped[1:]).argmax(0).to(torch.uint8).cpu().numpy()
+        full[z0 + k0:z0 + k0 + labels.shape[0], y0:y1, x0:x1] = labels
+        done += labels.shape[0]
+    if done != cropped[0]:
+        raise ValueError(f"prediction has {done} slices, expected {cropped[0]}")
     return full
+
+
+def restore_geometry(logits: torch.Tensor, props: dict, chunk: int = 16) -> np.ndarray:
+    """Logits of the whole volume ``[K, Z, Y', X']`` -> label map on the original grid (see `restore_geometry_chunks`).
+    Probabilities work too (resampled the same way); logits are what nnU-Net resamples."""
+    if logits.shape[1] != props["cropped_shape_zyx"][0]:
+        raise ValueError(f"prediction has {logits.shape[1]} slices, expected {props['cropped_shape_zyx'][0]}")
+    chunks = ((k0, logits[:, k0:k0 + chunk]) for k0 in range(0, logits.shape[1], chunk))
+    return restore_geometry_chunks(chunks, props, logits.shape[0])
 
 
 def save_label_nifti(label_zyx: np.ndarray, reference: Volume | str | Path, path: str | Path) -> None:

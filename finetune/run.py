@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 from finetune.config import load_config
 from finetune.heads import available_heads, get_recipe
 from finetune.infer import predict_case
-from finetune.metrics import evaluate_case, evaluation_classes, format_table, summarize, write_per_case_csv, write_summary_json
+from finetune.metrics import (build_summary, evaluate_case, evaluation_classes, format_table, write_per_case_csv,
+                              write_summary_json)
 from finetune.preprocess import (Plans, load_plans, plan_from_training_cases, preprocess_dataset, read_volume,
                                  save_label_nifti, save_plans)
 from finetune.splits import fold_split, nnunet_kfold_splits, save_splits_file
@@ -119,7 +120,7 @@ def prepare_fold(cfg, rank: int = 0):
                 raise ValueError(f"{plans_path} was made for labels {plans.labels}, the task now has {labels}; "
                                  "use a new --output folder")
         else:
-            plans = plan_from_training_cases([by_id[i] for i in train_ids], labels, cfg)
+            plans = plan_from_training_cases(cases, labels, cfg)   # every training case, as nnU-Net plans
             save_plans(plans, plans_path)
         cache = Path(cfg.preprocess.cache_dir) if cfg.preprocess.get("cache_dir") else output_dir.parent / "preprocessed"
         dirs = preprocess_dataset([by_id[i] for i in sorted(set(train_ids) | set(val_ids))], plans, cache,
@@ -139,27 +140,32 @@ def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.dev
 
     output_dir = Path(cfg.output_dir)
     validation = output_dir / "validation"
-    classes = evaluation_classes(plans.labels, task_eval_regions(cfg))
+    classes = evaluation_classes(plans.labels)
+    regions = task_eval_regions(cfg)
     tolerance = {"default": float(cfg.metrics.nsd_tolerance_mm),
                  **{str(k): float(v) for k, v in (cfg.task.get("nsd_tolerance_mm") or {}).items()}}
-    per_case = {}
+    score = dict(tolerance_mm=tolerance, nsd_method=str(cfg.metrics.nsd_method),
+                 compute_hd95=bool(cfg.metrics.compute_hd95))
+    per_case, region_cases, files = {}, {}, {}
     bar = tqdm(val_cases, desc="validation", unit="case", dynamic_ncols=True, disable=not bool(cfg.train.progress))
     for case in bar:
         t0 = time.time()
         image = read_volume(case.image)
         pred = predict_case(model, recipe, image, plans, cfg, device)
-        save_label_nifti(pred, image, validation / f"{case.case_id}.nii.gz")
+        pred_path = validation / f"{case.case_id}.nii.gz"
+        save_label_nifti(pred, image, pred_path)
         gt = read_volume(case.label).array.astype(int)
-        per_case[case.case_id] = evaluate_case(pred, gt, image.spacing_zyx, classes, tolerance,
-                                               str(cfg.metrics.nsd_method), bool(cfg.metrics.compute_hd95))
+        per_case[case.case_id] = evaluate_case(pred, gt, image.spacing_zyx, classes, **score)
+        if regions:
+            region_cases[case.case_id] = evaluate_case(pred, gt, image.spacing_zyx, regions, **score)
+        files[case.case_id] = (str(case.label), str(pred_path))
         bar.write(f"  {case.case_id}: " + ", ".join(f"{k} DSC {v['dice']:.3f}" for k, v in per_case[case.case_id].items())
                   + f"  ({time.time() - t0:.1f}s)")
-    summary = summarize(per_case)
+    summary = build_summary(per_case, classes, files, region_cases, regions)
     write_per_case_csv(per_case, output_dir / "per_case.csv")
     write_summary_json(summary, validation / "summary.json",
                        {"task": str(cfg.task.name), "head": str(cfg.head.name), "fold": str(cfg.fold),
-                        "nsd_method": str(cfg.metrics.nsd_method), "nsd_tolerance_mm": tolerance,
-                        "classes": classes, "cases": sorted(per_case)})
+                        "nsd_tolerance_mm": tolerance, "cases": sorted(per_case)})
     return summary
 
 

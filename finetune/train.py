@@ -8,7 +8,10 @@ linearly to 0 at the last iteration (after an optional linear warm-up). After ea
 batches, Dice per class), one line in ``metrics.jsonl`` and an atomic checkpoint ``checkpoints/latest.pt``
 (model, optimizer, scaler, iteration), from which ``train.resume=auto`` continues bit-for-bit on CPU (batches are
 a function of the iteration). DDP: launched with torchrun (``WORLD_SIZE`` > 1) the model is wrapped in
-DistributedDataParallel and each rank draws its own batches (global batch = ``data.batch_size x world``).
+DistributedDataParallel and ``data.batch_size`` is the GLOBAL batch, split over the ranks with nnU-Net's per-rank
+foreground-oversampling correction (`finetune.data.rank_batch_plan`, printed at the start); the batch-Dice terms
+are summed over ranks (`finetune.losses`), so N GPUs train the paper's recipe, not an N-times larger batch.
+Pseudo-Dice counts stay on the device (no per-iteration copy of the logits to the host).
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from finetune.data import PatchSampler, PreprocessedCase, batch_stream, load_preprocessed
+from finetune.data import (PatchSampler, PreprocessedCase, RankBatch, batch_stream, format_batch_plan,
+                           load_preprocessed, rank_batch_plan)
 from finetune.infer import autocast_context
 from finetune.losses import pseudo_dice_stats
 from finetune.progress import FoldProgress
@@ -63,7 +67,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _dice_from_stats(stats: torch.Tensor) -> list[float]:
-    tp, fp, fn = stats
+    tp, fp, fn = stats.double().cpu()
     return [float(2 * t / (2 * t + p + n)) if (2 * t + p + n) > 0 else float("nan") for t, p, n in zip(tp, fp, fn)]
 
 
@@ -78,14 +82,20 @@ def pseudo_dice(model: nn.Module, recipe, sampler: PatchSampler, cfg, loss_fn, d
         with autocast_context(device, str(cfg.train.precision)):
             loss, logits = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
         losses.append(float(loss))
-        s = pseudo_dice_stats(logits.float().cpu(), label.cpu())
+        s = pseudo_dice_stats(logits.detach(), label)
         stats = s if stats is None else stats + s
     if dist.is_initialized():
-        stats = stats.to(device)
         dist.all_reduce(stats)
-        stats = stats.cpu()
     model.train()
     return float(sum(losses) / max(len(losses), 1)), _dice_from_stats(stats)
+
+
+def rank_share(cfg, rank: int, world: int) -> RankBatch:
+    """This rank's share of the global ``data.batch_size``; rank 0 prints the whole plan."""
+    plan = rank_batch_plan(int(cfg.data.batch_size), world, float(cfg.data.oversample_foreground))
+    if rank == 0:
+        print(format_batch_plan(plan, int(cfg.data.batch_size)), flush=True)
+    return plan[rank]
 
 
 def _as_cases(cases: Sequence[PreprocessedCase | str | Path]) -> list[PreprocessedCase]:
@@ -93,13 +103,16 @@ def _as_cases(cases: Sequence[PreprocessedCase | str | Path]) -> list[Preprocess
 
 
 def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_cases: Sequence[PreprocessedCase | str | Path],
-        output_dir: Path, n_classes: Optional[int] = None, model: Optional[nn.Module] = None) -> nn.Module:
+        output_dir: Path, n_classes: Optional[int] = None, model: Optional[nn.Module] = None,
+        on_epoch_end: Optional[Callable[[dict, nn.Module], None]] = None) -> nn.Module:
     """Train ``recipe``'s model on preprocessed cases (objects with ``.case_id`` or their cache folders); returns the
     trained model (unwrapped, eval mode, on its device).
 
     ``n_classes`` defaults to ``len(cfg.task.class_names)`` (set by `finetune.run`). ``model`` may be passed in
     (multi-stage recipes); otherwise ``recipe.build_model(cfg, n_classes)``. Writes ``metrics.jsonl``,
-    ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``.
+    ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``. ``on_epoch_end(record,
+    model)`` is called on rank 0 after each epoch's validation with the ``metrics.jsonl`` record and the unwrapped
+    model (multi-stage recipes keep their best checkpoint with it).
     """
     if n_classes is None:
         n_classes = len(cfg.task.class_names)
@@ -142,8 +155,9 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
 
     train_cases = _as_cases(train_cases)
     val_cases = _as_cases(val_cases) or train_cases
-    sampler = PatchSampler(train_cases, cfg, recipe.sampling, int(cfg.seed), rank)
-    val_sampler = PatchSampler(val_cases, cfg, recipe.sampling, int(cfg.seed) + 1, rank)
+    share = rank_share(cfg, rank, world)
+    sampler = PatchSampler(train_cases, cfg, recipe.sampling, int(cfg.seed), rank, share)
+    val_sampler = PatchSampler(val_cases, cfg, recipe.sampling, int(cfg.seed) + 1, rank, share)
     trainable = [p for g in groups for p in g["params"]]
     grad_clip = float(cfg.optim.grad_clip)
 
@@ -155,7 +169,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     output_dir.mkdir(parents=True, exist_ok=True)
     fold_progress = FoldProgress(output_dir, cfg, start, total) if rank == 0 else None
     train_model.train()
-    train_stats = torch.zeros(3, n_classes - 1, dtype=torch.float64)
+    train_stats = torch.zeros(3, n_classes - 1, dtype=torch.int64, device=device)
     epoch_losses: list[float] = []
     t_epoch = time.time()
     stream = batch_stream(sampler, start, total, int(cfg.data.num_workers), stream=0, augment=True)
@@ -177,7 +191,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
         scaler.step(optimizer)
         scaler.update()
         epoch_losses.append(float(loss.detach()))
-        train_stats += pseudo_dice_stats(logits.detach().float().cpu(), label.cpu())
+        train_stats += pseudo_dice_stats(logits.detach(), label)
         if progress is not None:
             dices = [d for d in _dice_from_stats(train_stats) if not math.isnan(d)]
             progress.set_postfix(loss=f"{epoch_losses[-1]:.4f}", pseudo_dice=f"{(sum(dices) / len(dices)) if dices else float('nan'):.3f}",
@@ -195,6 +209,8 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
             if rank == 0:
                 with open(output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if on_epoch_end is not None:
+                    on_epoch_end(record, model)
                 if progress is not None:
                     progress.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
                                    f"pseudo-Dice {[round(d, 3) for d in val_dice]}")

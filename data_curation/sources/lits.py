@@ -15,12 +15,12 @@ def find(root: Path, options: dict) -> list[Case]:
 
 
 def finetune_case_id(case: Case) -> str | None:
-    """The finetune task trains/validates on the labelled ``volume-N`` cases and names them ``lits_NNN`` (zero-padded:
-    the nnU-Net split sorts ids, and ``volume-10`` sorts before ``volume-2`` while ``lits_010`` does not)."""
+    """The finetune task trains/validates on the labelled ``volume-N`` cases and names them ``train_N`` as nnU-Net's
+    own LiTS conversion (Task029) does: the nnU-Net split sorts ids, so the names decide the folds."""
     if case.split != "train":
         return None
     number = case.case_id[len("volume-"):]
-    return f"lits_{int(number):03d}" if number.isdigit() else f"lits_{number}"
+    return f"train_{int(number)}" if number.isdigit() else f"train_{number}"
 
 
 ADAPTER = SourceAdapter("lits", "**/volume-N.nii[.gz], **/test-volume-N.nii[.gz]", find, "https://competitions.codalab.org/competitions/17094",

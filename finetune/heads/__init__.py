@@ -44,9 +44,11 @@ Recipe fields (see ``HeadRecipe``)
 - ``build_loss(cfg) -> loss_fn(logits, label) -> scalar``. Default: nnU-Net Dice + CE (``cfg.loss``).
 - ``training_step(model, batch, loss_fn, cfg) -> (loss, logits)``: forward + loss, no backward (the common loop
   does AMP, backward, clipping, the optimizer step). Default: ``logits = model(batch["image"])``.
-- ``predict_volume(model, volume, cfg) -> probs``: ``volume [Z, Y, X]`` float tensor (preprocessed, on the
-  model's device) -> softmax probabilities ``[n_classes, Z, Y, X]`` float32 on CPU. Default: slice by slice
-  with in-plane Gaussian sliding windows (step ``infer.step``) and optional mirroring (`finetune.infer`).
+- ``predict_volume(model, volume, cfg) -> logits``: ``volume [Z, Y, X]`` float tensor (preprocessed, on the
+  model's device) -> class logits ``[n_classes, Z, Y, X]`` on CPU (any float dtype; a head that fuses
+  probabilities returns their log). They are resampled to the original grid as logits, then argmaxed (nnU-Net).
+  Default: slice by slice with in-plane Gaussian sliding windows (step ``infer.step``) and optional mirroring
+  (`finetune.infer`); with the default, prediction streams slice batches (``HeadRecipe.streams_slices``).
 - ``fit``: optional full replacement of the training loop for multi-stage recipes, called as
   ``fit(cfg, recipe, train_cases, val_cases, output_dir) -> nn.Module``; it may call
   ``finetune.train.fit`` several times with different configs/models (e.g. stage I then stage II).
@@ -111,6 +113,12 @@ class HeadRecipe:
     predict_volume: Callable[[nn.Module, torch.Tensor, object], torch.Tensor] = _default_predict_volume
     fit: Optional[Callable[..., nn.Module]] = None
     description: str = field(default="")
+
+    @property
+    def streams_slices(self) -> bool:
+        """True when the common slice-wise predictor is used: `finetune.infer.predict_case` then streams slice
+        batches back to the original grid instead of holding the whole volume's logits."""
+        return self.predict_volume is _default_predict_volume
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLING_MODES:

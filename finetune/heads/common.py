@@ -14,6 +14,8 @@ def _backbone_overrides(cfg) -> dict:
     overrides = dict(OmegaConf.to_container(raw, resolve=True)) if raw else {}
     overrides.setdefault("drop_path_rate", float(cfg.model.drop_path_rate))
     overrides.setdefault("layerscale_init", float(cfg.model.layerscale_init))
+    rescale = cfg.model.rope_rescale_coords
+    overrides.setdefault("pos_embed_rope_rescale_coords", None if rescale is None else float(rescale))
     return overrides
 
 

@@ -15,6 +15,7 @@ Inference slides slabs along depth (:func:`predict_volume`).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -379,8 +380,9 @@ def stage1_backbone_state(stage1: Med3DStage1Model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- inference
 @torch.no_grad()
 def predict_volume(model: nn.Module, volume: torch.Tensor, slab_depth: int, patch_size: Sequence[int],
-                   overlap: float, gaussian: bool) -> torch.Tensor:
-    """Sliding-window probabilities ``[C, Z, Y, X]`` (CPU float32) for a preprocessed volume ``[Z, Y, X]``.
+                   overlap: float, gaussian: bool, logits: bool = False) -> torch.Tensor:
+    """Sliding-window probabilities ``[C, Z, Y, X]`` (CPU float32; the blended logits with ``logits=True``) for a
+    preprocessed volume ``[Z, Y, X]``.
 
     Windows of ``slab_depth`` slices x ``patch_size`` slide along depth (and in-plane when the slice is larger)
     with ``overlap``; overlapping logits are blended with Gaussian importance weights (MONAI's sliding-window
@@ -391,9 +393,9 @@ def predict_volume(model: nn.Module, volume: torch.Tensor, slab_depth: int, patc
     model.eval()
     roi = (int(slab_depth), *[int(s) for s in patch_size])
     x = volume.float()[None, None]
-    logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model, overlap=overlap,
-                                      mode="gaussian" if gaussian else "constant", padding_mode="constant")
-    return logits[0].softmax(0).float().cpu()
+    out = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=model, overlap=overlap,
+                                   mode="gaussian" if gaussian else "constant", padding_mode="constant")[0].float()
+    return (out if logits else out.softmax(0)).cpu()
 
 
 # ---------------------------------------------------------------- recipe for the common finetune pipeline
@@ -430,7 +432,7 @@ def build_model(cfg, n_classes: int) -> Med3DModel:
 def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
     return predict_volume(getattr(model, "module", model), volume, int(cfg.data.slab_depth),
                           [int(s) for s in cfg.data.patch_size], float(cfg.head.infer_overlap),
-                          bool(cfg.head.infer_gaussian))
+                          bool(cfg.head.infer_gaussian), logits=True)
 
 
 def stage_configs(cfg, output_dir):
@@ -456,11 +458,41 @@ def stage_configs(cfg, output_dir):
     return cfg1, cfg2
 
 
+class BestStage1Backbone:
+    """Keeps the stage-I backbone (with its ICE) of the epoch with the best validation mean pseudo-Dice in
+    ``<stage1 dir>/stage1_backbone.pt`` (+ ``.json`` with its score): DINO-Med3D's public code starts stage II from
+    ``stage1_best.pth``, not from the last epoch. The score file makes a resumed stage I keep an earlier best."""
+
+    def __init__(self, path) -> None:
+        import json
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.score_path = self.path.with_suffix(".json")
+        self.best = json.loads(self.score_path.read_text())["mean_pseudo_dice"] if self.score_path.exists() \
+            and self.path.exists() else -math.inf
+
+    def __call__(self, record: dict, model: nn.Module) -> None:
+        import json
+
+        score = float(record["mean_pseudo_dice"])
+        if not math.isfinite(score) or score <= self.best:
+            return
+        self.best = score
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in getattr(model, "module", model).backbone.state_dict().items()}, tmp)
+        tmp.replace(self.path)
+        tmp_json = self.score_path.with_suffix(".json.tmp")
+        tmp_json.write_text(json.dumps({"mean_pseudo_dice": score, "epoch": int(record["epoch"])}))
+        tmp_json.replace(self.score_path)
+
+
 def fit(cfg, recipe, train_cases, val_cases, output_dir):
     """Stage I (ICE + proxy task, whole backbone trainable) then stage II (frozen + LoRA dual-stream network).
 
-    The stage-I backbone (with its ICE) is saved to ``<output_dir>/stage1/stage1_backbone.pt`` and stage II
-    starts from it; ``head.stage1.enabled=false`` skips stage I (the paper's ablation).
+    Stage II starts from the stage-I epoch with the best validation pseudo-Dice (`BestStage1Backbone`,
+    ``<output_dir>/stage1/stage1_backbone.pt``), as the public code's ``stage1_best.pth``; if no epoch gave a finite
+    pseudo-Dice the last stage-I backbone is used. ``head.stage1.enabled=false`` skips stage I (the paper's ablation).
     """
     from pathlib import Path
 
@@ -473,12 +505,15 @@ def fit(cfg, recipe, train_cases, val_cases, output_dir):
     if bool(cfg.head.stage1.enabled):
         stage1_recipe = HeadRecipe(name="med3d_stage1", build_model=build_stage1_model, sampling="slice2d")
         stage1_dir = Path(cfg1.output_dir)
-        stage1 = common_fit(cfg1, stage1_recipe, train_cases, val_cases, stage1_dir)
-        stage1 = getattr(stage1, "module", stage1)
         weights = stage1_dir / STAGE1_WEIGHTS
-        tmp = weights.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu() for k, v in stage1.backbone.state_dict().items()}, tmp)
-        tmp.replace(weights)
+        stage1_dir.mkdir(parents=True, exist_ok=True)
+        best = BestStage1Backbone(weights)
+        stage1 = common_fit(cfg1, stage1_recipe, train_cases, val_cases, stage1_dir, on_epoch_end=best)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not weights.exists() and (not distributed or torch.distributed.get_rank() == 0):
+            best({"mean_pseudo_dice": 0.0, "epoch": -1}, stage1)    # no finite pseudo-Dice: the last epoch
+        if distributed:
+            torch.distributed.barrier()
         cfg2 = OmegaConf.merge(cfg2, {"head": {"stage1_weights": str(weights)}})
     stage2_recipe = HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d",
                                predict_volume=recipe_predict_volume)

@@ -217,12 +217,12 @@ def _mean_dice(summary: dict) -> float:
     for key in ("mean_dice", "dice"):
         if key in summary:
             return float(summary[key])
-    mean = summary.get("mean")
+    mean = summary.get("paper_mean", summary.get("mean"))
     if isinstance(mean, dict):
         for key in ("dice", "DSC", "dsc"):
             if key in mean:
                 return float(mean[key])
-    raise KeyError("summary.json has no mean Dice (looked for 'mean_dice', 'dice', 'mean.dice')")
+    raise KeyError("summary.json has no mean Dice (looked for 'mean_dice', 'dice', 'paper_mean.dice', 'mean.dice')")
 
 
 def few_shot_recovery(summary_k: Path, summary_full: Path) -> dict:
@@ -263,7 +263,9 @@ def build_model(cfg, n_classes: int) -> MVRProbeModel:
 
 
 def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
-    return predict_volume(getattr(model, "module", model), volume, _head_cfg(cfg))
+    """The fused probabilities' log: the common pipeline resamples logits, and log-probabilities are the logits of
+    the fused distribution."""
+    return predict_volume(getattr(model, "module", model), volume, _head_cfg(cfg)).clamp_min(1e-8).log()
 
 
 def fit(cfg, recipe, train_cases, val_cases, output_dir):

@@ -16,6 +16,15 @@ from finetune.heads import HeadRecipe
 from finetune.heads.common import ChannelLayerNorm, build_backbone_from_cfg, freeze
 
 
+def he_init(module: nn.Module, neg_slope: float = 1e-2) -> None:
+    """He-normal (``a = 0.01``) weights and zero bias for (transposed) convolutions: the MedDINOv3 Primus decoder's
+    ``InitWeights_He(1e-2)`` (dynamic_network_architectures), instead of PyTorch's default uniform init."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=neg_slope)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class PrimusDecoder(nn.Module):
     """Transposed-conv upsampler: ``[B, C, h, w]`` -> ``[B, n_classes, h*2^n, w*2^n]``."""
 
@@ -29,6 +38,7 @@ class PrimusDecoder(nn.Module):
             channels = out
         self.upsample = nn.Sequential(*stages)
         self.classifier = nn.Conv2d(channels, n_classes, kernel_size=1)
+        self.apply(he_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.upsample(x))

@@ -285,9 +285,10 @@ def cubewise_logits(model: Window3DModel, window: torch.Tensor, cubes_per_axis: 
 @torch.no_grad()
 def predict_volume(
     model: Window3DModel, volume: torch.Tensor, crop_size: Sequence[int], cubes_per_axis: Sequence[int],
-    overlap: float, gaussian: bool,
+    overlap: float, gaussian: bool, logits: bool = False,
 ) -> torch.Tensor:
-    """Class probabilities ``[C, Z, Y, X]`` (CPU float32) for a whole preprocessed volume ``[Z, Y, X]``.
+    """Class probabilities ``[C, Z, Y, X]`` (CPU float32; the blended logits with ``logits=True``) for a whole
+    preprocessed volume ``[Z, Y, X]``.
 
     Windows of ``crop_size`` slide over the volume with ``overlap`` (MONAI's sliding-window inferer, Gaussian
     or constant blending of logits, zero padding for small volumes); each window is disassembled into the
@@ -297,11 +298,11 @@ def predict_volume(
 
     model.eval()
     x = volume.float()[None, None]
-    logits = sliding_window_inference(
+    out = sliding_window_inference(
         x, roi_size=tuple(int(s) for s in crop_size), sw_batch_size=1,
         predictor=lambda w: cubewise_logits(model, w, cubes_per_axis), overlap=overlap,
-        mode="gaussian" if gaussian else "constant", padding_mode="constant")
-    return logits[0].softmax(0).float().cpu()
+        mode="gaussian" if gaussian else "constant", padding_mode="constant")[0].float()
+    return (out if logits else out.softmax(0)).cpu()
 
 
 # ---------------------------------------------------------------- recipe for the common finetune pipeline
@@ -332,7 +333,7 @@ def training_step(model: nn.Module, batch: dict, loss_fn: LossFn, cfg) -> tuple[
 def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
     crop = (int(cfg.data.slab_depth), *[int(s) for s in cfg.data.patch_size])
     return predict_volume(getattr(model, "module", model), volume, crop, list(cfg.head.cubes_per_axis),
-                          float(cfg.head.infer_overlap), bool(cfg.head.infer_gaussian))
+                          float(cfg.head.infer_overlap), bool(cfg.head.infer_gaussian), logits=True)
 
 
 def _recipe():

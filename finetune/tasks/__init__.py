@@ -16,7 +16,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.tasks.layouts import Case, discover_cases, filter_modality, read_dataset_json
 
-REGISTERED_TASKS = ("amos22", "btcv", "kits23", "lits")
+REGISTERED_TASKS = ("amos22", "amos22_ct_mri", "btcv", "kits23", "lits")
+
+
+def _load_task_yaml(configs_dir: Path, name: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """A task YAML; ``extends: <task>`` merges it over another task's YAML (one home for shared label maps)."""
+    path = configs_dir / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such task config" + (f" (extended by {seen[-1]})" if seen else ""))
+    fragment = OmegaConf.load(path)
+    parent = fragment.pop("extends", None)
+    if parent is None:
+        return fragment
+    if parent in seen + (name,):
+        raise ValueError(f"{path}: 'extends: {parent}' makes a cycle ({' -> '.join(seen + (name, parent))})")
+    return OmegaConf.merge(_load_task_yaml(configs_dir, str(parent), seen + (name,)), fragment)
 
 
 NNUNET_DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
@@ -54,7 +68,7 @@ def nnunet_raw_dataset(task_arg: str) -> Path | None:
 def resolve_task(task_arg: str, configs_dir: Path) -> DictConfig:
     """Config fragment for ``--task``: the registered YAML, or a generic task for an nnU-Net raw folder."""
     if task_arg in REGISTERED_TASKS or (configs_dir / f"{task_arg}.yaml").exists():
-        return OmegaConf.load(configs_dir / f"{task_arg}.yaml")
+        return _load_task_yaml(configs_dir, task_arg)
     path = Path(task_arg)
     if not path.is_dir():
         path = nnunet_raw_dataset(task_arg) or path
@@ -137,7 +151,7 @@ def task_eval_regions(cfg: DictConfig) -> dict[str, list[int]] | None:
 
 def task_cases(cfg: DictConfig, require_labels: bool = True) -> list[Case]:
     """The task's cases (modality-filtered), each with a label file unless ``require_labels=False``."""
-    cases = discover_cases(cfg.task.dataset_dir, str(cfg.task.get("layout", "auto")), str(cfg.task.name))
+    cases = discover_cases(cfg.task.dataset_dir, str(cfg.task.layout), str(cfg.task.owners_layout or cfg.task.name))
     cases = filter_modality(cases, cfg.task.get("modality_filter"), str(cfg.task.name))
     if require_labels:
         unlabelled = [c.case_id for c in cases if c.label is None]

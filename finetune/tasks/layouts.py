@@ -101,13 +101,19 @@ def kits23_cases(root: Path) -> list[Case]:
     return cases
 
 
+def lits_case_id(number: str) -> str:
+    """nnU-Net's own LiTS conversion (v1 ``Task029_LITS``) names ``volume-N`` ``train_N`` (no zero padding), so the
+    sorted ids, and with them nnU-Net's 5-fold split, are the ones every nnU-Net LiTS result was trained on."""
+    return f"train_{int(number)}" if number.isdigit() else f"train_{number}"
+
+
 def lits_cases(root: Path) -> list[Case]:
-    """Owners' layout ``volume-N.nii`` + ``segmentation-N.nii`` anywhere below ``root``."""
+    """Owners' layout ``volume-N.nii`` + ``segmentation-N.nii`` anywhere below ``root``; ids as `lits_case_id`."""
     cases = []
     for image in sorted(root.rglob("volume-*.nii*")):
         number = strip_nifti(image.name)[len("volume-"):]
         label = next((p for p in (image.parent / f"segmentation-{number}{s}" for s in NIFTI_SUFFIXES) if p.exists()), None)
-        cases.append(Case(f"lits_{int(number):03d}" if number.isdigit() else f"lits_{number}", image, label))
+        cases.append(Case(lits_case_id(number), image, label))
     return cases
 
 

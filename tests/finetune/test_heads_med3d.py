@@ -229,3 +229,37 @@ def test_med3d_two_stages_train_predict_and_evaluate_spleen(spleen_nnunet_datase
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
     assert 0.0 <= summary["per_class"]["spleen"]["dice"] <= 1.0
     assert json.loads((out / "validation" / "summary.json").read_text())["head"] == "med3d"
+
+
+# ---------------------------------------------------------------- stage hand-over and the public code's recipe
+def test_stage2_starts_from_the_best_stage1_epoch(tmp_path: Path) -> None:
+    """The backbone of the epoch with the best validation pseudo-Dice is kept (public code: stage1_best.pth), and a
+    resumed stage I does not overwrite it with a worse epoch."""
+    from finetune.heads.med3d import BestStage1Backbone
+
+    class Net(torch.nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.backbone = torch.nn.Linear(2, 2)
+            torch.nn.init.constant_(self.backbone.weight, value)
+
+    path = tmp_path / "stage1_backbone.pt"
+    best = BestStage1Backbone(path)
+    for epoch, (score, value) in enumerate([(0.2, 1.0), (0.5, 2.0), (0.3, 3.0), (float("nan"), 4.0)]):
+        best({"epoch": epoch, "mean_pseudo_dice": score}, Net(value))
+    assert torch.all(torch.load(path, weights_only=True)["weight"] == 2.0)
+    resumed = BestStage1Backbone(path)
+    resumed({"epoch": 4, "mean_pseudo_dice": 0.4}, Net(5.0))
+    assert resumed.best == 0.5 and torch.all(torch.load(path, weights_only=True)["weight"] == 2.0)
+
+
+def test_stage_lrs_and_clip_follow_the_public_code(tmp_path: Path) -> None:
+    from finetune.config import load_config
+    from finetune.heads.med3d import stage_configs
+
+    (tmp_path / "Dataset1_X").mkdir()
+    cfg = load_config(str(tmp_path / "Dataset1_X"), "med3d")
+    cfg1, cfg2 = stage_configs(cfg, tmp_path)
+    assert (cfg1.optim.encoder_lr, cfg1.optim.decoder_lr) == (1e-5, 1e-5)      # configs/base.py s1_lr
+    assert (cfg2.optim.encoder_lr, cfg2.optim.decoder_lr) == (1e-4, 1e-4)      # s2_lr
+    assert cfg1.optim.grad_clip == cfg2.optim.grad_clip == 1.0                 # max_grad_norm

@@ -222,3 +222,12 @@ def test_few_shot_fit_trains_on_k_cases_only(monkeypatch) -> None:
     assert seen["val"] == cases[:1]
     mvr.fit(OmegaConf.create({"head": {"few_shot_k": None}}), mvr.RECIPE, cases, cases[:1], "unused")
     assert seen["train"] == cases
+
+
+def test_probes_train_at_the_native_slice_size(tmp_path) -> None:
+    """DINO-MVR trains on whole native slices (512 px CT at its median spacing), not MedDINOv3's 896 px patch."""
+    from finetune.config import load_config
+
+    (tmp_path / "Dataset1_X").mkdir()
+    cfg = load_config(str(tmp_path / "Dataset1_X"), "mvr")
+    assert list(cfg.data.patch_size) == [512, 512] and cfg.preprocess.target_slice_px is None

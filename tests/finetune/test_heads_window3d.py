@@ -208,3 +208,12 @@ def test_slice_resize_to_encoder_resolution(spleen_crop) -> None:
         out = resized(image)
         assert out.shape == native(image).shape == (1, 2, *image.shape[-3:])
         assert not torch.allclose(out, native(image))
+
+
+def test_slices_resized_to_native_dinov3_resolution_by_default(tmp_path) -> None:
+    """The shipped window3d head resizes every slice to 224 px (DINOv3's native resolution), as the paper."""
+    from finetune.config import load_config
+
+    (tmp_path / "Dataset1_X").mkdir()
+    cfg = load_config(str(tmp_path / "Dataset1_X"), "window3d")
+    assert cfg.head.slice_size == 224 and Window3DConfig.from_dict(dict(cfg.head)).slice_size == 224

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from finetune.metrics import dice, evaluate_case, evaluation_classes, format_table, hd95, nsd, summarize
+from finetune.metrics import (build_summary, dice, evaluate_case, evaluation_classes, format_table, hd95, nsd, summarize,
+                              write_per_case_csv, write_summary_json)
 
 
 def _box(shape, lo, hi):
@@ -160,8 +161,90 @@ def test_evaluation_excludes_absent_classes_and_means_over_cases_then_classes():
     assert summary["per_class"]["liver"]["n_absent_in_gt"] == 1
     assert summary["per_class"]["liver"]["n_false_positive_when_absent"] == 1
     assert summary["mean"]["dice"] == pytest.approx(0.5)
+    assert "nsd_boundary" in summary["mean"] and "nsd" not in summary["mean"]    # the NSD names its definition
     table = format_table({"tiny": summary})
     assert "DSC (%)" in table and "NSD (%)" in table and " 50.00" in table
-    regions = evaluation_classes(labels, {"kidney_and_masses": [1, 2], "masses": [2]})
+    regions = {"kidney_and_masses": [1, 2], "masses": [2]}
     out = evaluate_case(pred1, gt1, (1, 1, 1), regions)
     assert out["kidney_and_masses"]["gt_voxels"] == int((gt1 > 0).sum())
+
+
+def _kits_like_cases():
+    """Two KiTS-like cases (1 kidney, 2 tumour, 3 cyst): the second has no cyst but a false-positive cyst voxel."""
+    gt1 = np.zeros((6, 12, 12), np.uint8)
+    gt1[1:5, 1:9, 1:9] = 1
+    gt1[2:4, 2:5, 2:5] = 2
+    gt1[2:4, 6:8, 6:8] = 3
+    pred1 = gt1.copy()
+    pred1[2:4, 6:8, 6:8] = 2                                  # the cyst called tumour
+    gt2 = np.zeros_like(gt1)
+    gt2[1:5, 3:10, 3:10] = 1
+    gt2[2:4, 4:6, 4:6] = 2
+    pred2 = gt2.copy()
+    pred2[0, 0, 0] = 3
+    return {"case_1": (pred1, gt1), "case_2": (pred2, gt2)}
+
+
+def test_summary_keeps_paper_convention_and_nnunet_layout_and_regions(tmp_path):
+    labels = ["background", "kidney", "tumour", "cyst"]
+    classes = evaluation_classes(labels)
+    assert classes == {"kidney": [1], "tumour": [2], "cyst": [3]}          # per label, as the MedDINOv3 script
+    regions = {"kidney_and_masses": [1, 2, 3], "masses": [2, 3], "tumour": [2]}
+    cases = _kits_like_cases()
+    per_case = {c: evaluate_case(p, g, (2.0, 1.0, 1.0), classes) for c, (p, g) in cases.items()}
+    region_cases = {c: evaluate_case(p, g, (2.0, 1.0, 1.0), regions) for c, (p, g) in cases.items()}
+    files = {c: (f"ref/{c}.nii.gz", f"pred/{c}.nii.gz") for c in cases}
+    summary = build_summary(per_case, classes, files, region_cases, regions)
+    # paper convention: case_2 has no cyst -> left out of the cyst mean (cyst fully missed in case_1 -> 0)
+    assert summary["per_class"]["cyst"]["dice"] == 0.0 and summary["per_class"]["cyst"]["n_cases"] == 1
+    # nnU-Net convention: case_2's false-positive cyst counts Dice 0, case_1 Dice 0 -> 0; kidney differs by case
+    assert summary["mean"]["3"]["Dice"] == 0.0 and summary["mean"]["3"]["n_pred"] == pytest.approx(0.5)
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(summary["per_class"]["kidney"]["dice"])
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(np.mean([summary["mean"][k]["Dice"] for k in "123"]))
+    assert summary["paper_mean"]["dice"] == pytest.approx(np.mean([summary["per_class"][c]["dice"] for c in classes]))
+    assert "nsd_boundary" in summary["paper_mean"] and "NSD_boundary" in summary["mean"]["1"]
+    assert summary["nsd_definition"]["method"] == "boundary"
+    # the hierarchical regions, both conventions, with nnU-Net's region keys
+    assert set(summary["regions"]["per_class"]) == set(regions)
+    assert set(summary["regions"]["mean"]) == {"(1, 2, 3)", "(2, 3)", "2"}
+    assert summary["regions"]["per_class"]["masses"]["dice"] == pytest.approx(
+        np.mean([dice(np.isin(p, [2, 3]), np.isin(g, [2, 3])) for p, g in cases.values()]))
+    write_summary_json(summary, tmp_path / "summary.json")
+    write_per_case_csv(per_case, tmp_path / "per_case.csv")
+    assert (tmp_path / "per_case.csv").read_text().splitlines()[0].split(",")[3] == "nsd_boundary"
+
+
+def test_nnunet_layout_matches_nnunet_own_evaluation(tmp_path):
+    """nnU-Net v2's own ``compute_metrics`` on the same NIfTI files gives our per-case counts and Dice, and its
+    ``load_summary_json`` reads our summary.json (label and region keys)."""
+    import nibabel as nib
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics, load_summary_json
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    labels = ["background", "kidney", "tumour", "cyst"]
+    classes = evaluation_classes(labels)
+    regions = {"kidney_and_masses": [1, 2, 3], "masses": [2, 3]}
+    cases = _kits_like_cases()
+    files, per_case, region_cases = {}, {}, {}
+    for case_id, (pred, gt) in cases.items():
+        paths = []
+        for kind, arr in (("ref", gt), ("pred", pred)):
+            path = tmp_path / kind / f"{case_id}.nii.gz"
+            path.parent.mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(arr.transpose(2, 1, 0), np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
+            paths.append(str(path))
+        files[case_id] = tuple(paths)
+        per_case[case_id] = evaluate_case(pred, gt, (2.0, 1.0, 1.0), classes)
+        region_cases[case_id] = evaluate_case(pred, gt, (2.0, 1.0, 1.0), regions)
+        theirs = compute_metrics(*paths, SimpleITKIO(), [1, 2, 3, (1, 2, 3), (2, 3)])["metrics"]
+        for name, ids in {**classes, **regions}.items():
+            ours = (per_case if len(ids) == 1 else region_cases)[case_id][name]
+            key = ids[0] if len(ids) == 1 else tuple(ids)
+            assert [ours[k] for k in ("tp", "fp", "fn", "tn")] == [theirs[key][k] for k in ("TP", "FP", "FN", "TN")]
+            assert ours["dice"] == pytest.approx(theirs[key]["Dice"], nan_ok=True)
+    summary = build_summary(per_case, classes, files, region_cases, regions)
+    write_summary_json(summary, tmp_path / "summary.json")
+    loaded = load_summary_json(str(tmp_path / "summary.json"))
+    assert set(loaded["mean"]) == {1, 2, 3}
+    assert loaded["metric_per_case"][0]["metrics"][1]["TP"] == per_case["case_1"]["kidney"]["tp"]
+    assert loaded["foreground_mean"]["Dice"] == pytest.approx(summary["foreground_mean"]["Dice"])

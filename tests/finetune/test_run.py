@@ -47,7 +47,8 @@ def test_run_writes_model_predictions_and_metrics(trained_run: Path, tiny_nnunet
     assert summary["n_cases"] == 2 and summary["cases"] == ["ts_lower", "ts_upper"]
     # ts_lower has neither organ: excluded from the means and reported as absent
     assert summary["per_class"]["spleen"]["n_cases"] == 1 and summary["per_class"]["spleen"]["n_absent_in_gt"] == 1
-    assert 0.0 <= summary["mean"]["dice"] <= 1.0
+    assert 0.0 <= summary["paper_mean"]["dice"] <= 1.0
+    assert set(summary["mean"]) == {"1", "2"} and "Dice" in summary["foreground_mean"]   # nnU-Net layout too
     rows = list(csv.DictReader((out / "per_case.csv").open()))
     assert len(rows) == 4 and {r["case_id"] for r in rows} == {"ts_lower", "ts_upper"}
     for case in ("ts_lower", "ts_upper"):

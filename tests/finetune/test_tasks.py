@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finetune.config import load_config
@@ -29,6 +30,19 @@ def test_amos22_owners_layout_keeps_ct_only(tmp_path):
     assert [c.case_id for c in task_cases(cfg)] == ["amos_0001", "amos_0005", "amos_0008"]
     names = task_labels(cfg)
     assert len(names) == 16 and names[1] == "spleen" and names[15] == "prostate_uterus"
+
+
+def test_amos22_ct_mri_is_nnunet_task2_all_labelled_cases(tmp_path):
+    """The paper's AMOS22 (300 CT + 60 MRI): every labelled case of Tr and Va, per-image z-score, same label map."""
+    for split, ids in (("Tr", [1, 5, 507]), ("Va", [8, 600])):
+        for i in ids:
+            _touch(tmp_path / f"images{split}" / f"amos_{i:04d}.nii.gz")
+            _touch(tmp_path / f"labels{split}" / f"amos_{i:04d}.nii.gz")
+    cfg = _cfg("amos22_ct_mri", tmp_path)
+    assert cfg.task.name == "amos22_ct_mri" and cfg.preprocess.normalization == "zscore"
+    assert [c.case_id for c in task_cases(cfg)] == ["amos_0001", "amos_0005", "amos_0507", "amos_0008", "amos_0600"]
+    assert task_labels(cfg) == task_labels(_cfg("amos22", tmp_path))
+    assert _cfg("amos22", tmp_path).preprocess.normalization == "ct"
 
 
 def test_amos22_nnunet_raw_also_filtered(tmp_path):
@@ -58,7 +72,7 @@ def test_btcv_kits23_lits_layouts(tmp_path):
     assert task_labels(kits) == ["background", "kidney", "tumour", "cyst"]
     assert task_eval_regions(kits) == {"kidney_and_masses": [1, 2, 3], "masses": [2, 3], "tumour": [2]}
     lits = _cfg("lits", tmp_path / "lits")
-    assert [c.case_id for c in task_cases(lits)] == ["lits_001", "lits_002"]
+    assert [c.case_id for c in task_cases(lits)] == ["train_1", "train_2"]
     assert task_eval_regions(lits) is None
 
 
@@ -153,3 +167,21 @@ def test_splits_file_found_where_nnunet_keeps_it(tmp_path, monkeypatch):
     explicit = tmp_path / "mine.json"
     cfg = load_config(str(ds), "primus", overrides=[f"splits_file={explicit}"])
     assert task_splits_file(cfg) == (explicit, "splits_file=")
+
+
+def test_lits_ids_give_nnunet_task029_fold0(tmp_path):
+    """LiTS ids as nnU-Net's own conversion (Task029: ``volume-N`` -> ``train_N``), so fold 0 is nnU-Net's fold 0:
+    the split sorts ``train_10`` before ``train_2``, which zero-padded ids would not."""
+    from finetune.splits import fold_split
+
+    for i in range(131):
+        _touch(tmp_path / "Training Batch" / f"volume-{i}.nii")
+        _touch(tmp_path / "Training Batch" / f"segmentation-{i}.nii")
+    ids = [c.case_id for c in task_cases(_cfg("lits", tmp_path))]
+    assert sorted(ids)[:4] == ["train_0", "train_1", "train_10", "train_100"]
+    _, val = fold_split(ids, 0)
+    # nnU-Net's fold 0 over the Task029 ids: sorted(train_0..train_130), KFold(5, shuffle, seed 12345)
+    keys = sorted(f"train_{i}" for i in range(131))
+    order = np.arange(131)
+    np.random.RandomState(12345).shuffle(order)
+    assert val == sorted(keys[i] for i in order[:27])

@@ -64,6 +64,18 @@ def test_sampler_oversamples_foreground_and_is_deterministic(tmp_path):
     assert hits < 20 * 3 // 4                                  # random slices rarely contain the structure
 
 
+def test_forced_foreground_window_is_nnunet_get_bbox():
+    """nnU-Net's get_bbox: a forced window is centred on the voxel and only clamped from below, so a structure at
+    the far edge stays at the patch centre (the window sticks out, zero-padded)."""
+    from finetune.data import _window_start
+
+    rng = np.random.default_rng(0)
+    assert _window_start(rng, 100, 64, 95) == 95 - 32                 # beyond ub = 36: not pulled back
+    assert _window_start(rng, 100, 64, 3) == 0                        # clamped to lb = 0 at the near edge
+    assert _window_start(rng, 40, 64, 39) == 7 and _window_start(rng, 40, 64, 1) == -12   # lb = -12 (need 24)
+    assert all(-12 <= _window_start(rng, 40, 64, None) <= 0 for _ in range(50))           # random: [lb, ub]
+
+
 def test_slab_and_context_shapes(tmp_path):
     case = _case(np.random.default_rng(1))
     cfg = _cfg(tmp_path, **{"data.slab_depth": 4, "data.context_slices": 1})
@@ -81,7 +93,7 @@ def test_disabled_augmentation_is_an_exact_crop(tmp_path):
     acfg = OmegaConf.create({"enabled": False})
     img, lab = augment_sample(image, label, (5, 7), (16, 16), np.random.default_rng(0), acfg)
     assert torch.equal(img, image[:, 5:21, 7:23]) and torch.equal(lab, label[:, 5:21, 7:23])
-    # identity rotation/scale through grid_sample reproduces the crop (cubic interpolation at the nodes)
+    # identity rotation/scale through grid_sample reproduces the crop (bilinear interpolation at the nodes)
     img2, lab2 = rotate_scale_window(image, label, (5, 7), (16, 16), 0.0, 1.0)
     torch.testing.assert_close(img2, image[:, 5:21, 7:23], atol=1e-2, rtol=0)
     assert torch.equal(lab2, label[:, 5:21, 7:23])
