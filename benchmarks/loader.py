@@ -123,7 +123,7 @@ def main() -> None:
         shards = args.shards or write_dicom_shards(DICOM_SERIES, Path(tmp) / "shards")
         cfg = OmegaConf.load(REPO / "configs" / "pretrain" / "base.yaml")
         cfg.data.shards = str(shards)
-        cfg.data.batch_size_per_rank = args.batch_size
+        cfg.train.global_batch_size = cfg.data.max_batch_size_per_rank = args.batch_size  # one rank, no accumulation
         settings = SSLBatchSettings.from_config(cfg)
         paths = expand_shards(str(shards))
         first = decode_hu(next(slot_stream(paths, 0, 1, seed=0))[1])

@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(SAMPLE_CT, Path(tmp) / "shards")
         overrides = [
-            f"data.shards={shards}", "data.num_workers=0", f"data.batch_size_per_rank={args.batch_size}",
+            f"data.shards={shards}", "data.num_workers=0", f"train.global_batch_size={args.batch_size}",
+            f"data.max_batch_size_per_rank={args.batch_size}",
             f"crops.global_crops_size={args.global_size}", f"crops.local_crops_size={args.local_size}",
             f"crops.local_crops_number={args.local_crops}", f"student.arch={args.arch}",
             "student.drop_path_rate=0.0",

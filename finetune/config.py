@@ -108,6 +108,9 @@ def _kind(value: Any) -> str | None:
     return "string"
 
 
+# keys that take a word besides their default's type: fold is 0-4 or "all" (train on every case, as nnU-Net)
+ALTERNATIVE_VALUES = {"fold": ("all",)}
+
 _ARTICLE = {"bool": "a bool", "number": "a float", "int": "an int", "list": "a list", "mapping": "a mapping", "string": "a string"}
 
 
@@ -119,6 +122,8 @@ def _check_types(default: Any, override: Any, origin: str, prefix: str = "") -> 
             continue
         want, got = _kind(default[key]), _kind(value)
         full = f"{prefix}{key}"
+        if value in ALTERNATIVE_VALUES.get(full, ()):
+            continue
         if want == "mapping" and got == "mapping":
             _check_types(default[key], value, origin, full + ".")
         elif want is not None and got is not None and want != got and not (want == "number" and got == "int"):

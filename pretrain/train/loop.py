@@ -187,9 +187,9 @@ def _train(cfg, preempt, *, output_dir, init_from, resume, batches) -> TrainResu
     total = int(cfg.train.iterations)
     is_main = dist_env.is_main
     ckpt_dir = output_dir / "checkpoints"
+    if output_dir.exists() and not output_dir.is_dir():  # every rank: none may wait at a barrier for rank 0
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file, not a folder")
     if is_main:
-        if output_dir.exists() and not output_dir.is_dir():
-            raise NotADirectoryError(f"--output-dir {output_dir} is a file, not a folder")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_io.remove_stale_temporaries(ckpt_dir) + ckpt_io.remove_stale_temporaries(output_dir):
             print(f"[pretrain] removed {stale.name}, left by an interrupted write", flush=True)

@@ -13,7 +13,7 @@ import pytest
 
 from finetune import demo
 
-PRETRAIN_FAST = ["student.overrides.depth=4", "data.batch_size_per_rank=2", "train.iterations=4",
+PRETRAIN_FAST = ["student.overrides.depth=4", "train.global_batch_size=2", "data.max_batch_size_per_rank=2", "train.iterations=4",
                  "checkpointing.period=2", "checkpointing.teacher_snapshots=[2]", "stage2:train.iterations=2",
                  "stage2:gram.teacher.iteration=2", "stage3:train.iterations=2", "stage3:gram.teacher.iteration=2"]
 FINETUNE_FAST = ["model.backbone_overrides.depth=4", "head.block_indices=[0,1,2,3]", "train.epochs=1", "train.iters_per_epoch=2", "train.val_iters=1", "data.patch_size=[64,64]"]

@@ -112,8 +112,8 @@ def test_plan_cli_prints_the_plan_without_data_or_weights() -> None:
 def test_config_typos_and_wrong_types_are_errors_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr \(did you mean optim\.lr\?\)"):
         load_config(STAGES[1], ["optim.lrr=1"])
-    with pytest.raises(ConfigError, match=r"compute\.compile=3 is a number, but compute\.compile takes a bool"):
-        load_config(STAGES[1], ["compute.compile=3"])
+    with pytest.raises(ConfigError, match=r"logging\.flops=3 is a number, but logging\.flops takes a bool"):
+        load_config(STAGES[1], ["logging.flops=3"])
     with pytest.raises(ConfigError, match=r"optim\.lr='fast' is a str"):
         load_config(STAGES[1], ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="unknown config key data.batch_size_per_rank"):
