@@ -9,9 +9,12 @@ import importlib
 
 import pytest
 
-# module -> function that builds the parser and parses argv (predict: see tests/finetune/test_predict.py)
+# module -> function that builds the parser and parses argv
 CLIS = {
     "finetune.run": "parse_args",
+    "finetune.predict": "parse_args",
+    "finetune.preflight": "main",
+    "pretrain.preflight": "parse_args",
     "finetune.demo": "main",
     "finetune.plots": "main",
     "data_curation.build_ct3m": "parse_args",
@@ -22,7 +25,7 @@ CLIS = {
     "pretrain.models.export": "main",
     "pretrain.models.summary": "main",
 }
-PROG_OVERRIDE_OK = {"data_curation.build_ct3m"}  # named by how it is run: build_ct3m.py or meddino-curate
+PROG_OVERRIDE_OK = {"data_curation.build_ct3m", "finetune.predict"}  # named by their file path (README) or meddino-*
 
 
 class _Captured(Exception):
