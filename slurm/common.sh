@@ -198,8 +198,12 @@ meddino_launch() {
     if [[ -n "$left" ]]; then
         lead="$(meddino_signal_lead_s "$left")"
         if ((left > lead)); then
-            (sleep $((left - lead)) && meddino_log "time limit in ${lead}s: USR1 to the trainer" \
-                && scancel --signal=USR1 "$SLURM_JOB_ID") &
+            (
+                sleep $((left - lead)) & sleeper=$!
+                trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM  # the stage ended first: no stray sleep left
+                wait "$sleeper" && meddino_log "time limit in ${lead}s: USR1 to the trainer" \
+                    && scancel --signal=USR1 "$SLURM_JOB_ID"
+            ) &
             watchdog=$!
             meddino_log "preemption warning scheduled ${lead}s before the time limit (${left}s left)"
         fi
