@@ -265,10 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     from tqdm import tqdm
 
     args = parse_args(argv)
-    check_output_dir(args.output)
     files = find_model_files(args.model)
     items = list_inputs(args.input)
     cfg = load_predict_config(files.config, args.overrides)
+    check_output_dir(args.output)  # the first side effect, after every check that needs none
     pcfg = cfg.predict
     plans = load_plans(files.plans)
     recipe = get_recipe(str(cfg.head.name))
