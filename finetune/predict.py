@@ -318,5 +318,5 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
+    except (OSError, ValueError, KeyError) as err:  # bad input, a full or read-only disk: one clear line, no traceback
         sys.exit(f"error: {err}")
