@@ -146,8 +146,8 @@ def verify_shard(path: Path) -> None:
             warnings.warn(f"{path.parent} has no {SHARD_INDEX}: shards are read without verification (built before "
                           "digests were recorded; re-run data_curation/build_ct3m.py into a new --out to get them)")
         return
-    fix = ("restore it from a good copy, or rebuild the shards (data_curation/build_ct3m.py with the same config and "
-           "--restart, or into a new --out)")
+    fix = ("delete it and re-run the data_curation/build_ct3m.py command that made it (it builds missing shards "
+           "again), or restore it from a good copy")
     record = index.get(path.name)
     if record is None:
         raise CorruptShardError(f"shard {path}: not listed in {path.parent / SHARD_INDEX}; it is not part of this build")
