@@ -241,7 +241,7 @@ def read_scan(path: Path, kind: str) -> Volume:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python finetune/predict.py",
-        usage="%(prog)s --model RUN_DIR --input SCAN|FOLDER --output DIR [--force] [--overwrite] [--device DEV] [key=value ...]",
+        usage="%(prog)s --model RUN_DIR --input SCAN|FOLDER --output DIR [--force] [--overwrite] [--device DEVICE] [key=value ...]",
         description=__doc__.split("\n\n")[0], epilog="Checks and their settings: configs/finetune/predict.yaml.")
     parser.add_argument("--model", required=True, type=Path, metavar="RUN_DIR",
                         help="finetune output folder (config.yaml, plans.json, model_final.pt), or a weights file in one")
