@@ -579,3 +579,19 @@ def test_rerun_rebuilds_a_deleted_or_cut_shard(tmp_path, repo_root, sample_tree,
     proc = run_build(repo_root, *args)
     assert "2 shard(s) missing or changed since they were written (ct3m-000001.tar, ct3m-000002.tar)" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")} == before
+
+
+def test_out_that_is_not_writable_is_one_line(tmp_path, repo_root, sample_ct):
+    """--out inside a read-only folder: one line, exit code 2, no traceback (as root: without CAP_DAC_OVERRIDE)."""
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    os.chmod(parent, 0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        assert shutil.which("setpriv"), "running as root needs util-linux setpriv to drop CAP_DAC_OVERRIDE for this test"
+        prefix = [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+    proc = subprocess.run([*prefix, sys.executable, *SCRIPT, "--out", str(parent / "out"), "--root", f"folder={sample_ct / 'msd_spleen'}"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    os.chmod(parent, 0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"error: --out {parent / 'out'}: cannot write there (Permission denied)"
