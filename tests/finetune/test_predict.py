@@ -207,7 +207,7 @@ def test_cli_prints_one_line_for_a_refusal(model_dir, real_data, repo_root, tmp_
 
 
 @pytest.mark.slow
-def test_output_that_is_not_writable_is_one_line(model_dir, scan, repo_root, tmp_path):
+def test_output_that_is_not_writable_is_one_line(model_dir, scan, repo_root, tmp_path, as_unprivileged):
     """--output inside a read-only folder: one line before any model is loaded (as root: without CAP_DAC_OVERRIDE)."""
     import os
     import subprocess
@@ -215,11 +215,7 @@ def test_output_that_is_not_writable_is_one_line(model_dir, scan, repo_root, tmp
     parent = tmp_path / "readonly"
     parent.mkdir()
     os.chmod(parent, 0o555)
-    prefix = []
-    if os.geteuid() == 0:
-        assert shutil.which("setpriv"), "running as root needs util-linux setpriv to drop CAP_DAC_OVERRIDE for this test"
-        prefix = [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
-    proc = subprocess.run([*prefix, sys.executable, "finetune/predict.py", "--model", str(model_dir), "--input", str(scan),
+    proc = subprocess.run([*as_unprivileged, sys.executable, "finetune/predict.py", "--model", str(model_dir), "--input", str(scan),
                            "--output", str(parent / "masks"), "--device", "cpu"], cwd=repo_root, capture_output=True, text=True,
                           timeout=300)
     os.chmod(parent, 0o755)
