@@ -436,6 +436,21 @@ def lost_staging(state: State, cases: list[Case]) -> set[str]:
     return lost
 
 
+def damaged_shards(out: Path, state: State) -> dict[str, int]:
+    """Shards of packed groups that are missing or not of their recorded size -> their group. A size check (a stat
+    per shard) on every run; the loader checks the SHA-256 of each shard it reads."""
+    damaged = {}
+    for g in state.read("groups.jsonl"):
+        for shard in g.get("shards", []):
+            try:
+                ok = (out / shard["shard"]).stat().st_size == shard["bytes"]
+            except OSError:
+                ok = False
+            if not ok:
+                damaged[shard["shard"]] = g["group"]
+    return damaged
+
+
 def case_records(state: State, cases: list[Case]) -> list[dict]:
     """Finished-case records in case order; volume ids that collide after sanitising (``a.b`` vs ``a_b``) keep the
     first and report the others as failures."""
@@ -795,6 +810,12 @@ def build(args: argparse.Namespace, cfg: dict, out: Path, cases: list[Case], exc
         atomic_write_text(plan_file, json.dumps({"plan_hash": digest, "version": STATE_VERSION, "n_cases": len(cases)}) + "\n")
     state.truncate_torn("volumes.jsonl")
     state.truncate_torn("groups.jsonl")
+    damaged = damaged_shards(out, state)
+    if damaged:  # their groups are packed again below, from their cases curated again (lost_staging)
+        print(f"{len(damaged)} shard(s) missing or changed since they were written ({', '.join(sorted(damaged))}): "
+              "building their groups again", file=sys.stderr)
+        state.rewrite("groups.jsonl", [g for g in state.read("groups.jsonl") if g["group"] not in set(damaged.values())])
+        (state.dir / "complete").unlink(missing_ok=True)
     progress = not args.no_progress
     t_curate = time.perf_counter()
     curate(cases, cfg, state, int(cfg["run"]["workers"]), progress)

@@ -14,14 +14,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 
-def strict_merge(defaults: DictConfig, *overrides: tuple[str, Any]) -> DictConfig:
+def strict_merge(defaults: DictConfig, *overrides: tuple[str, Any], other_types: dict[str, set[str]] | None = None) -> DictConfig:
     """``defaults`` <- each ``(origin, config)`` of ``overrides``, refusing what the defaults do not define.
 
     An unknown key is a ``ValueError`` naming the key, where it came from and the nearest valid key (difflib); a value
     whose type differs from the default's (a string for a number, a list for a scalar...) is one too. Mappings that
     are empty in the defaults (``task.labels: {}``, ``model.backbone_overrides: {}``) are open: any key goes there.
-    Null defaults and ``???`` accept any value; an int is accepted where the default is a float. The result is not
-    in struct mode, so code may still add derived keys (``task.class_names``)."""
+    Null defaults and ``???`` accept any value; an int is accepted where the default is a float; ``other_types``
+    names keys that also take another type (``{"fold": {"string"}}``: 0..4 or "all"). The result is not in struct
+    mode, so code may still add derived keys (``task.class_names``)."""
     merged = OmegaConf.create(OmegaConf.to_container(defaults, resolve=False))
     _close(merged)
     for origin, override in overrides:
@@ -29,7 +30,8 @@ def strict_merge(defaults: DictConfig, *overrides: tuple[str, Any]) -> DictConfi
             merged = OmegaConf.merge(merged, override)
         except ConfigKeyError as err:
             raise ValueError(_unknown_key_message(str(err.full_key), origin, defaults)) from None
-        _check_types(OmegaConf.to_container(defaults, resolve=False), OmegaConf.to_container(override, resolve=False), origin)
+        _check_types(OmegaConf.to_container(defaults, resolve=False), OmegaConf.to_container(override, resolve=False), origin,
+                     other_types or {})
     return OmegaConf.create(OmegaConf.to_container(merged, resolve=False))  # struct flags dropped
 
 
@@ -78,7 +80,7 @@ def _kind(value: Any) -> str | None:
 _ARTICLE = {"bool": "a bool", "number": "a float", "int": "an int", "list": "a list", "mapping": "a mapping", "string": "a string"}
 
 
-def _check_types(default: Any, override: Any, origin: str, prefix: str = "") -> None:
+def _check_types(default: Any, override: Any, origin: str, other_types: dict[str, set[str]], prefix: str = "") -> None:
     if not isinstance(default, dict) or not isinstance(override, dict):
         return
     for key, value in override.items():
@@ -87,7 +89,8 @@ def _check_types(default: Any, override: Any, origin: str, prefix: str = "") -> 
         want, got = _kind(default[key]), _kind(value)
         full = f"{prefix}{key}"
         if want == "mapping" and got == "mapping":
-            _check_types(default[key], value, origin, full + ".")
-        elif want is not None and got is not None and want != got and not (want == "number" and got == "int"):
+            _check_types(default[key], value, origin, other_types, full + ".")
+        elif (want is not None and got is not None and want != got and not (want == "number" and got == "int")
+              and got not in other_types.get(full, ())):
             raise ValueError(f"config key {full} ({origin}): expected {_ARTICLE[want]} like the "
                              f"default {default[key]!r}, got {value!r}")

@@ -241,7 +241,7 @@ def read_scan(path: Path, kind: str) -> Volume:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python finetune/predict.py",
-        usage="%(prog)s --model RUN_DIR --input SCAN|FOLDER --output DIR [--force] [--overwrite] [--device DEV] [key=value ...]",
+        usage="%(prog)s --model RUN_DIR --input SCAN|FOLDER --output DIR [--force] [--overwrite] [--device DEVICE] [key=value ...]",
         description=__doc__.split("\n\n")[0], epilog="Checks and their settings: configs/finetune/predict.yaml.")
     parser.add_argument("--model", required=True, type=Path, metavar="RUN_DIR",
                         help="finetune output folder (config.yaml, plans.json, model_final.pt), or a weights file in one")
@@ -265,10 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     from tqdm import tqdm
 
     args = parse_args(argv)
-    check_output_dir(args.output)
     files = find_model_files(args.model)
     items = list_inputs(args.input)
     cfg = load_predict_config(files.config, args.overrides)
+    check_output_dir(args.output)  # the first side effect, after every check that needs none
     pcfg = cfg.predict
     plans = load_plans(files.plans)
     recipe = get_recipe(str(cfg.head.name))
@@ -318,5 +318,5 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, KeyError) as err:  # bad input: one clear line, no traceback
+    except (OSError, ValueError, KeyError) as err:  # bad input, a full or read-only disk: one clear line, no traceback
         sys.exit(f"error: {err}")

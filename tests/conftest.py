@@ -51,3 +51,18 @@ def golden_dir(shared_data: Path) -> Path:
 def sample_ct() -> Path:
     """The small real CT sample embedded in the repository (used by the demo)."""
     return SAMPLE_CT
+
+
+@pytest.fixture(scope="session")
+def as_unprivileged() -> list[str]:
+    """Command prefix under which file permissions apply: empty for a normal user; for root, util-linux ``setpriv``
+    dropping the capabilities that bypass them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a chmod-000 file or a
+    read-only folder behaves as it does for a user. Tests of unreadable inputs and unwritable outputs run through it."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("running the tests as root needs util-linux setpriv (permission tests drop CAP_DAC_OVERRIDE)")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]

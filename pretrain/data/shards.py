@@ -133,8 +133,8 @@ _warned: set[str] = set()  # shard folders without shards.csv already warned abo
 
 def verify_shard(path: Path) -> None:
     """Check a shard against ``shards.csv`` before reading it: its size (free), then its SHA-256 once per process
-    (a sequential read at ~1 GB/s, measured: ~0.14 s for a 128 MB shard, small next to decoding and augmenting its
-    1000 samples; later epochs reuse the result). A cut shard (even at a member boundary), overwritten bytes or
+    (``benchmarks/shard_verify.py``, same run: hashing costs 0.67x reading + decoding the shard's samples, 0.03x of
+    reading them and building their multi-crop batches; later epochs reuse the result). A cut shard (even at a member boundary), overwritten bytes or
     another file under the shard's name fail here, naming the shard and the fix, instead of training on them.
 
     Builds without ``shards.csv`` (made before digests were recorded) are read unverified after one warning; their
@@ -146,8 +146,8 @@ def verify_shard(path: Path) -> None:
             warnings.warn(f"{path.parent} has no {SHARD_INDEX}: shards are read without verification (built before "
                           "digests were recorded; re-run data_curation/build_ct3m.py into a new --out to get them)")
         return
-    fix = (f"rebuild it (re-run data_curation/build_ct3m.py with the same --out and config after deleting {path.name}), "
-           "or restore it from a good copy")
+    fix = ("delete it and re-run the data_curation/build_ct3m.py command that made it (it builds missing shards "
+           "again), or restore it from a good copy")
     record = index.get(path.name)
     if record is None:
         raise CorruptShardError(f"shard {path}: not listed in {path.parent / SHARD_INDEX}; it is not part of this build")

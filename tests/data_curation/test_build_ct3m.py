@@ -499,9 +499,9 @@ def test_mistyped_root_and_empty_root_are_errors(tmp_path, repo_root, sample_ct,
     assert [(r["source"], r["reason"]) for r in rejections] == [("btcv", "no_case_found")]
 
 
-def test_unreadable_folder_and_extensionless_dicom_are_failures(tmp_path, repo_root, real_data, sample_ct):
+def test_unreadable_folder_and_extensionless_dicom_are_failures(tmp_path, repo_root, real_data, sample_ct, as_unprivileged):
     """chmod 000 on a sub-folder and on an extension-less DICOM file: both are in failures.jsonl, exit code 1. Root
-    reads anything, so as root the build runs without the capabilities that bypass file permissions (setpriv)."""
+    reads anything, so as root the build runs without the capabilities that bypass file permissions."""
     tree = tmp_path / "tree"
     shutil.copytree(sample_ct / "msd_spleen", tree / "spleen", ignore=shutil.ignore_patterns("*.json"))
     shutil.copytree(real_data / "dcmqi_ct3slice" / "dicom", tree / "locked")
@@ -511,13 +511,8 @@ def test_unreadable_folder_and_extensionless_dicom_are_failures(tmp_path, repo_r
     os.chmod(tree / "locked", 0)
     os.chmod(tree / "series" / "IM0001", 0)
     out = tmp_path / "out"
-    prefix = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        assert setpriv, "running as root needs util-linux setpriv to drop CAP_DAC_OVERRIDE for this test"
-        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
     try:
-        proc = subprocess.run([*prefix, sys.executable, *SCRIPT, "--workers", "0", "--out", str(out), "--root", f"folder={tree}"],
+        proc = subprocess.run([*as_unprivileged, sys.executable, *SCRIPT, "--workers", "0", "--out", str(out), "--root", f"folder={tree}"],
                               cwd=repo_root, capture_output=True, text=True, timeout=600)
     finally:
         os.chmod(tree / "locked", 0o755)
@@ -565,3 +560,29 @@ def test_config_typos_and_wrong_types_are_errors(tmp_path, repo_root):
         load_config(copy)
     cfg = load_config(default, [], ["output.samples_per_shard=500", "slices.min_slice_step_mm=2.5", "geometry.output_size=null"])
     assert cfg["output"]["samples_per_shard"] == 500 and cfg["slices"]["min_slice_step_mm"] == 2.5 and cfg["geometry"]["output_size"] is None
+
+
+def test_rerun_rebuilds_a_deleted_or_cut_shard(tmp_path, repo_root, sample_tree, run_build):
+    """After a finished build, a shard deleted or cut short is found by the next run of the same command, which
+    curates and packs its group again: the shards are byte-identical to the original build."""
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--root", f"folder={sample_tree}", "output.samples_per_shard=40"]
+    run_build(repo_root, *args)
+    before = {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")}
+    (out / "ct3m-000001.tar").unlink()
+    (out / "ct3m-000002.tar").write_bytes(before["ct3m-000002.tar"][:5000])
+    proc = run_build(repo_root, *args)
+    assert "2 shard(s) missing or changed since they were written (ct3m-000001.tar, ct3m-000002.tar)" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("ct3m-*.tar")} == before
+
+
+def test_out_that_is_not_writable_is_one_line(tmp_path, repo_root, sample_ct, as_unprivileged):
+    """--out inside a read-only folder: one line, exit code 2, no traceback (as root: without CAP_DAC_OVERRIDE)."""
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    os.chmod(parent, 0o555)
+    proc = subprocess.run([*as_unprivileged, sys.executable, *SCRIPT, "--out", str(parent / "out"), "--root", f"folder={sample_ct / 'msd_spleen'}"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    os.chmod(parent, 0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"error: --out {parent / 'out'}: cannot write there (Permission denied)"

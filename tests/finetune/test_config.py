@@ -36,3 +36,20 @@ def test_valid_overrides_and_open_mappings_still_work():
     assert cfg.model.backbone_overrides.depth == 2 and cfg.infer.mirror is False
     cfg.task.class_names = ["background", "spleen"]  # code may still add derived keys
     assert cfg.output_dir == "outputs/finetune/btcv/primus/fold_0"
+
+
+def test_fold_all_and_every_shipped_combination_pass(repo_root: Path):
+    """``fold=all`` is the one documented union type; every shipped task x head merges strictly, and so do the tiny
+    and demo files with the head they are written for (primus: they set ``head.block_indices``)."""
+    assert load_config("btcv", overrides=["fold=all"]).fold == "all"
+    with pytest.raises(ValueError, match=r"config key fold \(command line\): expected an int"):
+        load_config("btcv", overrides=["fold=[0,1]"])
+    configs = repo_root / "configs" / "finetune"
+    tasks = [p.stem for p in configs.glob("*.yaml") if p.stem not in ("base", "tiny", "demo", "predict")]
+    for task in tasks:
+        for head in (p.stem for p in (configs / "heads").glob("*.yaml")):
+            load_config(task, head)
+        for extra in ("tiny.yaml", "demo.yaml"):
+            load_config(task, "primus", [extra])
+    with pytest.raises(ValueError, match=r"unknown config key head.block_indices \(.*tiny.yaml\)"):
+        load_config("btcv", "mvr", ["tiny.yaml"])  # mvr reads the last blocks, it has no block_indices

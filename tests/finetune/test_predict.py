@@ -204,3 +204,20 @@ def test_cli_prints_one_line_for_a_refusal(model_dir, real_data, repo_root, tmp_
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 1 scan(s) refused")
+
+
+@pytest.mark.slow
+def test_output_that_is_not_writable_is_one_line(model_dir, scan, repo_root, tmp_path, as_unprivileged):
+    """--output inside a read-only folder: one line before any model is loaded (as root: without CAP_DAC_OVERRIDE)."""
+    import os
+    import subprocess
+
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    os.chmod(parent, 0o555)
+    proc = subprocess.run([*as_unprivileged, sys.executable, "finetune/predict.py", "--model", str(model_dir), "--input", str(scan),
+                           "--output", str(parent / "masks"), "--device", "cpu"], cwd=repo_root, capture_output=True, text=True,
+                          timeout=300)
+    os.chmod(parent, 0o755)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"error: --output {parent / 'masks'}: cannot create the folder (Permission denied)"

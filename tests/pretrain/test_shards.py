@@ -64,7 +64,7 @@ def test_shard_cut_at_a_member_boundary_fails_at_open(copy: Path):
     shard.write_bytes(data + bytes(10240 - len(data) % 10240 or 10240))
     with tarfile.open(shard) as tar:
         assert len(tar.getnames()) == 40
-    with pytest.raises(CorruptShardError, match=r"^shard .*ct3m-000001.tar: \d+ bytes, shards.csv says \d+ \(cut short or replaced\); rebuild it"):
+    with pytest.raises(CorruptShardError, match=r"^shard .*ct3m-000001.tar: \d+ bytes, shards.csv says \d+ \(cut short or replaced\); delete it and re-run the data_curation/build_ct3m.py command"):
         next(iter_shard(shard))
 
 
@@ -75,7 +75,7 @@ def test_overwritten_pixel_bytes_fail_at_open(copy: Path):
         npy = next(m for m in tar.getmembers() if m.name.endswith(".npy"))
     data[npy.offset_data + 200:npy.offset_data + 1200] = bytes(1000)  # same size, garbage pixels
     shard.write_bytes(bytes(data))
-    with pytest.raises(CorruptShardError, match=r"ct3m-000002.tar: SHA-256 differs from shards.csv \(bytes overwritten\); rebuild it"):
+    with pytest.raises(CorruptShardError, match=r"ct3m-000002.tar: SHA-256 differs from shards.csv \(bytes overwritten\); delete it and re-run"):
         next(iter_shard(shard))
 
 
