@@ -83,3 +83,17 @@ def test_masked_images_are_shuffled_across_positions() -> None:
         masked_positions += (out["collated_masks"].sum(1) > 0).numpy()
     assert np.all(np.abs(masked_positions / 200 - 0.5) < 0.15)
     assert math.isclose(masked_positions.sum(), 200 * 4)
+
+
+def test_masks_hold_exactly_the_official_counts() -> None:
+    """As DINOv2/v3's collate: masked image i masks exactly int(N * upper bound of its ratio sub-interval) patches
+    (blocks of at most half the grid, then single patches to top up), the others none."""
+    gen = BlockMasking(height=14, width=14, max_block_ratio=0.5)
+    n, rng = 16, np.random.default_rng(3)
+    out = sample_batch_masks(n, gen, (0.1, 0.5), 0.5, rng)
+    per_image = sorted(int(c) for c in out["collated_masks"].sum(-1))
+    bounds = np.linspace(0.1, 0.5, 8 + 1)
+    assert per_image == [0] * 8 + sorted(int(196 * b) for b in bounds[1:])
+    assert out["upperbound"] == sum(int(196 * b) for b in bounds[1:]) == int(out["n_masked_patches"])
+    for target in (1, 3, 97, 98, 150, 196):
+        assert int(gen(target, rng).sum()) == target
