@@ -23,7 +23,7 @@ from data_curation.readers.dicom import read_dicom_series
 from data_curation.readers.nifti import read_nifti
 from data_curation.shards import encode_image_pieces, sample_json, sample_key, volume_id, write_sample
 from data_curation.sources.base import Case
-from datasets.ct_sanity import SpacingCheck
+from meddino_datasets.ct_sanity import SpacingCheck
 
 STAGING_SUFFIX = ".samples"
 _INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")

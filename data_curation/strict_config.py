@@ -3,7 +3,7 @@ copy and ``key=value`` overrides may only change them. A typo is an error naming
 another type an error naming the key.
 
 The same rules as ``finetune/config.py``'s ``strict_merge``: curation may not import finetune and the two packages
-share only ``datasets/`` (dataset knowledge, not config code), so the helper exists twice until the configs get a
+share only ``meddino_datasets/`` (dataset knowledge, not config code), so the helper exists twice until the configs get a
 common home (issue #19)."""
 from __future__ import annotations
 

@@ -324,9 +324,10 @@ PAPER_TABLE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "pa
 
 
 def read_summary(path: str | Path) -> dict:
-    """A run's ``summary.json`` (the file or its run folder), with a one-line error for a missing or broken file."""
+    """A run's ``summary.json`` (the file, or its fold folder: ``validation/summary.json`` there, as nnU-Net keeps
+    it), with a one-line error for a missing or broken file."""
     path = Path(path)
-    path = path / "summary.json" if path.is_dir() else path
+    path = path / "validation" / "summary.json" if path.is_dir() else path
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datasets.ct_sanity import CtIntensityCheck, SpacingCheck
+from meddino_datasets.ct_sanity import CtIntensityCheck, SpacingCheck
 from finetune.config import DEFAULT_CONFIGS_DIR, strict_merge
 from finetune.heads import get_recipe
 from finetune.infer import predict_case
@@ -156,7 +156,7 @@ def dicom_modalities(folder: Path) -> dict[str, int]:
 
 def check_modality(path: Path, kind: str, image: Optional[Volume], modality: str, pcfg: DictConfig) -> None:
     """Refuse a scan whose modality is not the model's: the DICOM tag, or for NIfTI (no tag) a CT model's intensity
-    rule -- the same :class:`datasets.ct_sanity.CtIntensityCheck` the curation applies."""
+    rule -- the same :class:`meddino_datasets.ct_sanity.CtIntensityCheck` the curation applies."""
     if kind == "dicom":
         found = dicom_modalities(path)
         other = {m: n for m, n in found.items() if m != modality}
@@ -240,7 +240,8 @@ def read_scan(path: Path, kind: str) -> Volume:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python finetune/predict.py",
+        # named as it was called: the console script or the file path the README shows
+        prog=Path(sys.argv[0]).name if Path(sys.argv[0]).name.startswith("meddino-") else "python finetune/predict.py",
         usage="%(prog)s --model RUN_DIR --input SCAN|FOLDER --output DIR [--force] [--overwrite] [--device DEVICE] [key=value ...]",
         description=__doc__.split("\n\n")[0], epilog="Checks and their settings: configs/finetune/predict.yaml.")
     parser.add_argument("--model", required=True, type=Path, metavar="RUN_DIR",

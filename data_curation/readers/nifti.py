@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching in the tes
     _igzip = None
 
 from data_curation.readers.common import CurationError, HuCheck, RawVolume, to_int16_hu
-from datasets.ct_sanity import CtIntensityCheck
+from meddino_datasets.ct_sanity import CtIntensityCheck
 
 
 def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:

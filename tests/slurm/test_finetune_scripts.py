@@ -92,7 +92,7 @@ def test_finetune_array_index_runs_its_task_and_fold(real_data, tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "ft" / dataset.name / "primus" / "fold_1"
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "validation" / "summary.json").read_text())
     assert summary["fold"] == "1" and "paper_mean" in summary and "foreground_mean" in summary
 
 
@@ -110,6 +110,6 @@ def test_finetune_array_on_the_cluster(slurm_cluster, real_data, tmp_path):
     log = slurm_cluster.read_logs(tmp_path)
     assert proc.returncode == 0, f"job {job_id} failed: {proc.stderr}\n{log}"
     for fold in (0, 1):
-        summary = json.loads((tmp_path / "ft" / dataset.name / "primus" / f"fold_{fold}" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "ft" / dataset.name / "primus" / f"fold_{fold}" / "validation" / "summary.json").read_text())
         assert summary["fold"] == str(fold)
     assert f"finetune {job_id}_1: task {dataset} fold 1" in log
