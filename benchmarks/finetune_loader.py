@@ -8,7 +8,8 @@ Cases: the two real CTs shipped in ``data_curation/sample_ct`` (TotalSegmentator
 planned and preprocessed by `finetune.preprocess` so their median slice becomes ``--size`` px, exactly as a
 finetune run does. Ours: `finetune.data.PatchSampler` with the shipped ``configs/finetune/base.yaml`` (the paper
 recipe: nnU-Net's 2-D transforms, low-resolution simulation off). nnU-Net: the same arrays written in its numpy
-dataset layout (``<id>.npy``, ``<id>_seg.npy``, ``<id>.pkl`` with the class locations), its ``nnUNetDataLoader``
+dataset layout (``<id>.npy``, ``<id>_seg.npy``, ``<id>.pkl`` with the class locations; memory-mapped as ours, but
+copy-on-write, see ``CopyOnWriteNumpyDataset``), its ``nnUNetDataLoader``
 (initial patch from ``get_patch_size``, foreground oversampling 0.33) and ``nnUNetTrainer.get_training_transforms``
 for a 2-D configuration (rotation +-180 deg, mirroring (0, 1), no deep supervision). Both run in this process
 with one torch thread, as one data-loading worker does; rounds interleave the two.
@@ -88,7 +89,17 @@ def nnunet_loader(folder: Path, ids: list[str], size: int, batch: int):
     initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
     transforms = nnUNetTrainer.get_training_transforms(patch, rotation, None, (0, 1), False)
     labels = LabelManager({"background": 0, **{f"class_{i}": i for i in range(1, N_LABELS)}}, None)
-    dataset = nnUNetDatasetNumpy(str(folder), ids)
+    class CopyOnWriteNumpyDataset(nnUNetDatasetNumpy):
+        """nnU-Net's numpy dataset, memory-mapped copy-on-write: its loader hands out views of the mapped arrays when
+        a crop needs no padding and its in-place intensity transforms then write to them (read-only: SIGSEGV)."""
+
+        def load_case(self, identifier):
+            data = np.load(folder / f"{identifier}.npy", mmap_mode="c")
+            seg = np.load(folder / f"{identifier}_seg.npy", mmap_mode="c")
+            with open(folder / f"{identifier}.pkl", "rb") as f:
+                return data, seg, None, pickle.load(f)
+
+    dataset = CopyOnWriteNumpyDataset(str(folder), ids)
     return nnUNetDataLoader(dataset, batch, initial, patch, labels, oversample_foreground_percent=0.33,
                             transforms=transforms), tuple(int(s) for s in initial)
 
