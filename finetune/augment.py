@@ -78,8 +78,8 @@ def resample_labels(label: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     ``RemoveLabelTansform(-1, 0)``).
 
     Computed without the one-hot stack: a bilinear sample only mixes its 4 neighbouring pixels, so a label's
-    interpolated one-hot value is the summed weight of the neighbours carrying it. Each of the 4 neighbours' labels
-    is scored that way and the best wins: the same argmax for any number of labels, at the cost of 16 products."""
+    interpolated one-hot value is the summed weight of the neighbours carrying it. Where the 4 neighbours disagree
+    each of their labels is scored that way and the best wins: the same argmax for any number of labels."""
     n_slices, ny, nx = label.shape
     x = ((grid[..., 0] + 1) * nx - 1) / 2                                   # align_corners=False pixel coordinates
     y = ((grid[..., 1] + 1) * ny - 1) / 2
@@ -113,7 +113,7 @@ def rotate_scale_window(image: torch.Tensor, label: torch.Tensor, top_left: Sequ
     grid = window_grid(image.shape[1:], top_left, patch, angle_rad, scale)
     out_img = F.grid_sample(image[None].float(), grid[None], mode="bilinear", padding_mode="zeros",
                             align_corners=False)[0]
-    return out_img, resample_labels(label, grid).to(label.dtype)
+    return out_img, resample_labels(label, grid)
 
 
 def _gaussian_blur_channel(x: torch.Tensor, sigma: float) -> torch.Tensor:
