@@ -32,7 +32,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 import torch
-from omegaconf import OmegaConf
 
 import finetune.infer as infer_mod
 import finetune.preprocess as pre
@@ -86,7 +85,7 @@ def setup(size: int, arch: str, args, image):
     return cfg, recipe, model, plans
 
 
-def old_predict_case(model, recipe, image, plans: Plans, cfg, device) -> "np.ndarray":
+def old_predict_case(model, recipe, image, plans: Plans, cfg, device):
     """The previous product path, the memory baseline: every slice batch's logits softmaxed to float32 probabilities,
     the whole volume concatenated ``[Z, K, Y', X']``, permuted to a contiguous ``[K, Z, Y', X']`` copy, then
     resampled back and argmaxed in chunks of 16 slices."""

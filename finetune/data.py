@@ -168,7 +168,7 @@ class PatchSampler:
             labels.append(lab)
             ids.append(cid)
         image = torch.stack(images).float()
-        label = torch.stack(labels).long()
+        label = torch.stack(labels)              # uint8 as stored: widened to int64 on the device (8x less to copy)
         if self.sampling == "slice2d":
             label = label[:, 0]
         else:

@@ -20,6 +20,11 @@ order as the arrays. Undefined values are NaN:
 
 Distances are Euclidean in mm (``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing``), computed on the
 bounding box of both masks plus one voxel, which is exact because every boundary point lies inside it.
+
+Reports (`build_summary`): ``summary.json`` holds nnU-Net v2's layout (``foreground_mean``, ``mean``,
+``metric_per_case``; keys are label ids, means over all cases) and, beside it, the MedDINOv3 paper's convention
+(``paper_mean``, ``per_class``: per label, cases whose reference lacks the class left out), plus the task's
+evaluation regions (``regions``) scored both ways. Every NSD is named by its definition (``nsd_boundary``).
 """
 from __future__ import annotations
 
@@ -225,7 +230,7 @@ def nnunet_summary(per_case: Mapping[str, Mapping[str, dict]], classes: Mapping[
             r = rows[name]
             union = r["tp"] + r["fp"] + r["fn"]
             metrics[nnunet_key(ids)] = {
-                "Dice": 2 * r["tp"] / (r["tp"] + union) if union else float("nan"),
+                "Dice": r["dice"],                                   # NaN iff tp + fp + fn == 0, as nnU-Net
                 "IoU": r["tp"] / union if union else float("nan"),
                 "FP": r["fp"], "TP": r["tp"], "FN": r["fn"], "TN": r["tn"],
                 "n_pred": r["tp"] + r["fp"], "n_ref": r["tp"] + r["fn"], nsd_name: r["nsd"], "HD95": r["hd95"]}

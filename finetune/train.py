@@ -78,7 +78,7 @@ def pseudo_dice(model: nn.Module, recipe, sampler: PatchSampler, cfg, loss_fn, d
     model.eval()
     stats, losses = None, []
     for i, batch in enumerate(batch_stream(sampler, epoch * n_batches, (epoch + 1) * n_batches, 0, stream=1, augment=False)):
-        image, label = batch["image"].to(device), batch["label"].to(device)
+        image, label = batch["image"].to(device), batch["label"].to(device).long()
         with autocast_context(device, str(cfg.train.precision)):
             loss, logits = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
         losses.append(float(loss))
@@ -179,7 +179,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True).long()
         with autocast_context(device, precision):
             loss, logits = recipe.training_step(train_model, {**batch, "image": image, "label": label}, loss_fn, cfg)
         if not torch.isfinite(loss):

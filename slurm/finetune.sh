@@ -30,8 +30,9 @@
 #SBATCH --output=slurm-%x-%A_%a.out
 set -euo pipefail
 
-# sbatch runs a spooled copy of this file: find slurm/common.sh as the stage scripts do.
-submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')" || true
+# sbatch runs a spooled copy of this file: find slurm/common.sh as the stage scripts do (an array's record lists
+# every element, hence the first Command= only).
+submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)" || true
 for dir in ${MEDDINO_ROOT:+"$MEDDINO_ROOT/slurm"} "$(dirname "${submitted:-.}")" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-$PWD}/slurm"; do
     # shellcheck source=slurm/common.sh
     if [[ -f "$dir/common.sh" ]]; then source "$dir/common.sh"; break; fi

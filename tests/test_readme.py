@@ -37,6 +37,7 @@ HELP_OF = {
     "meddino-finetune": ("finetune.run", "parse_args"),
     "finetune/predict.py": ("finetune.predict", "main"),
     "meddino-predict": ("finetune.predict", "main"),
+    "finetune.metrics": ("finetune.metrics", "main"),
     "finetune.demo": ("finetune.demo", "main"),
     "pretrain.models.summary": ("pretrain.models.summary", "main"),
     "pretrain.models.export": ("pretrain.models.export", "main"),
@@ -90,6 +91,11 @@ EXERCISED_BY = {
                             "tests/finetune/test_predict.py::test_mr_dicom_is_refused_unless_forced"],
     "meddino-finetune": ["tests/finetune/test_install.py::test_readme_finetune_and_predict_from_another_folder"],
     "meddino-predict": ["tests/finetune/test_install.py::test_readme_finetune_and_predict_from_another_folder"],
+    "finetune.metrics": ["tests/finetune/test_metrics.py::test_compare_cli_puts_our_numbers_next_to_the_papers"],
+    "slurm/finetune.sh": ["tests/slurm/test_finetune_scripts.py::test_finetune_array_on_the_cluster",
+                          "tests/slurm/test_finetune_scripts.py::test_finetune_array_index_runs_its_task_and_fold"],
+    "slurm/reproduce.sh": ["tests/slurm/test_finetune_scripts.py::test_reproduce_chains_stages_finetunes_and_table",
+                           "tests/slurm/test_finetune_scripts.py::test_reproduce_on_the_cluster"],
     "finetune.demo": ["tests/finetune/test_demo.py::test_demo_runs_end_to_end_and_says_where_outputs_are"],
     "pretrain.models.summary": ["tests/pretrain/test_summary.py::test_cli_prints_parameters_and_gflops"],
     "pretrain.models.export": ["tests/pretrain/test_checkpoint.py::test_export_cli"],
@@ -171,7 +177,7 @@ def test_make_targets_exist():
 def _help_text(entry: str, args: list[str]) -> str:
     module, fn_name = HELP_OF[entry]
     fn = getattr(importlib.import_module(module), fn_name)
-    sub = [args[0]] if entry == "pretrain.visualize" else []
+    sub = [args[0]] if entry in ("pretrain.visualize", "finetune.metrics") else []
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
         fn([*sub, "--help"])

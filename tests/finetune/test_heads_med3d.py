@@ -222,7 +222,7 @@ def test_med3d_two_stages_train_predict_and_evaluate_spleen(spleen_nnunet_datase
     s1_backbone = torch.load(stage1 / "stage1_backbone.pt", weights_only=True)
     final = torch.load(out / "model_final.pt", weights_only=True)
     key = "blocks.0.mlp.fc1.weight"
-    assert torch.equal(final[f"backbone.blocks.0.mlp.fc1.base.weight"], s1_backbone[key])
+    assert torch.equal(final["backbone.blocks.0.mlp.fc1.base.weight"], s1_backbone[key])
     assert final["backbone.patch_embed.proj.proj.weight"].shape[2] == 3  # conv3d ICE over K = 3 slices
     pred = nib.load(str(out / "validation" / "spleen2.nii.gz"))
     ref = nib.load(str(ds / "imagesTr" / "spleen2_0000.nii.gz"))

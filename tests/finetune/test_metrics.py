@@ -248,3 +248,21 @@ def test_nnunet_layout_matches_nnunet_own_evaluation(tmp_path):
     assert set(loaded["mean"]) == {1, 2, 3}
     assert loaded["metric_per_case"][0]["metrics"][1]["TP"] == per_case["case_1"]["kidney"]["tp"]
     assert loaded["foreground_mean"]["Dice"] == pytest.approx(summary["foreground_mean"]["Dice"])
+
+
+def test_compare_cli_puts_our_numbers_next_to_the_papers(tmp_path, capsys):
+    """``python -m finetune.metrics compare RUN ... --out table2.md`` (slurm/reproduce.sh's last job)."""
+    from finetune.metrics import main
+
+    labels = ["background", "kidney", "tumour", "cyst"]
+    classes = evaluation_classes(labels)
+    cases = _kits_like_cases()
+    per_case = {c: evaluate_case(p, g, (2.0, 1.0, 1.0), classes) for c, (p, g) in cases.items()}
+    summary = build_summary(per_case, classes, {c: ("r", "p") for c in cases})
+    write_summary_json(summary, tmp_path / "kits" / "summary.json", {"task": "kits23", "fold": "0"})
+    table = main(["compare", str(tmp_path / "kits"), "--out", str(tmp_path / "table2.md")])
+    row = next(line for line in table.splitlines() if "kits23" in line)
+    assert f"| KiTS23 (kits23) | 0 | {100 * summary['paper_mean']['dice']:.2f} | 70.68 |" in row
+    assert "62.67" in row and (tmp_path / "table2.md").read_text().strip() == table
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        main(["compare", str(tmp_path / "missing")])

@@ -21,11 +21,16 @@ def _cfg(task: str, root: Path):
     return load_config(task, "primus", [], [f"task.dataset_dir={root}"])
 
 
-def test_amos22_owners_layout_keeps_ct_only(tmp_path):
+def _amos_owners_tree(root: Path) -> None:
+    """AMOS22 owners' layout: Tr with CT 1, 5 and MRI 507; Va with CT 8 and MRI 600 (all labelled)."""
     for split, ids in (("Tr", [1, 5, 507]), ("Va", [8, 600])):
         for i in ids:
-            _touch(tmp_path / f"images{split}" / f"amos_{i:04d}.nii.gz")
-            _touch(tmp_path / f"labels{split}" / f"amos_{i:04d}.nii.gz")
+            _touch(root / f"images{split}" / f"amos_{i:04d}.nii.gz")
+            _touch(root / f"labels{split}" / f"amos_{i:04d}.nii.gz")
+
+
+def test_amos22_owners_layout_keeps_ct_only(tmp_path):
+    _amos_owners_tree(tmp_path)
     cfg = _cfg("amos22", tmp_path)
     assert [c.case_id for c in task_cases(cfg)] == ["amos_0001", "amos_0005", "amos_0008"]
     names = task_labels(cfg)
@@ -34,10 +39,7 @@ def test_amos22_owners_layout_keeps_ct_only(tmp_path):
 
 def test_amos22_ct_mri_is_nnunet_task2_all_labelled_cases(tmp_path):
     """The paper's AMOS22 (300 CT + 60 MRI): every labelled case of Tr and Va, per-image z-score, same label map."""
-    for split, ids in (("Tr", [1, 5, 507]), ("Va", [8, 600])):
-        for i in ids:
-            _touch(tmp_path / f"images{split}" / f"amos_{i:04d}.nii.gz")
-            _touch(tmp_path / f"labels{split}" / f"amos_{i:04d}.nii.gz")
+    _amos_owners_tree(tmp_path)
     cfg = _cfg("amos22_ct_mri", tmp_path)
     assert cfg.task.name == "amos22_ct_mri" and cfg.preprocess.normalization == "zscore"
     assert [c.case_id for c in task_cases(cfg)] == ["amos_0001", "amos_0005", "amos_0507", "amos_0008", "amos_0600"]

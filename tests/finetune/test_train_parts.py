@@ -139,3 +139,19 @@ def test_channel_layernorm_normalises_over_channels():
     var = x.var(1, keepdim=True, unbiased=False)
     ref = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pseudo_dice_counts_stay_on_the_logits_device():
+    """The per-iteration pseudo-Dice is counted where the logits are (no host copy of ``[B, K, 896, 896]``): on the
+    meta device nothing can be copied to the host, yet the counts come back, and on CPU they are the exact counts."""
+    from finetune.losses import pseudo_dice_stats
+
+    meta = pseudo_dice_stats(torch.empty(12, 16, 896, 896, device="meta"), torch.empty(12, 896, 896, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == (3, 15)
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    pred = logits.argmax(1)
+    expected = [[int(((pred == c) & (target == c)).sum()) for c in (1, 2)],
+                [int(((pred == c) & (target != c)).sum()) for c in (1, 2)],
+                [int(((pred != c) & (target == c)).sum()) for c in (1, 2)]]
+    assert pseudo_dice_stats(logits, target).tolist() == expected

@@ -113,3 +113,41 @@ def test_finetune_array_on_the_cluster(slurm_cluster, real_data, tmp_path):
         summary = json.loads((tmp_path / "ft" / dataset.name / "primus" / f"fold_{fold}" / "validation" / "summary.json").read_text())
         assert summary["fold"] == str(fold)
     assert f"finetune {job_id}_1: task {dataset} fold 1" in log
+
+
+FT_FROM_TINY_PRETRAINING = """# finetune settings matching configs/pretrain/tiny.yaml's teacher (ViT-T/16, 2 blocks), CPU sizes
+model: {arch: vitt16, backbone_overrides: {depth: 2}, drop_path_rate: 0.0}
+head: {block_indices: [0, 1]}
+preprocess: {target_slice_px: null, target_spacing_mm: [4.5, 4.5], foreground_samples_total: 1.0e6}
+data: {patch_size: [64, 64], batch_size: 2, num_workers: 0}
+train: {epochs: 1, iters_per_epoch: 2, val_iters: 1, precision: fp32, progress: false}
+infer: {batch_size: 8, mirror: false, precision: fp32}
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_reproduce_on_the_cluster(slurm_cluster, ct3m_shards, real_data, tmp_path):
+    """`slurm/reproduce.sh` for real: tiny stage 1 -> a finetune of its teacher (afterok) -> the table (afterok)."""
+    dataset = build_tiny_dataset(real_data, tmp_path / "raw")
+    (tmp_path / "ft_tiny.yaml").write_text(FT_FROM_TINY_PRETRAINING)
+    runs = tmp_path / "runs"
+    env = slurm_cluster.stage_env(
+        runs / "pretrain", ct3m_shards, MEDDINO_STAGES="1", MEDDINO_OVERLAY="tiny",
+        MEDDINO_STAGE1_OVERRIDES="train.iterations=3 checkpointing.teacher_snapshots=[] logging.flops=false "
+                                 "compute.num_threads=1",
+        MEDDINO_STAGE1_SBATCH="--ntasks-per-node=2", MEDDINO_FT_TASKS=str(dataset),
+        MEDDINO_FT_CONFIG=str(tmp_path / "ft_tiny.yaml"))
+    proc = slurm_cluster.run(["bash", str(REPO_ROOT / "slurm" / "reproduce.sh"), "--nodes=1", "--cpus-per-task=1",
+                              "--time=30"], env=env, cwd=tmp_path, timeout=60)
+    jobs = dict(re.findall(r"^(stage1|finetune|table) (\d+)$", proc.stdout, flags=re.M))
+    assert list(jobs) == ["stage1", "finetune", "table"], proc.stdout + proc.stderr
+    assert slurm_cluster.job_info(int(jobs["table"])).get("Dependency", "").startswith(f"afterok:{jobs['finetune']}")
+    slurm_cluster.wait_gone([int(j) for j in jobs.values()], timeout=1200)
+    log = slurm_cluster.read_logs(tmp_path)
+    run = runs / "finetune" / dataset.name / "primus" / "fold_0"
+    assert (run / "summary.json").is_file(), log
+    config = (run / "config.yaml").read_text()
+    assert str(runs / "pretrain" / "stage1" / "teacher_backbone.pth") in config   # finetuned the pretrained teacher
+    table = (runs / "finetune" / "table2.md").read_text()
+    assert f"({dataset.name}) | 0 |" in table and "DSC % paper" in table, log
