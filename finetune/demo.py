@@ -168,8 +168,8 @@ def print_summary(out: Path, outputs: dict, timings: dict, scores: dict) -> None
     for key, value in outputs.items():
         print(f"  {key:<{width}}  {value}")
     if scores:
-        print("\nValidation scores (finetune/validation/summary.json):")
-        print("  " + json.dumps(scores.get("mean", scores), indent=None)[:400])
+        print("\nValidation scores (finetune/validation/summary.json, the paper's convention: paper_mean / per_class):")
+        print("  " + json.dumps(scores.get("per_class", scores), indent=None)[:400])
     print(f"\nEverything is under {out}; step logs in {out / 'logs'}.")
 
 

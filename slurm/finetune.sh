@@ -56,10 +56,7 @@ output_dir="$output_root/$(basename "$task")/$head/fold_$fold"
 mkdir -p "$output_dir"
 
 root="$MEDDINO_ROOT"
-python="${MEDDINO_PYTHON:-}"
-if [[ -z "$python" ]]; then
-    if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python="python3"; fi
-fi
+python="$(meddino_python)"
 args=(--task "$task" --head "$head" --fold "$fold" --output "$output_dir")
 if [[ -n "${MEDDINO_FT_CHECKPOINT:-}" ]]; then
     [[ -f "$MEDDINO_FT_CHECKPOINT" ]] || meddino_die "MEDDINO_FT_CHECKPOINT not found: $MEDDINO_FT_CHECKPOINT"

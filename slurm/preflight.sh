@@ -18,7 +18,7 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
-submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')" || true
+submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)" || true
 for dir in ${MEDDINO_ROOT:+"$MEDDINO_ROOT/slurm"} "$(dirname "${submitted:-.}")" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-$PWD}/slurm"; do
     # shellcheck source=slurm/common.sh
     if [[ -f "$dir/common.sh" ]]; then source "$dir/common.sh"; break; fi

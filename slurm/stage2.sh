@@ -25,7 +25,7 @@ set -euo pipefail
 
 # sbatch runs a spooled copy of this file: find slurm/common.sh via MEDDINO_ROOT, the path SLURM recorded at
 # submission (scontrol Command=), this file's directory (run without sbatch), or the submission directory.
-submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')" || true
+submitted="$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)" || true
 for dir in ${MEDDINO_ROOT:+"$MEDDINO_ROOT/slurm"} "$(dirname "${submitted:-.}")" "$(dirname "$0")" "${SLURM_SUBMIT_DIR:-$PWD}/slurm"; do
     # shellcheck source=slurm/common.sh
     if [[ -f "$dir/common.sh" ]]; then source "$dir/common.sh"; break; fi
