@@ -190,7 +190,10 @@ def _train(cfg, preempt, *, output_dir, init_from, resume, batches) -> TrainResu
     if output_dir.exists() and not output_dir.is_dir():  # every rank: none may wait at a barrier for rank 0
         raise NotADirectoryError(f"--output-dir {output_dir} is a file, not a folder")
     if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ckpt_io.CheckpointWriteError(err.errno or 13, f"cannot create {ckpt_dir}: {err.strerror}") from err
         for stale in ckpt_io.remove_stale_temporaries(ckpt_dir) + ckpt_io.remove_stale_temporaries(output_dir):
             print(f"[pretrain] removed {stale.name}, left by an interrupted write", flush=True)
         ckpt_io.atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), output_dir / "config.yaml")

@@ -329,3 +329,20 @@ def test_compile_auto_is_on_for_gpus_only() -> None:
     assert compile_enabled("auto", torch.device("cuda", 0)) and not compile_enabled("auto", torch.device("cpu"))
     assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda", 0))
     assert load_config(STAGES[1], ["compute.compile=true"]).compute.compile is True
+
+
+def test_an_output_dir_that_is_a_file_or_not_writable_is_one_line(ct3m_shards: Path, tmp_path: Path, as_unprivileged):
+    import stat
+
+    blocker = tmp_path / "run"
+    blocker.write_text("not a folder")
+    for out, expected in ((blocker, "is a file, not a folder"), (tmp_path / "locked" / "run", "cannot create")):
+        if out.parent.name == "locked":
+            out.parent.mkdir()
+            out.parent.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        sizes = tiny_overrides(load_config(STAGES[1]), iterations=1)
+        cmd = [sys.executable, "-m", "pretrain.train", "--config", str(STAGES[1]), "--output-dir", str(out), *sizes,
+               f"data.shards={ct3m_shards}"]
+        done = subprocess.run([*as_unprivileged, *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
