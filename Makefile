@@ -7,6 +7,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+NNUNET_REFERENCE := "nnunetv2>=2.5" "batchgeneratorsv2>=0.3" "batchgenerators>=0.25" "acvl-utils>=0.2" \
+                    "dynamic-network-architectures>=0.4"
 
 .PHONY: venv demo test evidence clean
 
@@ -16,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	# CPU torch from the local wheel when no torch is present (an unpinned torch pulls a CUDA build)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e ".[dev,dicom]"
+	# nnU-Net's code, the reference of the finetune tests (summary.json, splits, fingerprint, 2-D augmentation):
+	# without dependencies, which would pull torchvision and a CUDA torch (their imports are in the dev extra)
+	$(PIP) install -q --no-deps $(NNUNET_REFERENCE)
 	touch $@
 
 venv: $(VENV)/.installed

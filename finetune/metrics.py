@@ -332,7 +332,9 @@ def read_summary(path: str | Path) -> dict:
     """A run's ``summary.json`` (the file, or its fold folder: ``validation/summary.json`` there, as nnU-Net keeps
     it), with a one-line error for a missing or broken file."""
     path = Path(path)
-    path = path / "validation" / "summary.json" if path.is_dir() else path
+    if path.is_dir():
+        nested = path / "validation" / "summary.json"
+        path = nested if nested.is_file() or not (path / "summary.json").is_file() else path / "summary.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
