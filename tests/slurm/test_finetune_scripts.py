@@ -146,7 +146,7 @@ def test_reproduce_on_the_cluster(slurm_cluster, ct3m_shards, real_data, tmp_pat
     slurm_cluster.wait_gone([int(j) for j in jobs.values()], timeout=1200)
     log = slurm_cluster.read_logs(tmp_path)
     run = runs / "finetune" / dataset.name / "primus" / "fold_0"
-    assert (run / "summary.json").is_file(), log
+    assert (run / "validation" / "summary.json").is_file(), log
     config = (run / "config.yaml").read_text()
     assert str(runs / "pretrain" / "stage1" / "teacher_backbone.pth") in config   # finetuned the pretrained teacher
     table = (runs / "finetune" / "table2.md").read_text()
