@@ -31,7 +31,6 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import numpy as np
 import torch
 
 import finetune.infer as infer_mod
