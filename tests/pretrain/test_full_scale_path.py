@@ -58,7 +58,7 @@ def test_compile_compiles_the_blocks_the_training_step_calls(ct3m_shards: Path, 
 
     torch._dynamo.reset()
     counters.clear()
-    result = train(make_shipped_cfg(1, ct3m_shards, tmp_path, "compute.compile=true", "logging.flops=false",
+    result = train(make_shipped_cfg(1, ct3m_shards, tmp_path, "compute.compile=true",
                                     iterations=1))
     assert result.finished
     assert counters["frames"]["ok"] > 0, dict(counters["frames"])
@@ -166,7 +166,7 @@ def test_preempted_stage_is_not_handed_on(ct3m_shards: Path, tmp_path: Path, mak
     run = tmp_path / "run"
     handler = PreemptionHandler()
     handler.requested, handler.signal_name = True, "SIGUSR1"
-    result = train(make_shipped_cfg(1, ct3m_shards, run / "stage1", "logging.flops=false"), preempt=handler)
+    result = train(make_shipped_cfg(1, ct3m_shards, run / "stage1"), preempt=handler)
     assert result.preempted and not result.finished and result.iteration == 1
     assert ckpt_io.list_checkpoints(run / "stage1" / "checkpoints") and ckpt_io.read_completion(run / "stage1") is None
     with pytest.raises(FileNotFoundError, match="stage 1 has not finished"):
@@ -177,7 +177,7 @@ def test_preempted_stage_is_not_handed_on(ct3m_shards: Path, tmp_path: Path, mak
                              text=True, timeout=60)
     assert refused.returncode == 1 and "which has not completed" in refused.stderr, refused.stderr
 
-    finished = train(make_shipped_cfg(1, ct3m_shards, run / "stage1", "logging.flops=false"), resume="auto")
+    finished = train(make_shipped_cfg(1, ct3m_shards, run / "stage1"), resume="auto")
     assert finished.finished
     record = ckpt_io.read_completion(run / "stage1")
     assert record["iteration"] == 4 and final_checkpoint(run, 1) == Path(record["final_checkpoint"])
@@ -190,7 +190,7 @@ def test_preemption_handler_is_installed_before_torch_is_imported(ct3m_shards: P
 
     sizes = tiny_overrides(load_config(STAGES[1]), iterations=4)
     cmd = [sys.executable, "-X", "importtime", "-m", "pretrain.train", "--config", str(STAGES[1]), "--output-dir",
-           str(tmp_path / "run"), *sizes, f"data.shards={ct3m_shards}", "logging.flops=false"]
+           str(tmp_path / "run"), *sizes, f"data.shards={ct3m_shards}"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # -X importtime reports each module as its import finishes: signal once the handler module is imported,
     # while torch is not yet
@@ -239,7 +239,7 @@ def test_diverged_weights_are_never_saved_as_the_last_good_checkpoint(
 ) -> None:
     """A step that leaves NaN weights (with a finite loss at that step) used to be checkpointed, so the "last good
     checkpoint" named in the error held the diverged weights and resuming failed again."""
-    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1", "logging.flops=false")
+    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1")
     real = SSLMetaArch.update_teacher
     calls = []
 
@@ -285,9 +285,9 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints
         def __exit__(self, *exc):
             self.f.close()
 
-    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1", "logging.flops=false")
+    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1")
     train(cfg)  # 4 finished iterations, checkpoints 2-4 kept (keep_last 3)
-    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1", "logging.flops=false", iterations=6)
+    cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1", iterations=6)
     monkeypatch.setattr(ckpt_io, "open", lambda p, mode="r", *a, **k: FullDisk(builtins.open(p, mode, *a, **k))
                         if "checkpoint_" in str(p) else builtins.open(p, mode, *a, **k), raising=False)
     with pytest.raises(ckpt_io.CheckpointWriteError) as info:
@@ -304,7 +304,7 @@ def test_temporary_files_of_a_killed_write_are_removed_at_start(ct3m_shards: Pat
     ckpts.mkdir(parents=True)
     stale = ckpts / ".checkpoint_00000002.pth.tmp-4242"
     stale.write_bytes(b"half a checkpoint")
-    train(make_shipped_cfg(1, ct3m_shards, tmp_path, "logging.flops=false", iterations=1))
+    train(make_shipped_cfg(1, ct3m_shards, tmp_path, iterations=1))
     assert not stale.exists()
 
 
