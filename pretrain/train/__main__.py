@@ -12,7 +12,9 @@ from __future__ import annotations
 # nothing but the standard library loaded, and hand the same handler to the trainer.
 from pretrain.train.preemption import PreemptionHandler
 
-_PREEMPT = PreemptionHandler().install()
+_PREEMPT = PreemptionHandler()
+if __name__ == "__main__":  # run as a program; imported (tests, console script), main() installs it
+    _PREEMPT.install()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -52,6 +54,8 @@ def print_plan(cfg, world_size: int) -> None:
 
 
 def main(argv=None) -> int:
+    if not _PREEMPT.installed:  # the meddino-pretrain console script: still before torch is imported
+        _PREEMPT.install()
     args = parse_args(argv)
     from pretrain.data.plan import BatchPlanError  # noqa: PLC0415
     from pretrain.train.config import ConfigError, load_config  # noqa: PLC0415

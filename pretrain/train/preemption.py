@@ -33,6 +33,10 @@ class PreemptionHandler:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> "PreemptionHandler":
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
