@@ -295,7 +295,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = D.default_device(dist_env)
     comm = D.communicator(device)
     if dist_env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"[preflight] error: cannot create --out {out}: {err.strerror}", file=sys.stderr)
+            return 2
     comm.barrier()
     report = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
               "world_size": dist_env.world_size, "torch": torch.__version__, "tiny": bool(args.tiny),

@@ -72,14 +72,15 @@ def main(argv=None) -> int:
         return EXIT_BAD_CONFIG
     if not bool(cfg.train.handle_preemption):
         _PREEMPT.uninstall()
-    from pretrain.train.checkpointing import CheckpointWriteError  # noqa: PLC0415
+    from pretrain.train.checkpointing import CheckpointReadError, CheckpointWriteError  # noqa: PLC0415
     from pretrain.train.distributed import destroy  # noqa: PLC0415
     from pretrain.train.loop import NonFiniteLossError, train  # noqa: PLC0415
 
     try:
         result = train(cfg, output_dir=args.output_dir, init_from=args.init_from, resume=args.resume,
                        preempt=_PREEMPT if cfg.train.handle_preemption else None)
-    except (BatchPlanError, ConfigError, CheckpointWriteError, NotADirectoryError) as err:
+    except (BatchPlanError, ConfigError, CheckpointWriteError, CheckpointReadError, NotADirectoryError,
+            FileNotFoundError) as err:  # missing --init-from / --resume files, unreadable checkpoints, full disk
         print(f"[pretrain] error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_CONFIG
     except NonFiniteLossError as err:

@@ -30,6 +30,10 @@ COMPLETE_NAME = "stage_complete.json"
 TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint that cannot be read or is not ours: one line naming the file."""
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint or export could not be written (disk full, no permission): one line naming the file."""
 
@@ -229,9 +233,9 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {str(err).splitlines()[0] if str(err) else err!r}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pretrain.train checkpoint (format {FORMAT!r} expected)")
+        raise CheckpointReadError(f"{path} is not a pretrain.train checkpoint (format {FORMAT!r} expected)")
     return state
 
 

@@ -342,14 +342,17 @@ def _train(cfg, preempt, *, output_dir, init_from, resume, batches) -> TrainResu
                     sums[k] = sums.get(k, 0.0) + v / accum
                 n_images += batch["collated_global_crops"].shape[0] // n_global
                 res = batch["collated_global_crops"].shape[-1]
-            bad = [k for k, v in sums.items() if not math.isfinite(v)]
-            if comm.any(bool(bad)):
-                raise stop_non_finite("non-finite loss (" + ", ".join(f"{k}={sums[k]:.4g}" for k in sums) + ")", it)
             grad_norms = None
             if clip is not None and float(clip) > 0:
                 grad_norms = clip_student_gradients(meta.student, float(clip))
-                if comm.any(not all(math.isfinite(v) for v in grad_norms.values())):
-                    raise stop_non_finite(f"non-finite gradient norm ({grad_norms})", it)
+            bad_loss = not all(math.isfinite(v) for v in sums.values())
+            bad_grad = grad_norms is not None and not all(math.isfinite(v) for v in grad_norms.values())
+            if comm.any(bad_loss or bad_grad):  # one collective per iteration for both checks
+                if bad_loss:
+                    what = "non-finite loss (" + ", ".join(f"{k}={sums[k]:.4g}" for k in sums) + ")"
+                else:
+                    what = f"non-finite gradient norm ({grad_norms})" if bad_grad else "non-finite loss on another rank"
+                raise stop_non_finite(what, it)
             optimizer.step()
             if mode == "fsdp":  # FSDP2 keeps root parameters unsharded after forward: back to shards for the EMA
                 for fwd in (meta.student_forward, meta._teacher_forward):

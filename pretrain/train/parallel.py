@@ -27,10 +27,10 @@ class GramTeacherForward(nn.Module):
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 / fp16 autocast on GPU (``compute.precision``), none (fp32) on CPU or for ``fp32``."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"compute.precision must be bf16, fp16 or fp32, got {precision!r}")
     if device.type != "cuda" or precision == "fp32":
         return None
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"compute.precision must be bf16, fp16 or fp32, got {precision!r}")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

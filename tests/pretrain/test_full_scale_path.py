@@ -346,3 +346,17 @@ def test_an_output_dir_that_is_a_file_or_not_writable_is_one_line(ct3m_shards: P
         done = subprocess.run([*as_unprivileged, *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_missing_or_unreadable_checkpoints_are_one_line(ct3m_shards: Path, tmp_path: Path) -> None:
+    """--resume / --init-from naming a missing file, or a checkpoint that is text: one line, exit 2."""
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    sizes = tiny_overrides(load_config(STAGES[1]), iterations=1)
+    for extra, expected in ((["--resume", str(tmp_path / "gone.pth")], "no such checkpoint file"),
+                            (["--init-from", str(tmp_path / "gone.pth")], "initial weights not found"),
+                            (["--resume", str(text)], "cannot read checkpoint")):
+        done = _run_cli("--config", str(STAGES[1]), "--output-dir", str(tmp_path / "run"), *extra, *sizes,
+                        f"data.shards={ct3m_shards}", timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
