@@ -11,87 +11,24 @@ from them), never a recipe switch, so the tiny run takes the same code path as t
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from meddino_common.config import ConfigError, load_config as load_strict
+
+__all__ = ["ConfigError", "default_config_dir", "load_config", "tiny_overrides"]
+
 BASE_NAME = "base.yaml"
 OPEN_BLOCKS = ("student.overrides",)  # free-form: any build_backbone keyword
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used (one line naming the key or file)."""
+# one size or a list of sizes drawn per batch (stage 3 mixes resolutions)
+SIZE_LISTS = {f"crops.{k}": ("list",) for k in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size")}
 
 
 def default_config_dir() -> Path:
-    """``configs/pretrain`` of the checkout this package lives in."""
+    """``configs/pretrain`` of the checkout (or installed ``configs`` package) next to this package."""
     return Path(__file__).resolve().parents[2] / "configs" / "pretrain"
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of every leaf of a plain container (open blocks, empty dicts and lists are leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and dotted not in OPEN_BLOCKS:
-            out.update(_flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def _kind(value: Any) -> str | None:
-    """``bool`` / ``number`` / ``str`` / ``list`` / ``dict``; None for null and ``${...}`` interpolations."""
-    if value is None or (isinstance(value, str) and value.startswith("${")):
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "str", list: "list", dict: "dict"}.get(type(value))
-
-
-def _check_against(base: DictConfig, overlay: DictConfig, origin: str) -> None:
-    """Refuse keys of ``overlay`` that ``base`` does not declare and values whose type contradicts base's."""
-    known = _flatten(OmegaConf.to_container(base, resolve=False))
-    blocks = {p for k in known for p in _parents(k)}
-    for key, value in _flatten(OmegaConf.to_container(overlay, resolve=False)).items():
-        if any(key == b or key.startswith(b + ".") for b in OPEN_BLOCKS):
-            continue
-        if key not in known:
-            # a whole block given where base has null (e.g. schedules.gram_weight: {start: ...}) is fine
-            if any(p in known and known[p] is None for p in _parents(key)) or key in blocks:
-                continue
-            near = difflib.get_close_matches(key, [*known, *blocks], n=1, cutoff=0.6)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ConfigError(f"{origin}: unknown config key {key}{hint}")
-        want, got = _kind(known[key]), _kind(value)
-        if want is None or got is None or want == got:
-            continue
-        if got == "list" and want == "number" and all(_kind(v) == "number" for v in value):
-            continue  # one size or a list of sizes (crops.*_size of stage 3)
-        if want == "str" and known[key] == "auto" and got == "bool":
-            continue  # tri-state switches: auto | true | false (compute.compile)
-        if got == "dict" and want == "dict":
-            continue
-        raise ConfigError(f"{origin}: {key}={value!r} is a {got}, but {key} takes a {want} (default {known[key]!r})")
-
-
-def _parents(key: str) -> list[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _load_yaml(path: Path) -> DictConfig:
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as err:  # noqa: BLE001 - re-raised as one line naming the file
-        raise ConfigError(f"{path}: not a readable YAML config: {str(err).splitlines()[0]}") from err
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(cfg).__name__}")
-    return cfg
 
 
 def load_config(
@@ -99,8 +36,8 @@ def load_config(
     overrides: Sequence[str] = (),
     base: str | Path | None = None,
 ) -> DictConfig:
-    """Merge ``base.yaml`` (next to the first file unless ``base`` is given), then each file in order, then the
-    ``key=value`` overrides, refusing unknown keys and wrong types (module docstring). A file that is the base
+    """``base.yaml`` (next to the first file unless ``base`` is given) <- each file in order <- ``key=value``
+    overrides, through the project's one strict loader (:mod:`meddino_common.config`). A file that is the base
     itself is not merged twice."""
     files = [Path(config_files)] if isinstance(config_files, (str, Path)) else [Path(f) for f in config_files]
     if not files:
@@ -111,25 +48,8 @@ def load_config(
     base_path = Path(base) if base is not None else files[0].parent / BASE_NAME
     if not base_path.is_file():
         raise ConfigError(f"base config not found: {base_path} (expected next to {files[0]})")
-    base_cfg = _load_yaml(base_path)
-    merged = base_cfg
-    for f in files:
-        if f.resolve() == base_path.resolve():
-            continue
-        layer = _load_yaml(f)
-        _check_against(base_cfg, layer, str(f))
-        merged = OmegaConf.merge(merged, layer)
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        try:
-            layer = OmegaConf.from_dotlist(list(overrides))
-        except Exception as err:  # noqa: BLE001
-            raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(err).splitlines()[0]}") from err
-        _check_against(base_cfg, layer, "command line")
-        merged = OmegaConf.merge(merged, layer)
-    return merged
+    layers = [f for f in files if f.resolve() != base_path.resolve()]
+    return load_strict([base_path], layers, overrides, open_blocks=OPEN_BLOCKS, alternatives=SIZE_LISTS)
 
 
 # ---------------------------------------------------------------------------------------------- tiny sizes

@@ -113,7 +113,7 @@ def test_config_typos_and_wrong_types_are_errors_naming_the_key() -> None:
         load_config(STAGES[1], ["optim.lrr=1"])
     with pytest.raises(ConfigError, match=r"logging\.flops=3 is a number, but logging\.flops takes a bool"):
         load_config(STAGES[1], ["logging.flops=3"])
-    with pytest.raises(ConfigError, match=r"optim\.lr='fast' is a str"):
+    with pytest.raises(ConfigError, match=r"optim\.lr='fast' is a string"):
         load_config(STAGES[1], ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="unknown config key data.batch_size_per_rank"):
         load_config(STAGES[1], ["data.batch_size_per_rank=8"])  # the old key: now the plan decides
