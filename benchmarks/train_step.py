@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         cfg = load_config(default_config_dir() / "stage1.yaml", overrides)
         batch = next(build_ssl_loader(cfg, 0, 1, 0))
 
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     meta.train()
     optimizer = build_optimizer(meta.student, meta.n_blocks, cfg.optim)
     apply_schedules(optimizer, lr=1e-6, wd=0.04, last_layer_lr=1e-6)

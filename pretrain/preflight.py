@@ -280,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from pretrain.train import distributed as D
-    from pretrain.train.checkpointing import atomic_write_text
+    from meddino_common.atomic import atomic_write_text
 
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
     if not stages or any(s not in (1, 2, 3) for s in stages) or stages != sorted(set(stages)):
@@ -321,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         D.destroy()
     if not dist_env.is_main:
         return 0 if not failures(report) else 1
-    atomic_write_text(json.dumps(report, indent=1) + "\n", out / "preflight.json")
+    atomic_write_text(out / "preflight.json", json.dumps(report, indent=1) + "\n")
     print(format_table(report), flush=True)
     print(f"[preflight] report: {out / 'preflight.json'}", flush=True)
     failed = failures(report)

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from meddino_common.atomic import atomic_write, atomic_write_text
+
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})\.pth$")
 FORMAT = "meddinov3-ssl-1"
 COMPLETE_NAME = "stage_complete.json"
-TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 
 
 class CheckpointReadError(ValueError):
@@ -67,22 +68,20 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` onto ``path``.
+    """``torch.save`` through :func:`meddino_common.atomic.atomic_write` (temporary file, fsync, rename).
 
-    An I/O error (``ENOSPC`` on a full disk, ``EACCES``, ...) removes the partial temporary file, leaves any
-    previous file under ``path`` untouched, and is raised as one :class:`CheckpointWriteError` line naming the
-    file and the cause."""
+    An I/O error (``ENOSPC`` on a full disk, ``EACCES``, ...) leaves any previous file under ``path`` untouched and
+    no temporary file, and is raised as one :class:`CheckpointWriteError` line naming the file and the cause."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sink = None
+    sink: _WriteErrorRecorder | None = None
+
+    def write(f) -> None:
+        nonlocal sink
+        sink = _WriteErrorRecorder(f)
+        torch.save(obj, sink)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            sink = _WriteErrorRecorder(f)
-            torch.save(obj, sink)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     except OSError as err:
         raise CheckpointWriteError(err.errno or errno.EIO, _write_error(path, err)) from err
     except RuntimeError as err:
@@ -90,10 +89,6 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             raise
         # torch.save reports a failed write as "unexpected pos ...": name the OS error it swallowed
         raise CheckpointWriteError(sink.error.errno or errno.EIO, _write_error(path, sink.error)) from err
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 class _WriteErrorRecorder:
@@ -126,34 +121,14 @@ def _write_error(path: Path, err: BaseException) -> str:
            "or fix the folder, then resume with --resume auto"
 
 
-def atomic_write_text(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomic text write (config copy, completion record) with :func:`atomic_save`'s one-line error."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        return atomic_write_text(path, text)
     except OSError as err:
-        if tmp.exists():
-            tmp.unlink()
-        raise CheckpointWriteError(err.errno or errno.EIO, _write_error(path, err)) from err
-    return path
+        raise CheckpointWriteError(err.errno or errno.EIO, _write_error(Path(path), err)) from err
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete ``.<name>.tmp-<pid>`` files that a killed writer (``kill -9`` during a checkpoint) left behind.
-
-    Call only from the one process that writes into ``folder`` (rank 0), at start-up, before it writes."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if TMP_RE.match(p.name) and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
-# ---------------------------------------------------------------------------------------------- stage completion
 def write_completion(output_dir: str | Path, *, stage: str, iteration: int, final_checkpoint: Path,
                      teacher_backbone: Path) -> Path:
     """``<output_dir>/stage_complete.json``: written last, after the final checkpoint and the export, so its
@@ -161,7 +136,7 @@ def write_completion(output_dir: str | Path, *, stage: str, iteration: int, fina
     ``pretrain.pipeline``) continues only from the checkpoint it names."""
     record = {"stage": stage, "iteration": int(iteration), "final_checkpoint": str(Path(final_checkpoint).resolve()),
               "teacher_backbone": str(Path(teacher_backbone).resolve())}
-    return atomic_write_text(json.dumps(record, indent=1) + "\n", Path(output_dir) / COMPLETE_NAME)
+    return write_text(Path(output_dir) / COMPLETE_NAME, json.dumps(record, indent=1) + "\n")
 
 
 def read_completion(output_dir: str | Path) -> dict | None:
@@ -324,3 +299,38 @@ def load_optimizer_state(meta, optimizer: torch.optim.Optimizer, state: dict, mo
         set_optimizer_state_dict(meta.student, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- the training state
+def save_training_state(path: Path, meta, optimizer: torch.optim.Optimizer, mode: str, comm, *, iteration: int,
+                        batches_consumed: int, plan: dict, world_size: int, config_yaml: str, is_main: bool) -> Path:
+    """One full checkpoint (layout in the module docstring). Collective: every rank calls it (FSDP2 gathers the
+    state, every rank contributes its RNG streams); rank 0 writes."""
+    states = model_state(meta, mode)
+    opt_state = optimizer_state(meta, optimizer, mode)
+    rngs = comm.gather_objects(rng_state())
+    if is_main:
+        atomic_save({"format": FORMAT, "iteration": iteration, **states, "optimizer": opt_state,
+                     "loader": {"batches_consumed": batches_consumed, "world_size": world_size}, "plan": plan,
+                     "rng": rngs, "gram": {"initialized": meta.gram_teacher_initialized,
+                                           "refreshes_done": meta.gram_refreshes_done},
+                     "config": config_yaml}, path)
+    return path
+
+
+def restore_training_state(path: Path, meta, optimizer: torch.optim.Optimizer, mode: str, rank: int,
+                           world_size: int) -> int:
+    """Load model, optimizer, Gram-teacher status and this rank's RNG streams from ``path``; returns the iteration
+    to continue from. A different world size re-seeds nothing and keeps the current streams (said once)."""
+    state = load_checkpoint(path)
+    load_model_state(meta, state, mode, str(path))
+    load_optimizer_state(meta, optimizer, state["optimizer"], mode)
+    gram = state["gram"]
+    meta.gram_teacher_initialized = bool(gram["initialized"])
+    meta.gram_refreshes_done = int(gram["refreshes_done"])
+    rngs = state["rng"]
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank])
+    elif rank == 0:
+        print(f"[pretrain] world size changed ({len(rngs)} -> {world_size}): RNG streams not restored", flush=True)
+    return int(state["iteration"])

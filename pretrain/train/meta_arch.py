@@ -9,49 +9,113 @@
   per-rank batch and summed over crops; optional Gram anchoring against a frozen Gram teacher that sees the same
   global crops at a higher resolution. Total = eq. (1) (stage 1) or eq. (3) (stages 2-3) with config weights.
 
-The student's forward is one ``nn.Module.forward`` (:class:`StudentForward`) so it can be wrapped by DDP or
-FSDP2 without touching this file's logic.
+The meta-architecture reads the config once, at construction (:meth:`SSLMetaArch.from_config` builds the typed
+:class:`ModelSettings` and :class:`LossSettings`); a step reads only those. Each network's forward is one
+``nn.Module.forward`` (:class:`StudentForward`, :class:`TeacherForward`, :class:`GramTeacherForward`), owned by the
+meta-architecture in :attr:`SSLMetaArch.forwards`, so DDP / FSDP2 wrap exactly what a step calls
+(:meth:`SSLMetaArch.wrap_forwards`) without touching this file's logic.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from meddino_common.precision import autocast
 from pretrain.losses import dino_loss, gram_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from pretrain.models import build_backbone
 from pretrain.models.heads import DINOHead
 
 
-def backbone_kwargs(student_cfg) -> dict:
-    """``build_backbone`` overrides from the ``student`` config block (``overrides`` + ``drop_path_rate``)."""
-    kwargs = dict(student_cfg.get("overrides", None) or {})
-    if student_cfg.get("drop_path_rate", None) is not None:
-        kwargs["drop_path_rate"] = float(student_cfg.drop_path_rate)
-    return kwargs
+@dataclass(frozen=True)
+class HeadSettings:
+    """One projection head (``dino.head_*`` / ``ibot.head_*``)."""
+
+    n_prototypes: int
+    hidden_dim: int
+    bottleneck_dim: int
+    n_layers: int
+
+    @classmethod
+    def from_config(cls, block) -> "HeadSettings":
+        return cls(int(block.head_n_prototypes), int(block.head_hidden_dim), int(block.head_bottleneck_dim),
+                   int(block.head_nlayers))
+
+    def build(self, embed_dim: int) -> DINOHead:
+        return DINOHead(embed_dim, out_dim=self.n_prototypes, hidden_dim=self.hidden_dim,
+                        bottleneck_dim=self.bottleneck_dim, n_layers=self.n_layers)
 
 
-def build_heads(cfg, embed_dim: int) -> tuple[DINOHead, DINOHead]:
-    """Separate DINO and iBOT heads (``dino.head_*``, ``ibot.head_*``)."""
-    dino_head = DINOHead(
-        embed_dim,
-        out_dim=int(cfg.dino.head_n_prototypes),
-        hidden_dim=int(cfg.dino.head_hidden_dim),
-        bottleneck_dim=int(cfg.dino.head_bottleneck_dim),
-        n_layers=int(cfg.dino.head_nlayers),
-    )
-    ibot_head = DINOHead(
-        embed_dim,
-        out_dim=int(cfg.ibot.head_n_prototypes),
-        hidden_dim=int(cfg.ibot.head_hidden_dim),
-        bottleneck_dim=int(cfg.ibot.head_bottleneck_dim),
-        n_layers=int(cfg.ibot.head_nlayers),
-    )
-    return dino_head, ibot_head
+@dataclass(frozen=True)
+class ModelSettings:
+    """What is built: the student architecture (``student.*``), the two heads, and whether a Gram teacher exists.
+    No defaults here: the YAML is the one source of every value."""
+
+    arch: str
+    backbone_overrides: dict[str, Any]  # build_backbone keywords (student.overrides)
+    drop_path_rate: float
+    dino_head: HeadSettings
+    ibot_head: HeadSettings
+    use_gram: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSettings":
+        return cls(arch=str(cfg.student.arch), backbone_overrides=backbone_overrides(cfg.student),
+                   drop_path_rate=float(cfg.student.drop_path_rate),
+                   dino_head=HeadSettings.from_config(cfg.dino), ibot_head=HeadSettings.from_config(cfg.ibot),
+                   use_gram=bool(cfg.gram.use_loss))
+
+    def backbone_kwargs(self, drop_path: bool = True) -> dict[str, Any]:
+        """``build_backbone`` keywords; ``drop_path=False`` for frozen copies (teachers never drop paths)."""
+        return {**self.backbone_overrides, "drop_path_rate": self.drop_path_rate if drop_path else 0.0}
+
+
+def backbone_overrides(student_cfg) -> dict[str, Any]:
+    """``student.overrides`` as a plain dict (architecture keywords besides the preset)."""
+    return {str(k): v for k, v in (student_cfg.overrides or {}).items()}
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How a step's losses are formed (``dino.*``, ``ibot.*``, ``gram.*``, ``crops.global_crops_number``).
+
+    ``gram_weight`` is the fixed weight; a ``schedules.gram_weight`` block overrides it per iteration.
+    No defaults here: the YAML is the one source of every value."""
+
+    n_global: int
+    dino_weight: float
+    dino_student_temp: float
+    global_ignore_diagonal: bool
+    koleo_weight: float
+    ibot_weight: float
+    ibot_student_temp: float
+    sinkhorn_iterations: int
+    use_gram: bool
+    gram_weight: float
+    gram_img_level: bool
+    gram_normalized: bool
+    gram_remove_neg: bool
+    gram_resize_method: str
+    gram_resize_antialias: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        return cls(
+            n_global=int(cfg.crops.global_crops_number),
+            dino_weight=float(cfg.dino.loss_weight), dino_student_temp=float(cfg.dino.student_temp),
+            global_ignore_diagonal=bool(cfg.dino.global_ignore_diagonal),
+            koleo_weight=float(cfg.dino.koleo_loss_weight),
+            ibot_weight=float(cfg.ibot.loss_weight), ibot_student_temp=float(cfg.ibot.student_temp),
+            sinkhorn_iterations=int(cfg.dino.sinkhorn_iterations),
+            use_gram=bool(cfg.gram.use_loss), gram_weight=float(cfg.gram.loss_weight),
+            gram_img_level=bool(cfg.gram.img_level), gram_normalized=bool(cfg.gram.normalized),
+            gram_remove_neg=bool(cfg.gram.remove_neg), gram_resize_method=str(cfg.gram.resize_method),
+            gram_resize_antialias=bool(cfg.gram.resize_antialias),
+        )
 
 
 class StudentForward(nn.Module):
@@ -108,6 +172,29 @@ class TeacherForward(nn.Module):
         }
 
 
+class GramTeacherForward(nn.Module):
+    """Gram teacher final-normed patch tokens ``[n_g*B, N, D]`` of its crops, no gradients."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.forward_features(images)["x_norm_patchtokens"]
+
+
+@dataclass(frozen=True)
+class ForwardModules:
+    """The modules a step calls. They share parameters with ``student`` / ``teacher`` / ``gram_teacher`` and are
+    not registered as submodules (no duplicate state-dict entries); :meth:`SSLMetaArch.wrap_forwards` swaps them
+    for their DDP / FSDP2-wrapped versions."""
+
+    student: nn.Module
+    teacher: nn.Module
+    gram: nn.Module | None
+
+
 def resize_patch_tokens(patches: Tensor, grid_out: int, mode: str = "bicubic", antialias: bool = False) -> Tensor:
     """``patches [B, g_in*g_in, D]`` of a square grid -> ``[B, grid_out*grid_out, D]`` (align_corners=False)."""
     g_in = int(round(patches.shape[1] ** 0.5))
@@ -132,47 +219,47 @@ class StepOutput:
 class SSLMetaArch(nn.Module):
     """Holds ``student``, ``teacher`` and (stages 2-3) ``gram_teacher``; computes one step's losses.
 
-    The distributed wrappers are attached with :meth:`set_forward_modules` by ``loop.py``; without it the plain
-    modules are used (one process).
+    Built from typed settings (:meth:`from_config` reads the config once); the forward modules it calls live in
+    :attr:`forwards` (plain modules in one process, wrapped by :func:`pretrain.train.parallel.wrap_model`).
     """
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, model: ModelSettings, losses: LossSettings) -> None:
         super().__init__()
-        self.cfg = cfg
-        kwargs = backbone_kwargs(cfg.student)
-        backbone = build_backbone(cfg.student.arch, **kwargs)
+        if model.use_gram != losses.use_gram:
+            raise ValueError("ModelSettings.use_gram and LossSettings.use_gram disagree")
+        self.model_settings, self.losses = model, losses
+        backbone = build_backbone(model.arch, **model.backbone_kwargs())
         self.embed_dim = backbone.embed_dim
         self.patch_size = backbone.patch_size
         self.n_blocks = backbone.n_blocks
-        dino_head, ibot_head = build_heads(cfg, self.embed_dim)
-        self.student = nn.ModuleDict({"backbone": backbone, "dino_head": dino_head, "ibot_head": ibot_head})
+        self.student = nn.ModuleDict({"backbone": backbone, "dino_head": model.dino_head.build(self.embed_dim),
+                                      "ibot_head": model.ibot_head.build(self.embed_dim)})
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
 
-        self.use_gram = bool(cfg.gram.use_loss)
+        self.use_gram = model.use_gram
         if self.use_gram:
-            self.gram_teacher = build_backbone(cfg.student.arch, **{**kwargs, "drop_path_rate": 0.0})
+            self.gram_teacher = build_backbone(model.arch, **model.backbone_kwargs(drop_path=False))
             self.gram_teacher.requires_grad_(False)
         else:
             self.gram_teacher = None
         self.gram_teacher_initialized = False
         self.gram_refreshes_done = 0
+        object.__setattr__(self, "forwards", ForwardModules(  # not submodules: see ForwardModules
+            StudentForward(self.student), TeacherForward(self.teacher),
+            GramTeacherForward(self.gram_teacher) if self.gram_teacher is not None else None))
 
-        # not registered as submodules (no duplicate state-dict entries): they only wrap the modules above
-        self.set_forward_modules(StudentForward(self.student), TeacherForward(self.teacher))
+    @classmethod
+    def from_config(cls, cfg) -> "SSLMetaArch":
+        return cls(ModelSettings.from_config(cfg), LossSettings.from_config(cfg))
 
     # ------------------------------------------------------------------ set-up
-    def set_forward_modules(self, student_forward: nn.Module, teacher_forward: nn.Module,
-                            gram_forward: nn.Module | None = None) -> None:
-        """Install the (possibly DDP / FSDP-wrapped) forward modules; ``gram_forward`` (FSDP2 only) returns the Gram
-        teacher's patch tokens."""
-        object.__setattr__(self, "_student_forward", student_forward)
-        object.__setattr__(self, "_teacher_forward", teacher_forward)
-        object.__setattr__(self, "_gram_forward", gram_forward)
-
-    @property
-    def student_forward(self) -> nn.Module:
-        return self._student_forward
+    def wrap_forwards(self, wrap: Callable[[str, nn.Module], nn.Module]) -> None:
+        """Replace each forward module by ``wrap(name, module)`` (name: ``student`` | ``teacher`` | ``gram``)."""
+        f = self.forwards
+        object.__setattr__(self, "forwards", replace(
+            f, student=wrap("student", f.student), teacher=wrap("teacher", f.teacher),
+            gram=wrap("gram", f.gram) if f.gram is not None else None))
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
@@ -195,7 +282,7 @@ class SSLMetaArch(nn.Module):
         except RuntimeError as err:
             raise RuntimeError(
                 f"{source}: backbone weights do not fit the configured architecture "
-                f"(student.arch={self.cfg.student.arch}, overrides={dict(self.cfg.student.get('overrides') or {})}): "
+                f"(student.arch={self.model_settings.arch}, overrides={self.model_settings.backbone_overrides}): "
                 f"{err}"
             ) from err
 
@@ -235,16 +322,9 @@ class SSLMetaArch(nn.Module):
                 "(checkpoint / stage1_iteration / ema) in the config"
             )
         with torch.no_grad():
-            if self._gram_forward is not None:  # FSDP2 (parallel.wrap_model)
-                patches = self._gram_forward(gram_crops)
-            else:
-                patches = self.gram_teacher.forward_features(gram_crops)["x_norm_patchtokens"]
-        return resize_patch_tokens(
-            patches,
-            student_grid,
-            mode=str(self.cfg.gram.resize_method),
-            antialias=bool(self.cfg.gram.resize_antialias),
-        )
+            patches = self.forwards.gram(gram_crops)
+        return resize_patch_tokens(patches, student_grid, mode=self.losses.gram_resize_method,
+                                   antialias=self.losses.gram_resize_antialias)
 
     def forward_backward(
         self,
@@ -255,14 +335,14 @@ class SSLMetaArch(nn.Module):
         dino_local_weight: float | None = None,
         loss_scale: float = 1.0,
         device: torch.device | None = None,
-        autocast_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
         process_group=None,
     ) -> StepOutput:
         """Forward student/teacher(/Gram teacher) on one (micro-)batch, compute the losses and backpropagate
         ``loss * loss_scale`` (``1 / grad_accum_steps``). ``process_group`` carries Sinkhorn-Knopp's sums over
         ranks (None: the default group)."""
         device = device or next(self.student.parameters()).device
-        n_global = int(self.cfg.crops.global_crops_number) if "global_crops_number" in self.cfg.crops else 2
+        n_global = self.losses.n_global
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
         local = batch.get("collated_local_crops", None)
         local_crops = local.to(device, non_blocking=True) if local is not None and local.numel() > 0 else None
@@ -274,10 +354,9 @@ class SSLMetaArch(nn.Module):
         B = global_crops.shape[0] // n_global
         n_local = 0 if local_crops is None else local_crops.shape[0] // B
 
-        use_autocast = autocast_dtype is not None and device.type == "cuda"
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
-            teacher_out = self._teacher_forward(global_crops, mask_indices)
-            student_out = self._student_forward(global_crops, local_crops, masks, mask_indices)
+        with autocast(precision, device):
+            teacher_out = self.forwards.teacher(global_crops, mask_indices)
+            student_out = self.forwards.student(global_crops, local_crops, masks, mask_indices)
             gram_patches = None
             if self.use_gram:
                 gram_crops = batch.get("collated_gram_teacher_crops", None)
@@ -289,7 +368,7 @@ class SSLMetaArch(nn.Module):
                 grid = global_crops.shape[-1] // self.patch_size
                 gram_patches = self.gram_teacher_patches(gram_crops.to(device, non_blocking=True), grid)
 
-        n_iter = int(self.cfg.dino.sinkhorn_iterations)
+        n_iter = self.losses.sinkhorn_iterations
         teacher_cls_probs = sinkhorn_knopp(teacher_out["cls_logits"].float(), teacher_temp, n_iter, process_group)
         teacher_cls_probs = teacher_cls_probs.unflatten(0, (n_global, B))  # [n_g, B, K]
         teacher_patch_probs = sinkhorn_knopp(teacher_out["masked_patch_logits"].float(), teacher_temp, n_iter,
@@ -329,15 +408,15 @@ class SSLMetaArch(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Weighted sum of the loss terms (eq. 1 / eq. 3) and their detached values. ``dino_local_weight`` is
         DINOv3's per-iteration factor on the local-crop DINO term (``schedules.dino_local_weight``; None = 1)."""
-        cfg = self.cfg
+        L = self.losses
         B = batch_size
-        student_temp = float(cfg.dino.student_temp)
-        ignore_diag = bool(cfg.dino.global_ignore_diagonal)
+        student_temp = L.dino_student_temp
+        ignore_diag = L.global_ignore_diagonal
         global_terms = n_global * (n_global - 1) if ignore_diag else n_global * n_global
         local_terms = n_global * n_local
         global_scale = global_terms / (global_terms + local_terms)
         local_scale = local_terms / (global_terms + local_terms)
-        w_dino = float(cfg.dino.loss_weight)
+        w_dino = L.dino_weight
         logs: dict[str, float] = {}
 
         student_global_logits = student_out["global_logits"].unflatten(0, (n_global, B))  # [n_g, B, K]
@@ -352,14 +431,14 @@ class SSLMetaArch(nn.Module):
             logs["dino_local_loss"] = float(dino_local.detach())
             logs["dino_local_weight"] = w_local
 
-        w_koleo = float(cfg.dino.koleo_loss_weight)
+        w_koleo = L.koleo_weight
         if w_koleo > 0:
             cls = student_out["global_cls"].unflatten(0, (n_global, B))  # [n_g, B, D]
             koleo = sum(koleo_loss(cls[i]) for i in range(n_global))
             total = total + w_koleo * koleo
             logs["koleo_loss"] = float(koleo.detach())
 
-        w_ibot = float(cfg.ibot.loss_weight)
+        w_ibot = L.ibot_weight
         student_patch_logits = student_out["masked_patch_logits"]
         if student_patch_logits.shape[0] > 0:
             ibot = ibot_loss(
@@ -367,7 +446,7 @@ class SSLMetaArch(nn.Module):
                 teacher_patch_probs,
                 masks_weight,
                 n_images=n_global * B,
-                student_temp=float(cfg.ibot.student_temp),
+                student_temp=L.ibot_student_temp,
             )
         else:  # no masked patch in this batch: keep the head in the graph for DDP
             ibot = student_patch_logits.sum() * 0.0
@@ -375,25 +454,12 @@ class SSLMetaArch(nn.Module):
         logs["ibot_loss"] = float(ibot.detach())
 
         if gram_patches is not None:
-            w_gram = float(cfg.gram.loss_weight) if gram_weight is None else float(gram_weight)
-            gram = gram_loss(
-                student_out["global_patches"],
-                gram_patches,
-                img_level=bool(cfg.gram.img_level),
-                normalize=bool(cfg.gram.normalized),
-                remove_neg=bool(cfg.gram.remove_neg),
-            )
+            w_gram = L.gram_weight if gram_weight is None else float(gram_weight)
+            gram = gram_loss(student_out["global_patches"], gram_patches, img_level=L.gram_img_level,
+                             normalize=L.gram_normalized, remove_neg=L.gram_remove_neg)
             total = total + w_gram * gram
             logs["gram_loss"] = float(gram.detach())
             logs["gram_weight"] = w_gram
         logs["total_loss"] = float(total.detach())
         return total, logs
 
-
-def checkpoint_teacher_backbone(path: str | Path) -> dict[str, Tensor]:
-    """Flat backbone state dict from one of our training checkpoints (``teacher`` entry, ``backbone.`` keys)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    teacher = state.get("teacher") if isinstance(state, dict) else None
-    if teacher is None:
-        raise ValueError(f"{path}: not a pretrain.train checkpoint (no 'teacher' entry)")
-    return {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}

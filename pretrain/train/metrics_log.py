@@ -43,7 +43,7 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue
-        ckpt_io.atomic_write_text("".join(l + "\n" for l in keep), self.path)
+        ckpt_io.write_text(self.path, "".join(l + "\n" for l in keep))
 
     def log(self, record: dict) -> None:
         if not self.is_main:

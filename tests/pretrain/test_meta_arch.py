@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pretrain.models.heads import DINOHead
 from pretrain.train.config import load_config
-from pretrain.train.loop import initialise_gram_teacher, initialise_weights
+from pretrain.train.stage_init import initialise_gram_teacher, initialise_weights
 from pretrain.train.meta_arch import SSLMetaArch, resize_patch_tokens
 
 GOLDEN_ARCH = ["student.arch=vitt16", "student.overrides={embed_dim: 64, num_heads: 4, depth: 4}"]
@@ -42,7 +42,7 @@ def test_default_heads_match_the_paper(repo_root: Path) -> None:
 def test_init_from_official_weights_sets_student_and_teacher(golden_dir: Path, make_tiny_cfg, tmp_path) -> None:
     golden = torch.load(golden_dir / "tiny_vit_official.pth", map_location="cpu", weights_only=True)
     cfg = make_tiny_cfg(tmp_path, tmp_path, *GOLDEN_ARCH)
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     initialise_weights(meta, cfg, init_from=str(golden_dir / "tiny_vit_official.pth"))
     for tree in (meta.student, meta.teacher):
         sd = tree["backbone"].state_dict()
@@ -56,7 +56,7 @@ def test_init_from_official_weights_sets_student_and_teacher(golden_dir: Path, m
 
 def test_init_with_a_mismatching_architecture_names_the_file(golden_dir: Path, make_tiny_cfg, tmp_path) -> None:
     cfg = make_tiny_cfg(tmp_path, tmp_path)  # vitt16 depth 2, embed 192: does not fit the golden file
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     with pytest.raises(Exception, match="tiny_vit_official"):
         initialise_weights(meta, cfg, init_from=str(golden_dir / "tiny_vit_official.pth"))
 
@@ -69,7 +69,7 @@ def _brute_ce(student_logits, teacher_probs, temp):
 def test_loss_weighting_equals_independent_computation(make_tiny_cfg, tmp_path, n_local: int) -> None:
     cfg = make_tiny_cfg(tmp_path, tmp_path, "gram.use_loss=true", "gram.loss_weight=2.0",
                         "dino.koleo_loss_weight=0.1")
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     torch.manual_seed(1)
     B, K, D, P, n_g, M = 3, 7, 6, 4, 2, 5
     s_global = torch.randn(n_g * B, K)
@@ -112,7 +112,7 @@ def test_loss_weighting_equals_independent_computation(make_tiny_cfg, tmp_path, 
 
 
 def test_teacher_ema_update(make_tiny_cfg, tmp_path) -> None:
-    meta = SSLMetaArch(make_tiny_cfg(tmp_path, tmp_path))
+    meta = SSLMetaArch.from_config(make_tiny_cfg(tmp_path, tmp_path))
     with torch.no_grad():
         for p in meta.student.parameters():
             p.add_(torch.randn_like(p))
@@ -143,7 +143,7 @@ def test_real_ct_step_grads_only_in_the_student(ct3m_shards, make_tiny_cfg, tmp_
     cfg = make_tiny_cfg(ct3m_shards, tmp_path, "gram.use_loss=true", "gram.teacher.source=ema",
                         "crops.gram_teacher_crops_size=128")
     torch.manual_seed(0)
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     initialise_weights(meta, cfg, None)
     initialise_gram_teacher(meta, cfg)
     meta.train()
@@ -160,23 +160,23 @@ def test_real_ct_step_grads_only_in_the_student(ct3m_shards, make_tiny_cfg, tmp_
 
 
 def test_gram_teacher_refresh_schedule(make_tiny_cfg, tmp_path) -> None:
-    from pretrain.train.loop import gram_refresh_due
+    from pretrain.train.stage_init import GramRefresh
 
     cfg = make_tiny_cfg(tmp_path, tmp_path, "gram.teacher.refresh_every=10", "gram.teacher.max_refreshes=2",
                         "gram.teacher.refresh_start=5")
     due, done = [], 0
     for it in range(60):
-        if gram_refresh_due(cfg, it, done):
+        if GramRefresh.from_config(cfg).due(it, done):
             due.append(it)
             done += 1
     assert due == [15, 25]  # every 10 iterations after 5, at most twice
     off = make_tiny_cfg(tmp_path, tmp_path)
-    assert not any(gram_refresh_due(off, it, 0) for it in range(100))
+    assert not any(GramRefresh.from_config(off).due(it, 0) for it in range(100))
 
 
 def test_gram_teacher_refresh_copies_the_ema_teacher(make_tiny_cfg, tmp_path) -> None:
     cfg = make_tiny_cfg(tmp_path, tmp_path, "gram.use_loss=true", "gram.teacher.source=ema")
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     with torch.no_grad():
         for p in meta.teacher.parameters():
             p.add_(1.0)

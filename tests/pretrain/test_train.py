@@ -170,13 +170,13 @@ def test_pipeline_chains_stage2_and_stage3_after_stage1(
 def test_stage3_starts_student_and_teacher_from_the_stage2_teacher(
     tiny_reference_run: Path, ct3m_shards: Path, tmp_path: Path, make_tiny_cfg
 ) -> None:
-    from pretrain.train.loop import initialise_weights
+    from pretrain.train.stage_init import initialise_weights
     from pretrain.train.meta_arch import SSLMetaArch
 
     ckpt = tiny_reference_run / "checkpoints" / "checkpoint_00000008.pth"
     cfg = make_tiny_cfg(ct3m_shards, tmp_path, f"init.checkpoint={ckpt}", stage_files=("stage3.yaml",))
     assert cfg.init.mode == "from_teacher"
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     initialise_weights(meta, cfg, None)
     teacher = ckpt_io.load_checkpoint(ckpt)["teacher"]
     for tree in (meta.student, meta.teacher):
