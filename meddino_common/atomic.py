@@ -29,8 +29,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=".part")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # by name: one place where tests put a full disk
             write(f)
             f.flush()
             if fsync:

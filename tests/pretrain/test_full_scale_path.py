@@ -288,7 +288,9 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints
     cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1")
     train(cfg)  # 4 finished iterations, checkpoints 2-4 kept (keep_last 3)
     cfg = make_shipped_cfg(1, ct3m_shards, tmp_path, "checkpointing.period=1", iterations=6)
-    monkeypatch.setattr(ckpt_io, "open", lambda p, mode="r", *a, **k: FullDisk(builtins.open(p, mode, *a, **k))
+    import meddino_common.atomic as atomic  # where every atomic write opens its file
+
+    monkeypatch.setattr(atomic, "open", lambda p, mode="r", *a, **k: FullDisk(builtins.open(p, mode, *a, **k))
                         if "checkpoint_" in str(p) else builtins.open(p, mode, *a, **k), raising=False)
     with pytest.raises(ckpt_io.CheckpointWriteError) as info:
         train(cfg, resume="auto")
