@@ -52,7 +52,7 @@ class CropSizeSampler:
     def from_config(cls, crops) -> "CropSizeSampler":
         def sizes_and_probs(name: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
             sizes = tuple(int(s) for s in _as_list(crops[name]))
-            probs = _as_list(crops.get(f"{name}_probs"))
+            probs = _as_list(crops[f"{name}_probs"])
             if not sizes:
                 raise ValueError(f"crops.{name} must be an int or a non-empty list")
             probs = tuple(float(p) for p in probs) if probs else tuple([1.0 / len(sizes)] * len(sizes))
@@ -62,15 +62,15 @@ class CropSizeSampler:
 
         g, gp = sizes_and_probs("global_crops_size")
         l, lp = sizes_and_probs("local_crops_size")
-        gram = tuple(int(s) for s in _as_list(crops.get("gram_teacher_crops_size")))
+        gram = tuple(int(s) for s in _as_list(crops.gram_teacher_crops_size))
         if len(gram) == 1 and len(g) > 1:
             gram = gram * len(g)
         if gram and len(gram) != len(g):
             raise ValueError("crops.gram_teacher_crops_size must be one size or one per crops.global_crops_size")
-        paired = bool(crops.get("paired_crop_sizes", False))
+        paired = bool(crops.paired_crop_sizes)
         if paired and len(l) != len(g):
             raise ValueError("crops.paired_crop_sizes needs as many local_crops_size as global_crops_size entries")
-        if paired and _as_list(crops.get("local_crops_size_probs")) and lp != gp:
+        if paired and _as_list(crops.local_crops_size_probs) and lp != gp:
             raise ValueError("with crops.paired_crop_sizes the pair is drawn with global_crops_size_probs; "
                              "local_crops_size_probs must be null or equal to it")
         return cls(g, gp, l, lp, gram, paired)

@@ -73,7 +73,7 @@ def build_param_groups(student: nn.Module, n_blocks: int, optim_cfg) -> list[dic
             n_blocks=n_blocks,
             layerwise_decay=float(optim_cfg.layerwise_decay),
             patch_embed_lr_mult=float(optim_cfg.patch_embed_lr_mult),
-            head_wd_multiplier=float(optim_cfg.get("dino_head_wd_multiplier", 1.0)),
+            head_wd_multiplier=float(optim_cfg.dino_head_wd_multiplier),
         )
         key = (mult["lr_multiplier"], mult["wd_multiplier"], mult["is_last_layer"])
         if key not in groups:
@@ -91,7 +91,7 @@ def build_optimizer(student: nn.Module, n_blocks: int, optim_cfg) -> torch.optim
         lr=0.0,
         weight_decay=0.0,
         betas=(float(optim_cfg.adamw_beta1), float(optim_cfg.adamw_beta2)),
-        eps=float(optim_cfg.get("adamw_eps", 1e-8)),
+        eps=float(optim_cfg.adamw_eps),
     )
 
 

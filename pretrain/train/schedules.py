@@ -98,16 +98,32 @@ class Schedules:
         return out
 
 
-def _from_block(block, total: int, epoch_length: int, peak_override: float | None = None) -> np.ndarray:
-    peak = block["peak"] if peak_override is None else peak_override
-    cosine_epochs = block.get("cosine_epochs", None)
+SCHEDULE_KEYS = ("start", "peak", "end", "warmup_epochs", "cosine_epochs")
+LR_KEYS = ("start", "end", "warmup_epochs", "freeze_last_layer_epochs", "cosine_epochs")  # peak: optim.lr
+
+
+def _keys(name: str, block, keys: tuple[str, ...]) -> dict:
+    """The block's values; a block that a config file gives whole (``gram_weight`` and ``dino_local_weight`` are
+    null in base.yaml, so their keys are not checked at merge) must name every key."""
+    missing = [k for k in keys if k not in block]
+    if missing:
+        raise ValueError(f"schedules.{name} lacks {', '.join(missing)} (a schedule block names {', '.join(keys)})")
+    return {k: block[k] for k in keys}
+
+
+def _iterations(epochs, epoch_length: int) -> int | None:
+    return None if epochs is None else int(round(float(epochs) * epoch_length))
+
+
+def _from_block(name: str, block, total: int, epoch_length: int) -> np.ndarray:
+    b = _keys(name, block, SCHEDULE_KEYS)
     return warmup_cosine(
-        start=float(block["start"]),
-        peak=float(peak),
-        end=float(peak if block["end"] is None else block["end"]),
+        start=float(b["start"]),
+        peak=float(b["peak"]),
+        end=float(b["peak"] if b["end"] is None else b["end"]),
         total_iterations=total,
-        warmup_iterations=int(round(float(block.get("warmup_epochs", 0)) * epoch_length)),
-        cosine_iterations=None if cosine_epochs is None else int(round(float(cosine_epochs) * epoch_length)),
+        warmup_iterations=_iterations(b["warmup_epochs"], epoch_length),
+        cosine_iterations=_iterations(b["cosine_epochs"], epoch_length),
     )
 
 
@@ -117,32 +133,26 @@ def build_schedules(cfg, global_batch_size: int) -> Schedules:
     total = int(cfg.train.iterations)
     epoch_length = int(cfg.train.official_epoch_length)
     sch = cfg.schedules
-    peak_lr = scaled_lr(float(cfg.optim.lr), global_batch_size, cfg.optim.get("scaling_rule", "none"))
+    peak_lr = scaled_lr(float(cfg.optim.lr), global_batch_size, str(cfg.optim.scaling_rule))
     scale = peak_lr / float(cfg.optim.lr) if float(cfg.optim.lr) != 0 else 1.0
-    lr_block = dict(sch.lr)
+    lr_block = _keys("lr", sch.lr, LR_KEYS)
     lr = warmup_cosine(
         start=float(lr_block["start"]) * scale,
         peak=peak_lr,
         end=peak_lr if lr_block["end"] is None else float(lr_block["end"]),
         total_iterations=total,
-        warmup_iterations=int(round(float(lr_block.get("warmup_epochs", 0)) * epoch_length)),
-        cosine_iterations=(
-            None
-            if lr_block.get("cosine_epochs") is None
-            else int(round(float(lr_block["cosine_epochs"]) * epoch_length))
-        ),
+        warmup_iterations=_iterations(lr_block["warmup_epochs"], epoch_length),
+        cosine_iterations=_iterations(lr_block["cosine_epochs"], epoch_length),
     )
     last_layer_lr = lr.copy()
-    freeze = int(round(float(lr_block.get("freeze_last_layer_epochs", 0)) * epoch_length))
-    last_layer_lr[: min(freeze, total)] = 0.0
-    gram_block = sch.gram_weight
-    local_block = sch.dino_local_weight
+    last_layer_lr[: min(_iterations(lr_block["freeze_last_layer_epochs"], epoch_length), total)] = 0.0
+    optional = {name: None if sch[name] is None else _from_block(name, sch[name], total, epoch_length)
+                for name in ("gram_weight", "dino_local_weight")}
     return Schedules(
         lr=lr,
         last_layer_lr=last_layer_lr,
-        weight_decay=_from_block(sch.weight_decay, total, epoch_length),
-        momentum=_from_block(sch.momentum, total, epoch_length),
-        teacher_temp=_from_block(sch.teacher_temp, total, epoch_length),
-        gram_weight=None if gram_block is None else _from_block(gram_block, total, epoch_length),
-        dino_local_weight=None if local_block is None else _from_block(local_block, total, epoch_length),
+        weight_decay=_from_block("weight_decay", sch.weight_decay, total, epoch_length),
+        momentum=_from_block("momentum", sch.momentum, total, epoch_length),
+        teacher_temp=_from_block("teacher_temp", sch.teacher_temp, total, epoch_length),
+        **optional,
     )

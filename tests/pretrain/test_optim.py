@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from pretrain.models import build_backbone
 from pretrain.models.heads import DINOHead
+from pretrain.train.config import default_config_dir, load_config
 from pretrain.train.optim import apply_schedules, build_optimizer, build_param_groups, param_multipliers
 
-OPTIM = OmegaConf.create(
-    {"layerwise_decay": 0.9, "patch_embed_lr_mult": 0.2, "dino_head_wd_multiplier": 1.0,
-     "adamw_beta1": 0.9, "adamw_beta2": 0.999}
-)
+OPTIM = load_config(default_config_dir() / "stage1.yaml").optim  # the shipped optimizer block
 
 
 def tiny_student() -> torch.nn.ModuleDict:
