@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.augment import MultiCropParams, multi_crop
 from pretrain.data.collate import collate_ssl_batch
 from pretrain.data.plan import plan_from_config
-from pretrain.data.shards import decode_hu, expand_shards, seeded_rng, slot_stream
+from meddino_common.seeding import seeded_rng
+from pretrain.data.shards import decode_hu, expand_shards, slot_stream
 from pretrain.data.transforms import HUTransform
 
 _TAG_RESOLUTION, _TAG_AUGMENT = 11, 12

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from webdataset.shardlists import expand_urls
+
+from meddino_common.seeding import seeded_rng  # every deterministic draw of the loader is keyed through it
 
 HU_PNG_OFFSET = 32768  # png samples store HU + 32768 as uint16
 
@@ -252,10 +253,6 @@ def make_units(shards: Sequence[Path], n_slots: int) -> list[Unit]:
     return units
 
 
-def seeded_rng(*key: int) -> np.random.Generator:
-    """Independent PCG64 stream for an integer key (seed, tag, ...): the basis of every deterministic draw."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
-
 
 _TAG_EPOCH, _TAG_GROUP, _TAG_BLOCK = 1, 2, 3
 
@@ -358,8 +355,3 @@ def decode_hu(sample: RawSample) -> np.ndarray:
             raise ValueError(f"{where}: png must hold uint16 HU + 32768 in [H, W]")
         return (array - HU_PNG_OFFSET).astype(np.int16)
     raise ValueError(f"{where}: no 'npy' or 'png' image field (fields: {sorted(sample.fields)})")
-
-
-def decode_meta(sample: RawSample) -> dict:
-    """The sample's ``json`` metadata (empty dict when absent)."""
-    return json.loads(sample.fields["json"]) if "json" in sample.fields else {}
