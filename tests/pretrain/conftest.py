@@ -70,16 +70,14 @@ def ct3m_shards(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> Pa
 
 
 def tiny_cfg(shards: Path, output_dir: Path, *overrides: str, stage_files: tuple[str, ...] = ()):
-    """base + [stage files] + tiny.yaml (+ tiny_<stage>.yaml) + dot-list overrides, pointed at ``shards``."""
-    from pretrain.train.config import load_config
-
-    cfg_dir = REPO_ROOT / "configs" / "pretrain"
-    files = [cfg_dir / f for f in stage_files] + [cfg_dir / "tiny.yaml"]
+    """The shipped stage config (stage 1, or the stage of ``stage_files``) with only sizes shrunk, as
+    :func:`shipped_cfg`; the dot-list ``overrides`` go last."""
+    stage = 1
     for f in stage_files:
-        extra = cfg_dir / f"tiny_{f}"
-        if extra.is_file():
-            files.append(extra)
-    return load_config(files, [f"data.shards={shards}", f"train.output_dir={output_dir}", *overrides])
+        if f.startswith("stage") and f[5:6].isdigit():
+            stage = int(f[5])
+    return shipped_cfg(stage, shards, output_dir, *overrides, gram_teacher_iteration=1 if stage == 2 else None,
+                       iterations=REFERENCE_ITERATIONS)
 
 
 def shipped_cfg(stage: int, shards: Path, output_dir: Path, *overrides: str, gram_teacher_iteration: int | None = None,
@@ -106,7 +104,7 @@ def make_tiny_cfg():
 
 
 REFERENCE_ITERATIONS = 8
-REFERENCE_OVERRIDES = (f"train.iterations={REFERENCE_ITERATIONS}", "checkpointing.period=3", "logging.flops=false")
+REFERENCE_OVERRIDES = ("checkpointing.period=3", "checkpointing.teacher_snapshots=[8]")
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +131,14 @@ def metrics_of():
 @pytest.fixture(scope="session")
 def reference_overrides():
     return REFERENCE_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def reference_cli() -> list[str]:
+    """``python -m pretrain.train`` arguments giving the config of :func:`tiny_reference_run` (the shipped stage 1
+    with sizes shrunk), without the shards and output folder."""
+    from pretrain.train.config import load_config, tiny_overrides
+
+    path = REPO_ROOT / "configs" / "pretrain" / "stage1.yaml"
+    return ["--config", str(path), *tiny_overrides(load_config(path), iterations=REFERENCE_ITERATIONS),
+            *REFERENCE_OVERRIDES]

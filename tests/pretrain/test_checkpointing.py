@@ -84,10 +84,10 @@ def test_reference_run_layout(tiny_reference_run: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tiny_reference_run: Path, ct3m_shards: Path, tmp_path: Path,
-                                          make_tiny_cfg, metrics_of, reference_overrides, repo_root: Path) -> None:
+                                          make_tiny_cfg, metrics_of, reference_overrides, reference_cli, repo_root: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pretrain.train", "--config", str(repo_root / "configs/pretrain/tiny.yaml"),
-           "--output-dir", str(out), f"data.shards={ct3m_shards}", *reference_overrides]
+    cmd = [sys.executable, "-m", "pretrain.train", *reference_cli, "--output-dir", str(out),
+           f"data.shards={ct3m_shards}"]
     proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = out / "checkpoints" / "checkpoint_00000003.pth"
     deadline = time.time() + 600
