@@ -79,7 +79,10 @@ def load_axial_slice(
         raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
     if len(image.shape) > 3 and any(s != 1 for s in image.shape[3:]):
         raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    volume = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])  # scl_slope applied, never float64
+    try:  # the voxels are read only here: a truncated .nii.gz fails now (EOFError, zlib.error, ...)
+        volume = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])  # scl_slope applied, never float64
+    except Exception as exc:  # noqa: BLE001 - one line naming the file
+        raise ValueError(f"{path}: cannot read the voxel data (truncated or corrupt?): {exc}") from exc
     depth = volume.shape[2]
     if slice_index is None:
         slice_index = default_slice(body_voxel_counts(volume, body_threshold_hu), near_max)

@@ -355,3 +355,98 @@ def test_curves_of_a_finetune_log(tmp_path: Path, cfg) -> None:
     assert keys == ["train_loss", "val_loss", "lr", "grad_norm", "mean_pseudo_dice", "pseudo_dice"]
     assert main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "f.png")]) == 0
     assert _png_pixels(tmp_path / "f.png").std() > 10
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_file_is_a_layer_and_flags_are_checked(tmp_path: Path, ct_path: Path, capsys) -> None:
+    """``--config`` changes only the keys it names (the rest stays configs/visualize.yaml's); an undeclared key or a
+    value of the wrong type, in the file or from a flag, is one line naming it (exit 2), and no PNG is written."""
+    (tmp_path / "small.yaml").write_text("dpi: 40\ncurves: {columns: 2}\n")
+    cfg = load_config(tmp_path / "small.yaml", {"curves.smoothing_window": 4, "image.slice": 7})
+    assert cfg.dpi == 40 and cfg.curves.columns == 2 and cfg.curves.smoothing_window == 4 and cfg.image.slice == 7
+    assert cfg.panel_size_in == load_config().panel_size_in and list(cfg.pca.resolutions) == [224, 448, 896]
+    _write_metrics(tmp_path / "metrics.jsonl", truncated_tail=False)
+    out = tmp_path / "c.png"
+    assert main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--config", str(tmp_path / "small.yaml"),
+                 "--out", str(out)]) == 0
+    # 10 panels (6 losses + 4 schedules, as in test_curves_cli_writes_png) in 2 columns -> 5 rows, at 40 dpi
+    width, height = _png_size(out)
+    panel = load_config().panel_size_in
+    assert abs(width - panel * 1.3 * 2 * 40) <= 1 and abs(height - panel * 5 * 40) <= 1
+
+    (tmp_path / "typo.yaml").write_text("similarity: {colourmap: viridis}\n")
+    rc = main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--config", str(tmp_path / "typo.yaml"),
+               "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "typo.yaml" in err and "similarity.colourmap" in err and "similarity.colormap" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "wrong_type.yaml").write_text("pca: {resolutions: 224}\n")
+    with pytest.raises(ValueError, match="pca.resolutions"):
+        load_config(tmp_path / "wrong_type.yaml")
+    with pytest.raises(ValueError, match="unknown config key image.slise"):
+        load_config(None, {"image.slise": 3})
+    rc = main(["curves", "--metrics", str(tmp_path / "metrics.jsonl"), "--config", str(tmp_path / "missing.yaml"),
+               "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "missing.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_flags_map_to_declared_keys() -> None:
+    """Every flag that sets a config value names a key configs/visualize.yaml declares."""
+    from omegaconf import OmegaConf
+
+    from pretrain.visualize.cli import FLAG_KEYS, build_parser, flag_overrides
+
+    cfg = load_config()
+    assert all(OmegaConf.select(cfg, key, default="absent") != "absent" for key in FLAG_KEYS.values())
+    args = build_parser().parse_args(["pca", "--checkpoint", "random:vitt16", "--image", "x.nii.gz", "--out", "p.png",
+                                      "--resolutions", "64,96", "--pca-fit", "separate", "--slice", "3"])
+    assert flag_overrides(args) == {"pca.resolutions": [64, 96], "pca.fit": "separate", "image.slice": 3}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def test_damaged_nifti_is_one_clear_error(tmp_path: Path, ct_path: Path, capsys) -> None:
+    """A truncated copy of the real CT: a ValueError naming the file, exit 2 from the CLI, no traceback."""
+    damaged = tmp_path / "truncated_ct.nii.gz"
+    damaged.write_bytes(ct_path.read_bytes()[: ct_path.stat().st_size // 3])
+    with pytest.raises(ValueError, match="truncated_ct.nii.gz"):
+        load_axial_slice(damaged, None, -500)
+    rc = main(["pca", "--checkpoint", "random:vitt16", "--image", str(damaged), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "truncated_ct.nii.gz" in err and "Traceback" not in err
+
+
+def test_random_backbone_is_seeded() -> None:
+    from pretrain.visualize.inputs import resolve_backbone
+
+    a, label = resolve_backbone("random:vitt16", 3)
+    b, _ = resolve_backbone("random:vitt16", 3)
+    c, _ = resolve_backbone("random:vitt16", 4)
+    assert label == "random init (vitt16)" and not a.training
+    torch.testing.assert_close(a.state_dict(), b.state_dict())
+    assert not torch.equal(a.cls_token, c.cls_token)
+    with pytest.raises(ValueError, match="give an architecture"):
+        resolve_backbone("random:", 0)
+
+
+# ------------------------------------------------------------------------------------------------ features
+def test_patch_fraction_and_window() -> None:
+    from pretrain.visualize.features import patch_fraction
+    from pretrain.visualize.figures import window_for_display
+
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[:2, :3] = True  # the top-left patch of a 2x2 grid, fully
+    mask[2, 3] = True  # one pixel of the bottom-right patch (1 of 6)
+    np.testing.assert_allclose(patch_fraction(mask, (2, 2)), [[1.0, 0.0], [0.0, 1 / 6]], atol=1e-6)
+    np.testing.assert_allclose(window_for_display(np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0]), (-160, 240)),
+                               [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------ curves
+def test_moving_average_is_trailing_and_skips_non_finite() -> None:
+    from pretrain.visualize.curves import moving_average
+
+    values = np.array([1.0, 3.0, np.nan, 5.0, np.inf, 7.0])
+    np.testing.assert_allclose(moving_average(values, 3), [1.0, 2.0, 2.0, 4.0, 5.0, 6.0])
+    assert moving_average(values, 1) is values
+    assert np.isnan(moving_average(np.array([np.nan, np.nan]), 2)).all()
