@@ -15,9 +15,8 @@ so this runs in a separate throwaway venv (never the project's ``.venv``):
 
     python3.11 -m venv /tmp/benchvenv
     /tmp/benchvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm safetensors numpy
+    /tmp/benchvenv/bin/pip install --no-deps -e .   # this project, editable, without its pinned torch
     /tmp/benchvenv/bin/python benchmarks/backbone.py [--sizes 224 448] [--batch 8] [--rounds 3] [--profile]
-
-The script puts the repository root on ``sys.path`` itself, so no install of this project is needed.
 """
 from __future__ import annotations
 
@@ -26,13 +25,10 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.models import build_backbone  # noqa: E402
+from pretrain.models import build_backbone
 
 
 def make_models(seed: int = 0):

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from omegaconf import OmegaConf
 from PIL import Image, ImageFilter
 
+from meddino_common.config import load_config
 from pretrain.data.augment import MultiCropParams, draw_photometric, sample_crop_box
 from pretrain.data.collate import collate_ssl_batch
 from pretrain.data.loader import SSLBatchSettings, build_batch
@@ -121,9 +121,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or write_dicom_shards(DICOM_SERIES, Path(tmp) / "shards")
-        cfg = OmegaConf.load(REPO / "configs" / "pretrain" / "base.yaml")
-        cfg.data.shards = str(shards)
-        cfg.train.global_batch_size = cfg.data.max_batch_size_per_rank = args.batch_size  # one rank, no accumulation
+        cfg = load_config([REPO / "configs" / "pretrain" / "base.yaml"], overrides=[  # one rank, no accumulation
+            f"data.shards={shards}", f"train.global_batch_size={args.batch_size}",
+            f"data.max_batch_size_per_rank={args.batch_size}"])
         settings = SSLBatchSettings.from_config(cfg)
         paths = expand_shards(str(shards))
         first = decode_hu(next(slot_stream(paths, 0, 1, seed=0))[1])

@@ -2,9 +2,10 @@
 
     make evidence                     # = .venv/bin/python benchmarks/ssl_signal.py
     .venv/bin/python benchmarks/ssl_signal.py [--out runs/evidence] [--extra-ct DIR ...]
-        [--external CKPT ...] [--config configs/benchmarks/ssl_signal.yaml] [key=value ...]
+        [--external CKPT ...] [--config my_ssl_signal.yaml] [key=value ...]
 
-Every setting is in ``configs/benchmarks/ssl_signal.yaml`` (dot-list overrides of that file on the command line).
+Every setting is in ``configs/benchmarks/ssl_signal.yaml``; ``--config`` layers a file on it and ``key=value``
+overrides single keys (both strict: an undeclared key or a value of the wrong type is an error naming it).
 Steps, all on real CT, seeds fixed:
 
 1. curate the embedded TotalSegmentator example CT (plus ``--extra-ct`` folders) into CT-3M shards with
@@ -36,17 +37,18 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from finetune.metrics import dice
+from meddino_common.atomic import atomic_write_text
+from meddino_common.config import ConfigError
+from meddino_common.config import load_config as load_strict_config
+from pretrain import evaluation as ev
+from pretrain.models import build_backbone, load_backbone
+from pretrain.train.meta_arch import backbone_kwargs
+from pretrain.visualize.config import load_config as load_visualize_config
+from pretrain.visualize.figures import write_pca_png
+from pretrain.visualize.inputs import load_axial_slice, load_input_transform
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-from finetune.metrics import dice  # noqa: E402
-from pretrain import evaluation as ev  # noqa: E402
-from pretrain.models import build_backbone, load_backbone  # noqa: E402
-from pretrain.train.meta_arch import backbone_kwargs  # noqa: E402
-from pretrain.visualize import load_axial_slice, load_input_transform, write_pca_png  # noqa: E402
-from pretrain.visualize import load_config as load_visualize_config  # noqa: E402
-
 DEFAULT_CONFIG = REPO / "configs" / "benchmarks" / "ssl_signal.yaml"
 # the training step picks its device itself (pretrain.train: the GPU and bf16 autocast when present); the frozen
 # feature extraction of the measurements follows it
@@ -192,8 +194,7 @@ def trajectories(run_dir: Path) -> dict:
 
 
 def pca_pictures(models: dict, cfg, transform, out: Path) -> list[str]:
-    vcfg = load_visualize_config(None)
-    vcfg.pca.resolutions = list(cfg.health.pca_resolutions)
+    vcfg = load_visualize_config(overrides={"pca.resolutions": list(cfg.health.pca_resolutions)})
     task = next(t for t in cfg.probe.tasks if t.name == cfg.health.pca_task)
     ct = load_axial_slice(repo_path(task.image), vcfg.image.slice, vcfg.foreground.body_threshold_hu,
                           vcfg.image.default_slice_near_max)
@@ -240,7 +241,8 @@ def table(report: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="benchmark config (default: %(default)s)")
+    p.add_argument("--config", default=None,
+                   help="a YAML file layered on configs/benchmarks/ssl_signal.yaml (declared keys only)")
     p.add_argument("--out", default="runs/evidence", help="output folder (default: %(default)s)")
     p.add_argument("--extra-ct", action="append", default=[], metavar="DIR",
                    help="another folder of CT (NIfTI / DICOM) to pretrain on (repeatable)")
@@ -253,9 +255,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = OmegaConf.load(args.config)
-    if args.overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+    try:
+        cfg = load_strict_config([DEFAULT_CONFIG], [args.config] if args.config else [], args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for e in args.external:
         if not Path(e).exists():
             raise FileNotFoundError(f"--external checkpoint not found: {e}")
@@ -300,10 +304,8 @@ def main(argv=None) -> int:
                          "measure": time.perf_counter() - t_train}
     text = table(report)
     print("\n" + text)
-    tmp = out / "ssl_signal.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    tmp.replace(out / "ssl_signal.json")
-    (out / "ssl_signal.txt").write_text(text + "\n")
+    atomic_write_text(out / "ssl_signal.json", json.dumps(report, indent=2, default=float) + "\n")
+    atomic_write_text(out / "ssl_signal.txt", text + "\n")
     print(f"\nwrote {out / 'ssl_signal.json'}, {out / 'ssl_signal.txt'} and {', '.join(report['pca_png'])}")
     return 0
 

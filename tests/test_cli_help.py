@@ -21,7 +21,7 @@ CLIS = {
     "pretrain.train.__main__": "parse_args",
     "pretrain.pipeline": "parse_args",
     "pretrain.submit": "parse_args",
-    "pretrain.visualize": "main",
+    "pretrain.visualize.cli": "main",
     "pretrain.models.export": "main",
     "pretrain.models.summary": "main",
 }

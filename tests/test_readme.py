@@ -41,7 +41,7 @@ HELP_OF = {
     "finetune.demo": ("finetune.demo", "main"),
     "pretrain.models.summary": ("pretrain.models.summary", "main"),
     "pretrain.models.export": ("pretrain.models.export", "main"),
-    "pretrain.visualize": ("pretrain.visualize", "main"),
+    "pretrain.visualize": ("pretrain.visualize.cli", "main"),
 }
 
 # entry point -> configs its key=value overrides apply to (merged in order)

@@ -4,7 +4,9 @@
 checkpoint format (official DINOv3, MedDINOv3 release, training checkpoints, Hugging Face directory,
 timm's DINOv3 weights, our safetensors export); ``save_backbone(model, path)`` writes safetensors with the architecture.
 """
-from .checkpoint import CheckpointError, detect_format, infer_arch, load_backbone, save_backbone
+from .arch_inference import infer_arch
+from .checkpoint import detect_format, load_backbone, save_backbone
+from .checkpoint_files import CheckpointError
 from .vision_transformer import ARCH_PRESETS, DinoVisionTransformer, ViTConfig, build_backbone
 
 __all__ = [

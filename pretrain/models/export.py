@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,15 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from meddino_common.atomic import atomic_write_json, atomic_write_text
+from meddino_common.config import ConfigError
 from pretrain.data.transforms import HUTransform
 from pretrain.train.config import BASE_NAME, default_config_dir
 
-from .checkpoint import (BackboneCheckpoint, CheckpointError, atomic_write, load_backbone, read_backbone_checkpoint,
-                         save_backbone, save_hf_dir)
+from .checkpoint import load_backbone, read_backbone_checkpoint, save_backbone
+from .checkpoint_files import BackboneCheckpoint, CheckpointError
+from .hf_format import save_hf_dir
+from .input_mapping import load_hu_transform, run_config_of
 from .vision_transformer import ARCH_PRESETS, DinoVisionTransformer
 
 SOURCE_DESCRIPTIONS = {
@@ -63,31 +66,12 @@ def _max_feature_diff(a: DinoVisionTransformer, b: DinoVisionTransformer) -> flo
         return float((a.forward_features(x)["x_prenorm"] - b.forward_features(x)["x_prenorm"]).abs().max())
 
 
-def _run_config(checkpoint: str | Path) -> Path | None:
-    """The ``config.yaml`` of the pretraining run that wrote ``checkpoint`` (next to it, or next to ``checkpoints/``)."""
-    here = Path(checkpoint)
-    folder = here if here.is_dir() else here.parent
-    return next((c for c in (folder / "config.yaml", folder.parent / "config.yaml") if c.is_file()), None)
-
-
 def transform_config_path(checkpoint: str | Path, transform_config: str | Path | None = None) -> Path:
     """The pretrain config whose ``data.transform`` the export documents (see the module docstring)."""
     if transform_config is not None:
         return Path(transform_config)
-    run = _run_config(checkpoint)
-    if run is not None and OmegaConf.select(OmegaConf.load(run), "data.transform") is not None:
-        return run
-    return default_config_dir() / BASE_NAME
-
-
-def load_hu_transform(config_path: Path) -> HUTransform:
-    """The ``data.transform`` block of a pretrain config, parsed (one clear error when it is missing)."""
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: pretrain config not found (needed for the HU -> input mapping)")
-    block = OmegaConf.select(OmegaConf.load(config_path), "data.transform")
-    if block is None:
-        raise CheckpointError(f"{config_path}: no data.transform block (expected a pretrain config)")
-    return HUTransform.from_config(block)
+    run = run_config_of(checkpoint)
+    return run if run is not None else default_config_dir() / BASE_NAME
 
 
 def preprocessor_config(transform: HUTransform) -> dict[str, Any] | None:
@@ -119,7 +103,7 @@ RUN_FACTS = ("stage", "student.arch", "train.iterations", "train.global_batch_si
 
 def _run_summary(checkpoint: str | Path) -> list[str]:
     """A few facts of the pretraining run that wrote ``checkpoint`` (its ``config.yaml``), when there is one."""
-    run = _run_config(checkpoint)
+    run = run_config_of(checkpoint)
     if run is None:
         return []
     cfg = OmegaConf.load(run)
@@ -230,10 +214,9 @@ def export_backbone(
         report["rope_note"] = _rope_note(model, hf_model)
         processor = preprocessor_config(transform)
         if processor is not None:
-            atomic_write(hf_dir / "preprocessor_config.json",
-                         lambda p: Path(p).write_text(json.dumps(processor, indent=2) + "\n"))
+            atomic_write_json(hf_dir / "preprocessor_config.json", processor)
         card = model_card(source, model, transform, transform_path, report["rope_note"])
-        atomic_write(hf_dir / "README.md", lambda p: Path(p).write_text(card))
+        atomic_write_text(hf_dir / "README.md", card)
         report["transform_config"] = str(transform_path)
     report["config"] = model.config.to_dict()
     return report
@@ -261,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export_backbone(args.checkpoint, args.out, args.hf_dir, args.arch, args.prefer,
                                  args.transform_config, **dict(args.overrides))
-    except CheckpointError as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = report["config"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from .rope import RopePositionEmbedding, rope_split_qkv
 RopeTables = tuple[Tensor, Tensor]  # (sin, cos), each [N, Dh/2]: identity rows for prefix tokens
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NORM_LAYER_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}  # official `norm_layer` names -> eps
-_SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
+SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
 
 
 @dataclass
@@ -60,8 +60,8 @@ class ViTConfig:
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.ffn_layer not in ("mlp", *_SWIGLU_ALIGN):
-            raise ValueError(f"ffn_layer must be 'mlp' or one of {sorted(_SWIGLU_ALIGN)}, got {self.ffn_layer!r}")
+        if self.ffn_layer not in ("mlp", *SWIGLU_ALIGN):
+            raise ValueError(f"ffn_layer must be 'mlp' or one of {sorted(SWIGLU_ALIGN)}, got {self.ffn_layer!r}")
         if self.attn_backend not in ("sdpa", "xformers"):
             raise ValueError(f"attn_backend must be 'sdpa' or 'xformers', got {self.attn_backend!r}")
         if self.pos_embed_rope_dtype not in _DTYPES:
@@ -251,7 +251,7 @@ class SelfAttentionBlock(nn.Module):
         if cfg.ffn_layer == "mlp":
             self.mlp: nn.Module = Mlp(dim, hidden, bias=cfg.ffn_bias)
         else:
-            self.mlp = SwiGLUFFN(dim, hidden, bias=cfg.ffn_bias, align_to=_SWIGLU_ALIGN[cfg.ffn_layer])
+            self.mlp = SwiGLUFFN(dim, hidden, bias=cfg.ffn_bias, align_to=SWIGLU_ALIGN[cfg.ffn_layer])
         self.ls2 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init else nn.Identity()
         self.drop_path_rate = cfg.drop_path_rate
 

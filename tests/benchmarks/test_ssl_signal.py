@@ -19,7 +19,7 @@ from pretrain.train import checkpointing as ckpt_io
 from pretrain.train.config import load_config
 from pretrain.train.loop import train
 from pretrain.train.meta_arch import backbone_kwargs
-from pretrain.visualize import load_input_transform
+from pretrain.visualize.inputs import load_input_transform
 
 
 @pytest.mark.slow

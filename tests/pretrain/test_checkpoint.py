@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pretrain.models import CheckpointError, build_backbone, detect_format, infer_arch, load_backbone, save_backbone
-from pretrain.models.checkpoint import read_backbone_checkpoint, save_hf_dir, to_hf
+from pretrain.models.checkpoint import read_backbone_checkpoint
+from pretrain.models.hf_format import save_hf_dir, to_hf
 
 TOL = 2e-5
 

@@ -8,7 +8,7 @@ from scipy.stats import entropy
 from sklearn.metrics.pairwise import cosine_similarity
 
 from pretrain import evaluation as ev
-from pretrain.visualize import load_axial_slice
+from pretrain.visualize.inputs import load_axial_slice
 
 
 def test_effective_rank_matches_numpy_rankme():
