@@ -143,7 +143,7 @@ def holdout_cases(cfg: dict, found: dict[str, list[Case]]) -> dict[str, list[str
     cases it trains and validates on (each adapter's ``finetune_case_id``: e.g. LiTS ``volume-7`` is ``train_7``
     there). The naming matters -- the nnU-Net split sorts the ids -- so the split is computed on the finetune ids and
     mapped back, never on this package's case names."""
-    from finetune.splits import fold_split
+    from meddino_datasets.splits import fold_split
 
     held: dict[str, list[str]] = {}
     for task, source in cfg["holdout"]["tasks"].items():

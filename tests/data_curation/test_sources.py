@@ -185,7 +185,7 @@ def test_holdout_excludes_exactly_the_finetune_validation_images(tmp_path, nii, 
     and ``holdout_cases``; compared by file, so a naming difference that reorders the nnU-Net split fails here."""
     from data_curation.build_ct3m import discover, holdout_cases, load_config
     from finetune.config import load_config as finetune_config
-    from finetune.splits import fold_split
+    from meddino_datasets.splits import fold_split
     from finetune.tasks import task_cases
 
     finetune_root = _owners_tree(task, tmp_path, nii)
