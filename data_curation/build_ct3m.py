@@ -45,9 +45,10 @@ from omegaconf import OmegaConf
 
 from data_curation.dedup import Fingerprint, find_duplicates
 from data_curation.shards import SHARD_INDEX, SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
-from data_curation.sources import REGISTRY, Case
+from data_curation.sources import REGISTRY
 from data_curation.sources.base import collect_problems, with_source_path
 from data_curation.strict_config import strict_merge
+from meddino_datasets.case import Case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"

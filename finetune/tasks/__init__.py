@@ -14,7 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.tasks.layouts import Case, discover_cases, filter_modality, read_dataset_json
+from finetune.tasks.layouts import discover_cases, filter_modality
+from meddino_datasets.case import Case
+from meddino_datasets.layouts.nnunet import read_dataset_json
 
 REGISTERED_TASKS = ("amos22", "amos22_ct_mri", "btcv", "kits23", "lits")
 
@@ -162,5 +164,5 @@ def task_cases(cfg: DictConfig, require_labels: bool = True) -> list[Case]:
     return cases
 
 
-__all__ = ["Case", "REGISTERED_TASKS", "nnunet_raw_dataset", "resolve_task", "task_cases", "task_eval_regions",
+__all__ = ["REGISTERED_TASKS", "nnunet_raw_dataset", "resolve_task", "task_cases", "task_eval_regions",
            "task_labels", "task_splits_file"]

@@ -10,7 +10,7 @@ import torch
 from finetune.config import load_config
 from finetune.heads import HeadRecipe, get_recipe
 from finetune.preprocess import Plans, preprocess_dataset
-from finetune.tasks.layouts import Case
+from meddino_datasets.case import Case
 from finetune.train import fit
 
 
