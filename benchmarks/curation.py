@@ -57,14 +57,14 @@ MADE = {"@512nifti": "example_ct_dicom as 512^2 .nii.gz", "@512dicom": "example_
 def make_512_nifti(real: Path, dst: Path) -> Path:
     """The real 512x512x20 Siemens series as a gzipped int16 NIfTI (real pixels, only the container changes):
     the shared corpus has no 512^2 NIfTI CT, and most CT-3M sources are 512^2 .nii.gz."""
-    from data_curation.readers.dicom import read_dicom_series
+    from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
 
     cfg = {"max_tilt_deg": 30, "gantry_tilt": "resample", "shear_tol_px": 0.05, "duplicate_tol_mm": 0.01, "spacing_rel_tol": 0.05,
            "on_variable_spacing": "keep", "on_missing_slices": "keep", "min_slices": 1, "localizer_tokens": ["LOCALIZER"],
            "reject_image_type_tokens": []}
     reading = {"padding_fill_hu": -1024, "hu_sanity": {"low": -1024, "high": 4000, "slack": 2048, "max_outside_fraction": 0.001}}
     files = [str(f) for f in sorted((real / "totalsegmentator" / "example_ct_dicom").iterdir())]
-    vol = read_dicom_series(files, cfg, reading)[0][0]
+    vol = read_dicom_series(files, DicomPolicy.from_config(cfg, reading))[0][0]
     path = dst / "example_ct_512.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(vol.data), vol.affine), path)
     return path
@@ -111,9 +111,9 @@ DECODE_CPU: list[float] = []
 def decode_only(items: list[tuple[Path, str]], isal: bool = False) -> tuple[int, float]:
     """Native slices and seconds to just read every input (per-input seconds accumulate in ``PER_INPUT``, CPU
     seconds of each call in ``DECODE_CPU``; both only for the stock decode). ``isal``: gzipped NIfTI inflated by
-    ISA-L as the curation's reader does (``data_curation.readers.nifti``), instead of stock ``nib.load`` (zlib);
+    ISA-L as the curation's reader does (``meddino_datasets.readers.nifti``), instead of stock ``nib.load`` (zlib);
     DICOM is read the same either way."""
-    from data_curation.readers import nifti
+    from meddino_datasets.readers import nifti
 
     n, t_all, cpu0 = 0, time.perf_counter(), time.process_time()
     for idx, (path, kind) in enumerate(items):

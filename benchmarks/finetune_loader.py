@@ -40,7 +40,7 @@ import torch
 from finetune.config import load_config
 from finetune.data import PatchSampler, load_preprocessed
 from finetune.preprocess import plan_from_training_cases, preprocess_dataset
-from finetune.tasks.layouts import Case
+from meddino_datasets.case import Case
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "data_curation" / "sample_ct"

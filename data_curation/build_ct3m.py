@@ -45,9 +45,10 @@ from omegaconf import OmegaConf
 
 from data_curation.dedup import Fingerprint, find_duplicates
 from data_curation.shards import SHARD_INDEX, SHARD_PATTERN, ShardWriter, atomic_write_text, sample_key
-from data_curation.sources import REGISTRY, Case
+from data_curation.sources import REGISTRY
 from data_curation.sources.base import collect_problems, with_source_path
 from data_curation.strict_config import strict_merge
+from meddino_datasets.case import Case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
@@ -143,7 +144,7 @@ def holdout_cases(cfg: dict, found: dict[str, list[Case]]) -> dict[str, list[str
     cases it trains and validates on (each adapter's ``finetune_case_id``: e.g. LiTS ``volume-7`` is ``train_7``
     there). The naming matters -- the nnU-Net split sorts the ids -- so the split is computed on the finetune ids and
     mapped back, never on this package's case names."""
-    from finetune.splits import fold_split
+    from meddino_datasets.splits import fold_split
 
     held: dict[str, list[str]] = {}
     for task, source in cfg["holdout"]["tasks"].items():

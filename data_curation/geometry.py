@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_curation.readers.common import RawVolume
+from meddino_datasets.readers.common import RawVolume
 
 CANONICAL_AXCODES = ("L", "P", "S")
 

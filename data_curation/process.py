@@ -18,12 +18,12 @@ import numpy as np
 
 from data_curation.dedup import slice_descriptors, volume_fingerprint
 from data_curation.geometry import is_near_empty, output_geometry, resample_slices, select_slices, to_canonical_axial
-from data_curation.readers.common import CurationError, RawVolume
-from data_curation.readers.dicom import read_dicom_series
-from data_curation.readers.nifti import read_nifti
 from data_curation.shards import encode_image_pieces, sample_json, sample_key, volume_id, write_sample
-from data_curation.sources.base import Case
+from meddino_datasets.case import Case
 from meddino_datasets.ct_sanity import SpacingCheck
+from meddino_datasets.readers.common import ImageRejected, RawVolume
+from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
+from meddino_datasets.readers.nifti import read_nifti
 
 STAGING_SUFFIX = ".samples"
 _INFO_KEYS = ("format", "gantry_tilt_deg", "resampled", "variable_spacing", "missing_slices", "obliquity_deg", "nonfinite_voxels")
@@ -51,10 +51,10 @@ def read_case(case: Case, cfg: dict) -> tuple[list[RawVolume], list[dict]]:
     if case.kind == "nifti":
         try:
             return [read_nifti(case.paths[0], cfg["reading"])], []
-        except CurationError as err:
+        except ImageRejected as err:
             return [], [err.rejection.as_dict()]
     if case.kind == "dicom":
-        volumes, rejections = read_dicom_series(list(case.paths), cfg["dicom"], cfg["reading"])
+        volumes, rejections = read_dicom_series(list(case.paths), DicomPolicy.from_config(cfg["dicom"], cfg["reading"]))
         return volumes, [r.as_dict() for r in rejections]
     raise ValueError(f"unknown case kind {case.kind!r}")
 
@@ -75,7 +75,7 @@ def process_case(case: Case, cfg: dict, staging_dir: str) -> dict:
             volume = _stage_volume(case, case_name, raw, cfg, Path(staging_dir))
         except StagingWriteError:
             raise
-        except CurationError as err:
+        except ImageRejected as err:
             rejections.append(err.rejection.as_dict())
             continue
         except Exception as exc:
@@ -102,7 +102,7 @@ def _stage_volume(case: Case, case_name: str, raw: RawVolume, cfg: dict, staging
     low, high = cfg["reading"]["spacing_range_mm"]
     problem = SpacingCheck(float(low), float(high)).problem((vol.slice_spacing_mm, *vol.spacing_mm))
     if problem:
-        raise CurationError(case.paths[0] if case.kind == "nifti" else str(Path(case.paths[0]).parent), "implausible_spacing",
+        raise ImageRejected(case.paths[0] if case.kind == "nifti" else str(Path(case.paths[0]).parent), "implausible_spacing",
                             f"{problem}; set reading.spacing_range_mm to accept it")
     z, h, w = vol.array.shape
     geo = cfg["geometry"]

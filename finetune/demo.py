@@ -115,14 +115,14 @@ def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
 
     Training cases: the TotalSegmentator example CT (whole abdomen, 3 mm, spleen ~33 HU) and the TotalSegmentator
     DICOM example (another patient and scanner, contrast-enhanced, spleen ~80 HU; JPEG 2000 DICOM read by
-    ``finetune.dicom``), both with TotalSegmentator-predicted labels. Validation case: the MSD spleen case with its
+    ``meddino_datasets.readers.dicom``), both with TotalSegmentator-predicted labels. Validation case: the MSD spleen case with its
     MANUAL mask (contrast-enhanced, a tight crop around the spleen). With only the non-contrast case to learn from,
     the intensity normalisation fitted on it clips the validation spleen at its upper bound; the second training case
     covers the contrast phase. Three cases cannot make nnU-Net's five folds, so an explicit split file says which is
     which. NIfTI images are linked (copied if links are unavailable); the DICOM series is converted to NIfTI (int16
     HU, RAS affine); labels are written as uint8 on each image's own grid.
     """
-    from finetune.dicom import read_dicom_series
+    from meddino_datasets.readers.dicom import read_dicom_folder
 
     dataset = out_dir / "Dataset001_DemoSpleen"
     images, labels = dataset / "imagesTr", dataset / "labelsTr"
@@ -136,8 +136,8 @@ def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
         target = images / f"{case_id}_0000.nii.gz"
         if not target.exists():  # a re-run keeps the converted image (decoding the DICOM series is the slow part)
             if image_path.is_dir():
-                volume = read_dicom_series(image_path)
-                _save_nifti(np.rint(volume.array.transpose(2, 1, 0)).astype(np.int16), volume.affine, target)
+                volume = read_dicom_folder(image_path)
+                _save_nifti(np.rint(volume.data).astype(np.int16), volume.affine, target)
             else:
                 try:
                     target.symlink_to(image_path.resolve())

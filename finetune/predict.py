@@ -39,7 +39,9 @@ from finetune.config import DEFAULT_CONFIGS_DIR, strict_merge
 from finetune.heads import get_recipe
 from finetune.infer import predict_case
 from finetune.preprocess import Plans, Volume, load_plans, read_volume, resampled_shape_yx, save_label_nifti
-from finetune.tasks.layouts import NIFTI_SUFFIXES, strip_nifti
+from meddino_datasets.readers.common import axial_first
+from meddino_datasets.readers.dicom import read_dicom_folder
+from meddino_datasets.readers.nifti import NIFTI_SUFFIXES, strip_nifti_suffix
 
 PREDICT_CONFIG = DEFAULT_CONFIGS_DIR / "predict.yaml"
 
@@ -121,7 +123,7 @@ def list_inputs(path: Path) -> list[tuple[str, Path, str]]:
 
 
 def _name(path: Path) -> str:
-    name = strip_nifti(path.name)
+    name = strip_nifti_suffix(path.name)
     return name[:-5] if name.endswith("_0000") else name
 
 
@@ -230,10 +232,8 @@ def check_geometry(path: Path, kind: str, image: Volume, plans: Plans, n_classes
 
 def read_scan(path: Path, kind: str) -> Volume:
     """The scan as a :class:`Volume`; an unreadable one is refused (named), not the end of the run."""
-    from finetune.dicom import read_dicom_series
-
     try:
-        return read_volume(path) if kind == "nifti" else read_dicom_series(path)
+        return read_volume(path) if kind == "nifti" else Volume(*axial_first(read_dicom_folder(path)), str(path))
     except ValueError as err:
         raise ScanRefused(str(err)) from None
 

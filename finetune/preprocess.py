@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from finetune.sitk_reader import is_nifti, read_sitk_volume
-from finetune.tasks.layouts import Case
+from meddino_datasets.case import Case
+from meddino_datasets.readers.common import axial_first
+from meddino_datasets.readers.nifti import is_nifti
+from meddino_datasets.readers.sitk import read_sitk_volume
 
 AFFINE_ATOL_MM = 1e-3
 
@@ -83,7 +85,7 @@ def read_volume(path: str | Path, dtype=np.float32) -> Volume:
     """Read a 3-D NIfTI as ``[Z, Y, X]``; clear errors for unreadable or non-3-D files."""
     path = Path(path)
     if not is_nifti(path):  # .mha, .nrrd, ...: the file_ending of an nnU-Net dataset
-        array, spacing_zyx, affine = read_sitk_volume(path)
+        array, spacing_zyx, affine = axial_first(read_sitk_volume(path))
         return Volume(np.ascontiguousarray(array).astype(dtype, copy=False), spacing_zyx, affine, str(path))
     try:
         img = nib.load(str(path))

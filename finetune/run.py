@@ -39,7 +39,7 @@ from finetune.metrics import (build_summary, evaluate_case, evaluation_classes, 
                               write_summary_json)
 from finetune.preprocess import (Plans, load_plans, plan_from_training_cases, preprocess_dataset, read_volume,
                                  save_label_nifti, save_plans)
-from finetune.splits import fold_split, nnunet_kfold_splits, save_splits_file
+from meddino_datasets.splits import fold_split, nnunet_kfold_splits, save_splits_file
 from finetune.tasks import task_cases, task_eval_regions, task_labels, task_splits_file
 
 

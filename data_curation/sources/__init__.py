@@ -21,7 +21,7 @@ from data_curation.sources import (
     totalseg,
     word,
 )
-from data_curation.sources.base import Case, SourceAdapter
+from data_curation.sources.base import SourceAdapter
 
 _ORDER = [
     btcv.ADAPTER,
@@ -40,4 +40,4 @@ _ORDER = [
 ]
 REGISTRY: dict[str, SourceAdapter] = {a.name: a for a in _ORDER}
 
-__all__ = ["REGISTRY", "Case", "SourceAdapter"]
+__all__ = ["REGISTRY", "SourceAdapter"]

@@ -6,7 +6,8 @@ Case id: ``BDMAP_00000001``.
 import re
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, find_nifti, nifti_cases
+from data_curation.sources.base import SourceAdapter, find_nifti, nifti_cases
+from meddino_datasets.case import Case
 
 _CASE = re.compile(r"BDMAP_[A-Z0-9]+")
 

@@ -1,8 +1,10 @@
-"""What every source adapter returns, plus the file-discovery helpers they share.
+"""The source adapter type, plus the file-discovery helpers the adapters share.
 
-An adapter knows how one dataset's owners lay out their release (folders, file names, which files are images and
-which are labels, modality filters) and turns a root folder into a sorted list of :class:`Case` objects. It never
-opens image data: reading happens in :mod:`data_curation.readers`.
+An adapter is curation's view of one dataset: every image of the owners' release (labels, masks and other
+modalities skipped) as a sorted list of :class:`meddino_datasets.case.Case`, named for sample keys. What the owners'
+layout means for finetuning (labelled cases, canonical ids, the AMOS CT/MRI boundary) lives in
+:mod:`meddino_datasets.layouts`, which the adapters of those datasets build on. An adapter never opens image data:
+reading happens in :mod:`meddino_datasets.readers`.
 """
 from __future__ import annotations
 
@@ -13,32 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+from meddino_datasets.case import Case
+from meddino_datasets.readers.nifti import NIFTI_SUFFIXES
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One volume to curate.
-
-    ``kind`` is ``"nifti"`` (``paths`` holds one file) or ``"dicom"`` (``paths`` holds every candidate file of one
-    folder; the DICOM reader groups them into series and may emit several volumes, one per accepted series).
-    ``case_id`` is the dataset's own case name, made safe for webdataset keys (no dots, no slashes).
-    """
-
-    source: str
-    case_id: str
-    kind: str
-    paths: tuple[str, ...]
-    split: str = ""  # "train"/"val"/"test" where the owners say so (used by the finetune holdout)
-    #: where the case lives, relative to the source root (the file, or the folder holding the case's files); kept in
-    #: every sample's json and in manifest.csv, since a long case id is shortened in the sample key. Filled in by
-    #: :func:`with_source_path` unless the adapter sets a shorter one (dated TCIA study folders stay out).
-    source_path: str = ""
-
-    @property
-    def uid(self) -> str:
-        return f"{self.source}/{self.case_id}"
 
 
 @dataclass(frozen=True)
@@ -50,8 +30,8 @@ class SourceAdapter:
     find: Callable[[Path, dict], list[Case]]
     url: str = ""
     default_subdirs: tuple[str, ...] = field(default_factory=tuple)
-    #: for sources that are also finetune tasks (``--holdout-finetune``): the case id the finetune task
-    #: (``finetune/tasks/layouts.py``) gives this case, or None when the finetune task does not train/validate on it
+    #: for sources that are also finetune tasks (``--holdout-finetune``): the canonical case id the finetune task
+    #: gives this case (``meddino_datasets.layouts.<name>.training_case_id``), or None when it does not use it
     finetune_case_id: Callable[[Case], str | None] | None = None
 
 
@@ -61,18 +41,6 @@ def safe_id(text: str) -> str:
     if not out:
         raise ValueError(f"cannot make a case id from {text!r}")
     return out
-
-
-def strip_nifti_suffix(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def is_hidden(path: Path) -> bool:
-    """macOS resource forks (``._liver_0.nii.gz``, shipped inside the MSD tarballs) and dot-files are not data."""
-    return any(part.startswith(".") for part in path.parts)
 
 
 #: where :func:`walk_files` and :func:`looks_like_dicom` report what they could not read (see :func:`collect_problems`)
@@ -153,32 +121,28 @@ def dicom_dirs(root: Path) -> dict[Path, list[Path]]:
     return out
 
 
+def nifti_case(source: str, path: Path, case_id: str, split: str = "") -> Case:
+    """One NIfTI image file as a case of ``source`` (``case_id`` made safe for sample keys)."""
+    return Case(safe_id(case_id), path, source=source, kind="nifti", split=split)
+
+
 def nifti_cases(source: str, files: Iterable[Path], case_id: Callable[[Path], str], split: Callable[[Path], str] | None = None) -> list[Case]:
-    cases = [Case(source, safe_id(case_id(p)), "nifti", (str(p),), split(p) if split else "") for p in files]
+    cases = [nifti_case(source, p, case_id(p), split(p) if split else "") for p in files]
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def split_from_path(path: Path) -> str:
-    """Owners' split folder names (nnU-Net/MSD ``imagesTr``/``imagesVa``/``imagesTs``, BTCV ``Training``/``Testing``)."""
-    for part in reversed(path.parts):
-        low = part.lower()
-        if low in ("imagestr", "training", "train", "train_sets"):
-            return "train"
-        if low in ("imagesva", "imagesval", "validation", "val"):
-            return "val"
-        if low in ("imagests", "testing", "test", "test_sets"):
-            return "test"
-    return ""
-
-
 def dicom_case(source: str, case_id: str, folder_files: list[Path], split: str = "", source_path: str = "") -> Case:
-    return Case(source, safe_id(case_id), "dicom", tuple(str(p) for p in sorted(folder_files)), split, source_path)
+    """The DICOM files of one case (one folder, or several below one patient folder); ``image`` is the deepest
+    folder holding them all."""
+    files = tuple(str(p) for p in sorted(folder_files))
+    folder = Path(os.path.commonpath([os.path.dirname(p) for p in files]))
+    return Case(safe_id(case_id), folder, source=source, kind="dicom", dicom_files=files, split=split,
+                source_path=source_path)
 
 
 def with_source_path(case: Case, root: Path) -> Case:
     """``case`` with ``source_path`` set (when the adapter did not): its file, or the deepest folder holding all its
     files, relative to ``root``."""
-    if case.source_path or not case.paths:
+    if case.source_path:
         return case
-    where = case.paths[0] if len(case.paths) == 1 and case.kind == "nifti" else os.path.commonpath([os.path.dirname(p) for p in case.paths])
-    return replace(case, source_path=os.path.relpath(where, root))
+    return replace(case, source_path=os.path.relpath(case.image, root))

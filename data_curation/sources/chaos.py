@@ -5,7 +5,9 @@ Layout: ``CHAOS_Train_Sets/Train_Sets/CT/<n>/DICOM_anon/i0000,0000b.dcm`` (liver
 """
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, dicom_case, dicom_dirs, split_from_path
+from data_curation.sources.base import SourceAdapter, dicom_case, dicom_dirs
+from meddino_datasets.case import Case
+from meddino_datasets.layouts import split_from_path
 
 
 def find(root: Path, options: dict) -> list[Case]:

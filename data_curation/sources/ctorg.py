@@ -5,7 +5,9 @@ Case id: ``volume-0``.
 """
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, find_nifti, nifti_cases, strip_nifti_suffix
+from data_curation.sources.base import SourceAdapter, find_nifti, nifti_cases
+from meddino_datasets.case import Case
+from meddino_datasets.readers.nifti import strip_nifti_suffix
 
 
 def find(root: Path, options: dict) -> list[Case]:

@@ -7,7 +7,9 @@ relative to the root, with separators and dots turned into ``_``.
 import fnmatch
 from pathlib import Path
 
-from data_curation.sources.base import NIFTI_SUFFIXES, Case, SourceAdapter, dicom_case, dicom_dirs, safe_id, strip_nifti_suffix, walk_files
+from data_curation.sources.base import SourceAdapter, dicom_case, dicom_dirs, nifti_case, walk_files
+from meddino_datasets.case import Case
+from meddino_datasets.readers.nifti import NIFTI_SUFFIXES, strip_nifti_suffix
 
 
 def find(root: Path, options: dict) -> list[Case]:
@@ -16,7 +18,7 @@ def find(root: Path, options: dict) -> list[Case]:
     for path in walk_files(root):
         if path.name.endswith(NIFTI_SUFFIXES) and not any(fnmatch.fnmatch(path.name.lower(), pat) for pat in excludes):
             rel = path.relative_to(root)
-            cases.append(Case("folder", safe_id(strip_nifti_suffix(str(rel))), "nifti", (str(path),)))
+            cases.append(nifti_case("folder", path, strip_nifti_suffix(str(rel))))
     for folder, files in dicom_dirs(root).items():
         rel = folder.relative_to(root)
         cases.append(dicom_case("folder", str(rel) if str(rel) != "." else root.name, files))

@@ -1,12 +1,14 @@
-"""LiTS (Liver Tumor Segmentation Challenge, Codalab).
-
-Layout: ``volume-0.nii`` ... ``volume-130.nii`` with ``segmentation-N.nii`` (train, usually in
-``Training Batch 1/2``), ``test-volume-0.nii`` ... ``test-volume-69.nii`` (test). Case id: ``volume-0``,
-``test-volume-0``.
+"""LiTS (Liver Tumor Segmentation Challenge, Codalab): every image of the owners' layout
+(:mod:`meddino_datasets.layouts.lits`), ``volume-0.nii`` ... ``volume-130.nii`` (train, usually in
+``Training Batch 1/2``) and ``test-volume-0.nii`` ... ``test-volume-69.nii`` (test). Case id: ``volume-0``,
+``test-volume-0`` (the finetune task names ``volume-0`` ``train_0``, as nnU-Net does).
 """
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, find_nifti, nifti_cases, strip_nifti_suffix
+from data_curation.sources.base import SourceAdapter, find_nifti, nifti_cases
+from meddino_datasets.case import Case
+from meddino_datasets.layouts import lits
+from meddino_datasets.readers.nifti import strip_nifti_suffix
 
 
 def find(root: Path, options: dict) -> list[Case]:
@@ -14,14 +16,5 @@ def find(root: Path, options: dict) -> list[Case]:
     return nifti_cases("lits", files, lambda p: strip_nifti_suffix(p.name), lambda p: "test" if p.name.startswith("test-") else "train")
 
 
-def finetune_case_id(case: Case) -> str | None:
-    """The finetune task trains/validates on the labelled ``volume-N`` cases and names them ``train_N`` as nnU-Net's
-    own LiTS conversion (Task029) does: the nnU-Net split sorts ids, so the names decide the folds."""
-    if case.split != "train":
-        return None
-    number = case.case_id[len("volume-"):]
-    return f"train_{int(number)}" if number.isdigit() else f"train_{number}"
-
-
 ADAPTER = SourceAdapter("lits", "**/volume-N.nii[.gz], **/test-volume-N.nii[.gz]", find, "https://competitions.codalab.org/competitions/17094",
-                        finetune_case_id=finetune_case_id)
+                        finetune_case_id=lambda case: lits.training_case_id(case.image))

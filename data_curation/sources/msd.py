@@ -6,7 +6,10 @@ be the task folder itself or a folder that contains it. Case id: ``liver_0``, ``
 """
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, find_nifti, nifti_cases, split_from_path, strip_nifti_suffix
+from data_curation.sources.base import SourceAdapter, find_nifti, nifti_cases
+from meddino_datasets.case import Case
+from meddino_datasets.layouts import split_from_path
+from meddino_datasets.readers.nifti import strip_nifti_suffix
 
 _TASKS = {
     "msd_liver": ("Task03_Liver", "liver"),

@@ -7,7 +7,8 @@ only. Labels are distributed separately as NIfTI (``label0001.nii.gz``) and are 
 import re
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, dicom_case, dicom_dirs
+from data_curation.sources.base import SourceAdapter, dicom_case, dicom_dirs
+from meddino_datasets.case import Case
 
 _PATIENT = re.compile(r"PANCREAS_\d{4}")
 

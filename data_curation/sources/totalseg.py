@@ -6,7 +6,8 @@ at the top. Case id: ``s0000``.
 import re
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, find_nifti, nifti_cases
+from data_curation.sources.base import SourceAdapter, find_nifti, nifti_cases
+from meddino_datasets.case import Case
 
 _CASE = re.compile(r"s\d{4}")
 

@@ -4,7 +4,10 @@ Layout: ``WORD-V0.1.0/{imagesTr,imagesVal,imagesTs}/word_0001.nii.gz`` (labels i
 """
 from pathlib import Path
 
-from data_curation.sources.base import Case, SourceAdapter, find_nifti, nifti_cases, split_from_path, strip_nifti_suffix
+from data_curation.sources.base import SourceAdapter, find_nifti, nifti_cases
+from meddino_datasets.case import Case
+from meddino_datasets.layouts import split_from_path
+from meddino_datasets.readers.nifti import strip_nifti_suffix
 
 
 def find(root: Path, options: dict) -> list[Case]:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.tasks.layouts import Case, discover_cases, filter_modality, read_dataset_json
+from finetune.tasks.layouts import discover_cases, filter_modality
+from meddino_datasets.case import Case
+from meddino_datasets.layouts.nnunet import read_dataset_json
 
 REGISTERED_TASKS = ("amos22", "amos22_ct_mri", "btcv", "kits23", "lits")
 
@@ -107,7 +109,7 @@ def task_labels(cfg: DictConfig) -> list[str]:
     From ``task.labels`` if given, else from ``dataset.json`` (nnU-Net v2 ``{"name": id}`` or v1 ``{"id": "name"}``).
     Region-valued v2 labels (lists) become ``task.eval_regions`` via ``task_eval_regions``.
     """
-    labels = dict(OmegaConf.to_container(cfg.task.labels, resolve=True)) if cfg.task.get("labels") else {}
+    labels = dict(OmegaConf.to_container(cfg.task.labels, resolve=True)) if cfg.task.labels else {}
     if not labels:
         meta = read_dataset_json(Path(cfg.task.dataset_dir))
         raw = meta.get("labels")
@@ -138,7 +140,7 @@ def task_labels(cfg: DictConfig) -> list[str]:
 
 def task_eval_regions(cfg: DictConfig) -> dict[str, list[int]] | None:
     """Evaluation classes as unions of label ids, or None for per-label evaluation."""
-    if cfg.task.get("eval_regions"):
+    if cfg.task.eval_regions:
         return {str(k): [int(i) for i in v] for k, v in OmegaConf.to_container(cfg.task.eval_regions, resolve=True).items()}
     meta = read_dataset_json(Path(cfg.task.dataset_dir)) if Path(str(cfg.task.dataset_dir)).is_dir() else {}
     raw = meta.get("labels") or {}
@@ -152,7 +154,7 @@ def task_eval_regions(cfg: DictConfig) -> dict[str, list[int]] | None:
 def task_cases(cfg: DictConfig, require_labels: bool = True) -> list[Case]:
     """The task's cases (modality-filtered), each with a label file unless ``require_labels=False``."""
     cases = discover_cases(cfg.task.dataset_dir, str(cfg.task.layout), str(cfg.task.owners_layout or cfg.task.name))
-    cases = filter_modality(cases, cfg.task.get("modality_filter"), str(cfg.task.name))
+    cases = filter_modality(cases, cfg.task.modality_filter, str(cfg.task.name))
     if require_labels:
         unlabelled = [c.case_id for c in cases if c.label is None]
         if unlabelled:
@@ -162,5 +164,5 @@ def task_cases(cfg: DictConfig, require_labels: bool = True) -> list[Case]:
     return cases
 
 
-__all__ = ["Case", "REGISTERED_TASKS", "nnunet_raw_dataset", "resolve_task", "task_cases", "task_eval_regions",
+__all__ = ["REGISTERED_TASKS", "nnunet_raw_dataset", "resolve_task", "task_cases", "task_eval_regions",
            "task_labels", "task_splits_file"]

@@ -311,8 +311,8 @@ def test_list_sources_and_dry_run(tmp_path, repo_root, sample_tree, run_build):
 
 
 def test_holdout_finetune_uses_the_nnunet_split(tmp_path, repo_root, sample_ct, run_build):
-    """--holdout-finetune drops exactly fold 0's validation cases of finetune.splits over the labelled cases."""
-    from finetune.splits import fold_split
+    """--holdout-finetune drops exactly fold 0's validation cases of meddino_datasets.splits over the labelled cases."""
+    from meddino_datasets.splits import fold_split
 
     nii = sample_ct / "msd_spleen/sub-spleen2_ct.nii.gz"
     ids = [f"img{i:04d}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 21, 22, 23)]

@@ -9,12 +9,12 @@ import pydicom
 import pytest
 
 from data_curation.geometry import to_canonical_axial
-from data_curation.readers import dicom as dicom_reader
-from data_curation.readers.dicom import read_dicom_series
+from meddino_datasets.readers import dicom as dicom_reader
+from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
 
 
 def _read(paths, cfg):
-    return read_dicom_series([str(p) for p in paths], cfg["dicom"], cfg["reading"])
+    return read_dicom_series([str(p) for p in paths], DicomPolicy.from_config(cfg["dicom"], cfg["reading"]))
 
 
 def _reasons(rejections) -> dict[str, str]:

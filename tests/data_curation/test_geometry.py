@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from data_curation.geometry import _bilinear_separable, center_crop_pad, output_geometry, resample_slices, select_slices, to_canonical_axial
-from data_curation.readers.common import CurationError, RawVolume
-from data_curation.readers.dicom import read_dicom_series
-from data_curation.readers.nifti import read_nifti
+from meddino_datasets.readers.common import ImageRejected, RawVolume
+from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
+from meddino_datasets.readers.nifti import read_nifti
 
 
 def _labels(path: Path) -> np.ndarray:
@@ -27,7 +27,7 @@ def _organ_means(hu: np.ndarray, labels: np.ndarray, ids: dict[str, int]) -> dic
 @pytest.fixture(scope="module")
 def dicom_axial(real_data, ct3m_cfg):
     files = sorted((real_data / "totalsegmentator" / "example_ct_dicom").iterdir())
-    volumes, rejections = read_dicom_series([str(f) for f in files], ct3m_cfg["dicom"], ct3m_cfg["reading"])
+    volumes, rejections = read_dicom_series([str(f) for f in files], DicomPolicy.from_config(ct3m_cfg["dicom"], ct3m_cfg["reading"]))
     assert not rejections and len(volumes) == 1
     return volumes[0], to_canonical_axial(volumes[0])
 
@@ -88,11 +88,11 @@ def test_nifti_nan_and_scaling(tmp_path, ct3m_cfg, sample_ct):
 def test_nifti_not_hu_rejected(tmp_path, ct3m_cfg, sample_ct):
     img = nib.load(sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32) * 20, img.affine), tmp_path / "x20.nii.gz")
-    with pytest.raises(CurationError) as err:
+    with pytest.raises(ImageRejected) as err:
         read_nifti(tmp_path / "x20.nii.gz", ct3m_cfg["reading"])
     assert err.value.rejection.reason == "hu_out_of_range" and "x20.nii.gz" in err.value.rejection.path
     (tmp_path / "broken.nii.gz").write_bytes((sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz").read_bytes()[:5000])
-    with pytest.raises(CurationError) as err:
+    with pytest.raises(ImageRejected) as err:
         read_nifti(tmp_path / "broken.nii.gz", ct3m_cfg["reading"])
     assert err.value.rejection.reason == "unreadable"
 
@@ -189,7 +189,7 @@ def test_select_slices_by_mm():
 def test_mr_nifti_is_not_ct(real_data, ct3m_cfg):
     """NIfTI has no modality: the real abdominal and brain MRs are caught by their missing air (filtered, by design)."""
     for rel in ("totalsegmentator/example_mr_sm.nii.gz", "pyradiomics/brain1_image.nii.gz"):
-        with pytest.raises(CurationError) as err:
+        with pytest.raises(ImageRejected) as err:
             read_nifti(real_data / rel, ct3m_cfg["reading"])
         assert err.value.rejection.reason == "not_ct_intensity" and err.value.rejection.filtered
     for rel in ("totalsegmentator/example_ct.nii.gz", "totalsegmentator/aorta_report/ct_cropped.nii.gz", "ivadomed_msd_spleen/sub-spleen2_ct.nii.gz"):

@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import data_curation.readers.nifti as nifti
-from data_curation.readers.common import CurationError
+import meddino_datasets.readers.nifti as nifti
+from meddino_datasets.readers.common import ImageRejected
 
 REAL_NIFTI = ("totalsegmentator/example_ct.nii.gz", "totalsegmentator/aorta_report/ct_cropped.nii.gz",
               "ivadomed_msd_spleen/sub-spleen2_ct.nii.gz")
@@ -57,7 +57,7 @@ def test_truncated_gzip_is_unreadable_with_both_decoders(tmp_path, real_data, ct
         for decoder in (nifti._igzip, None):
             with monkeypatch.context() as m:
                 m.setattr(nifti, "_igzip", decoder)
-                with pytest.raises(CurationError) as err:
+                with pytest.raises(ImageRejected) as err:
                     nifti.read_nifti(path, ct3m_cfg["reading"])
             assert err.value.rejection.reason == "unreadable" and path.name in err.value.rejection.path
 
@@ -67,13 +67,13 @@ def test_all_nan_volume_is_a_failure(tmp_path, real_data, ct3m_cfg):
     import nibabel as nib
     import numpy as np
 
-    from data_curation.readers.common import CurationError
-    from data_curation.readers.nifti import read_nifti
+    from meddino_datasets.readers.common import ImageRejected
+    from meddino_datasets.readers.nifti import read_nifti
 
     ref = nib.load(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))
     path = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(np.full(ref.shape, np.nan, np.float32), ref.affine), str(path))
-    with pytest.raises(CurationError) as err:
+    with pytest.raises(ImageRejected) as err:
         read_nifti(path, ct3m_cfg["reading"])
     assert err.value.rejection.reason == "all_nonfinite" and not err.value.rejection.filtered
     assert f"{int(np.prod(ref.shape))} voxels is NaN or Inf" in err.value.rejection.detail

@@ -15,9 +15,9 @@ from data_curation.shards import ShardWriter, decode_image, encode_image, sample
 
 @pytest.fixture(scope="module")
 def dicom_slice(real_data, ct3m_cfg) -> np.ndarray:
-    from data_curation.readers.dicom import read_dicom_series
+    from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
 
-    vols, _ = read_dicom_series([str(real_data / "pydicom_data_ct/693_UNCR.dcm")], ct3m_cfg["dicom"], ct3m_cfg["reading"])
+    vols, _ = read_dicom_series([str(real_data / "pydicom_data_ct/693_UNCR.dcm")], DicomPolicy.from_config(ct3m_cfg["dicom"], ct3m_cfg["reading"]))
     return np.ascontiguousarray(vols[0].data[:, :, 0].T)
 
 

@@ -93,7 +93,7 @@ def test_amos22_skips_mri_by_id(tmp_path, nii):
                 "amos22/imagesVa/amos_0008.nii.gz", "amos22/imagesVa/amos_0540.nii.gz", "amos22/imagesTs/amos_0002.nii.gz",
                 "amos22/labelsTr/amos_0001.nii.gz"]:
         link(nii, tmp_path / rel)
-    cases = REGISTRY["amos22"].find(tmp_path, {"mri_min_id": 501})
+    cases = REGISTRY["amos22"].find(tmp_path, {})
     assert [(c.case_id, c.split) for c in cases] == [("amos_0001", "train"), ("amos_0002", "test"), ("amos_0008", "val"), ("amos_0500", "train")]
 
 
@@ -185,7 +185,7 @@ def test_holdout_excludes_exactly_the_finetune_validation_images(tmp_path, nii, 
     and ``holdout_cases``; compared by file, so a naming difference that reorders the nnU-Net split fails here."""
     from data_curation.build_ct3m import discover, holdout_cases, load_config
     from finetune.config import load_config as finetune_config
-    from finetune.splits import fold_split
+    from meddino_datasets.splits import fold_split
     from finetune.tasks import task_cases
 
     finetune_root = _owners_tree(task, tmp_path, nii)

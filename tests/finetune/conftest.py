@@ -4,7 +4,7 @@ Dataset901_TinyAbdomen, labels background 0, spleen 1, liver 2:
 - ``msd_spleen_a/b``: the two z-halves of the MSD spleen case (manual spleen mask; 0.795 x 0.795 x 5 mm, RAS).
 - ``ts_upper/ts_mid/ts_lower``: z-slabs of the TotalSegmentator example CT (3 mm) with its label map restricted to
   spleen (1) and liver (5); ``ts_lower`` contains neither organ (absent-class handling).
-- ``dcmqi_liver``: the 3-slice GE DICOM series (read with ``finetune.dicom``) with its liver label (spine dropped),
+- ``dcmqi_liver``: the 3-slice GE DICOM series (read with ``meddino_datasets.readers.dicom``) with its liver label (spine dropped),
   LPS-derived affine, 512 x 512 at 0.81 mm.
 Sub-volumes are cut with nibabel's slicer, so each keeps a correct affine.
 """
@@ -26,7 +26,7 @@ def _save(img: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
 
 def build_tiny_dataset(real: Path, root: Path) -> Path:
     """Write the dataset under ``root/Dataset901_TinyAbdomen`` and return that folder."""
-    from finetune.dicom import read_dicom_series
+    from meddino_datasets.readers.dicom import read_dicom_folder
 
     ds = root / "Dataset901_TinyAbdomen"
     (ds / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -49,10 +49,10 @@ def build_tiny_dataset(real: Path, root: Path) -> Path:
     for case, (z0, z1) in {"ts_upper": (86, 112), "ts_mid": (62, 86), "ts_lower": (20, 44)}.items():
         write(case, ts_img.slicer[:, :, z0:z1], mapped[:, :, z0:z1])
 
-    dicom = read_dicom_series(real / "dcmqi_ct3slice" / "dicom")
+    dicom = read_dicom_folder(real / "dcmqi_ct3slice" / "dicom")
     liver_spine = nib.load(str(real / "dcmqi_ct3slice" / "liver_spine_seg.nii.gz"))
     assert np.allclose(liver_spine.affine, dicom.affine, atol=1e-3)
-    _save(dicom.array.transpose(2, 1, 0), dicom.affine, ds / "imagesTr" / "dcmqi_liver_0000.nii.gz", np.int16)
+    _save(dicom.data, dicom.affine, ds / "imagesTr" / "dcmqi_liver_0000.nii.gz", np.int16)
     _save((np.asanyarray(liver_spine.dataobj) == 1).astype(np.uint8) * 2, dicom.affine,
           ds / "labelsTr" / "dcmqi_liver.nii.gz", np.uint8)
 

@@ -21,7 +21,7 @@ from finetune.heads.mvr import (
 )
 from finetune.preprocess import read_case
 from finetune.tasks.folder2d import convert_folder2d, find_cases
-from finetune.tasks.layouts import Case
+from meddino_datasets.case import Case
 from pretrain.models import build_backbone
 
 TINY = ["model.arch=vitt16", "model.init=random",

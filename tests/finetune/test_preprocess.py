@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from finetune.preprocess import (Plans, foreground_samples, normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
                                  preprocess_volume, read_case, read_volume, restore_geometry)
-from finetune.tasks.layouts import Case
+from meddino_datasets.case import Case
 
 PCFG = OmegaConf.create({"preprocess": {"crop_to_nonzero": True, "target_spacing_mm": None, "target_slice_px": None,
                                         "image_order": 3, "foreground_samples_total": 1.0e6,

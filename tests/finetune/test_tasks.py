@@ -174,7 +174,7 @@ def test_splits_file_found_where_nnunet_keeps_it(tmp_path, monkeypatch):
 def test_lits_ids_give_nnunet_task029_fold0(tmp_path):
     """LiTS ids as nnU-Net's own conversion (Task029: ``volume-N`` -> ``train_N``), so fold 0 is nnU-Net's fold 0:
     the split sorts ``train_10`` before ``train_2``, which zero-padded ids would not."""
-    from finetune.splits import fold_split
+    from meddino_datasets.splits import fold_split
 
     for i in range(131):
         _touch(tmp_path / "Training Batch" / f"volume-{i}.nii")

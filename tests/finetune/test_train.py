@@ -10,8 +10,8 @@ import torch
 from finetune.config import load_config
 from finetune.heads import HeadRecipe, get_recipe
 from finetune.preprocess import Plans, preprocess_dataset
-from finetune.tasks.layouts import Case
 from finetune.train import fit
+from meddino_datasets.case import Case
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""Types shared by the NIfTI and DICOM readers: the raw volume they return and the structured rejection they raise.
+"""Types shared by the readers: the volume they return, the structured rejection they raise, the HU checks.
 
-A reader's job ends at "HU as int16 in voxel order plus a voxel->RAS affine"; orientation, resampling and slicing
-are :mod:`data_curation.geometry`'s job, so both formats go through the same canonicalisation.
+A reader's job ends at "values in voxel order ``[i, j, k]`` plus a voxel->RAS affine" (the convention of
+:mod:`meddino_datasets.readers`); orientation, resampling and slicing belong to the consumer (curation's
+``data_curation.geometry``, finetuning's axial-first arrays via :func:`axial_first`).
 """
 from __future__ import annotations
 
@@ -33,12 +34,16 @@ FILTERED_REASONS = frozenset(
 )
 
 
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM / ITK patient coordinates -> NIfTI's RAS (x and y negated)
+
+
 @dataclass
 class RawVolume:
-    """HU volume as read from disk, before canonicalisation.
+    """A volume as read from disk, before any reorientation.
 
-    ``data``: int16 HU, shape ``[I, J, K]`` in the file's voxel order (nibabel convention; for DICOM
-    ``I`` = columns, ``J`` = rows, ``K`` = slices sorted along the slice normal).
+    ``data``: shape ``[I, J, K]`` in the file's voxel order (nibabel convention; for DICOM ``I`` = columns,
+    ``J`` = rows, ``K`` = slices sorted along the slice normal). int16 HU from the curation readers; the DICOM
+    prediction policy keeps float32 (an MR's rescaled values need not be integers).
     ``affine``: 4x4 voxel index -> RAS millimetres.
     ``k_offsets_mm``: position of every ``K`` index along the ``K`` axis relative to index 0 when the spacing is
     irregular (DICOM with variable spacing or missing slices); ``None`` when ``affine`` describes it exactly.
@@ -68,8 +73,9 @@ class Rejection:
         return {"file": self.path, "reason": self.reason, "detail": self.detail, "filtered": self.filtered}
 
 
-class CurationError(Exception):
-    """A volume cannot be curated; carries a :class:`Rejection` naming the file and the problem."""
+class ImageRejected(ValueError):
+    """A volume or file is refused; carries a :class:`Rejection` naming the file and the problem. A ``ValueError``,
+    so a caller that reports bad input in one line (``finetune/predict.py``) needs no reader-specific clause."""
 
     def __init__(self, path: str, reason: str, detail: str = "") -> None:
         super().__init__(f"{path}: {reason}: {detail}")
@@ -114,7 +120,7 @@ class HuCheck:
     def verify(self, path: str) -> None:
         frac = self.n_outside / max(self.n_total, 1)
         if frac > self.max_outside_fraction or self.vmin < -32768 or self.vmax > 32767:
-            raise CurationError(
+            raise ImageRejected(
                 path,
                 "hu_out_of_range",
                 f"{frac:.1%} of voxels outside [{self.low - self.slack:g}, {self.high + self.slack:g}] HU "
@@ -139,3 +145,15 @@ def to_int16_hu(values: np.ndarray, fill_hu: int) -> tuple[np.ndarray, int]:
     if n_bad:
         values = np.where(bad, fill_hu, values)
     return np.clip(np.rint(values), -32768, 32767).astype(np.int16), n_bad
+
+
+def voxel_spacing_mm(affine: np.ndarray) -> tuple[float, float, float]:
+    """Edge lengths (mm) of a voxel along ``i, j, k``: the norms of the affine's first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
+def axial_first(volume: RawVolume) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """``(data [K, J, I] = [Z, Y, X] view, spacing (z, y, x) mm, affine)``: the axial-first view finetuning works
+    on (nnU-Net's numpy order), the affine unchanged (it still maps ``(i, j, k)``)."""
+    spacing_ijk = voxel_spacing_mm(volume.affine)
+    return volume.data.transpose(2, 1, 0), spacing_ijk[::-1], volume.affine

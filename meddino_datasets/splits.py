@@ -8,17 +8,18 @@ lists in sorted-id order (KFold returns index masks). The result is what nnU-Net
 ``splits_final.json``: a list of ``{"train": [...], "val": [...]}``.
 
 Both `finetune` (fold 0 by default) and `data_curation --holdout-finetune` (keep finetune validation cases out
-of pretraining) import this module, so there is one definition of "the split".
+of pretraining) import this module, so there is one definition of "the split" and the holdout cannot drift from the
+folds finetune trains on.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from meddino_common.atomic import atomic_write_json
 
 DEFAULT_N_FOLDS = 5
 DEFAULT_SEED = 12345
@@ -66,14 +67,8 @@ def load_splits_file(path: str | Path) -> list[dict[str, list[str]]]:
 
 
 def save_splits_file(splits: list[dict[str, list[str]]], path: str | Path) -> None:
-    """Atomically write ``splits_final.json``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(splits, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Atomically write ``splits_final.json`` (a reader never sees half a split)."""
+    atomic_write_json(path, splits, indent=2)
 
 
 def fold_split(case_ids: Sequence[str], fold: int = 0, splits_file: str | Path | None = None,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetune.splits import fold_split, kfold_indices, load_splits_file, nnunet_kfold_splits, save_splits_file
+from meddino_datasets.splits import fold_split, kfold_indices, load_splits_file, nnunet_kfold_splits, save_splits_file
 
 
 @pytest.mark.parametrize("n", [5, 6, 9, 13, 24, 30, 101])

@@ -1,10 +1,10 @@
 """Images in the other formats nnU-Net datasets use (``.mha``, ``.nrrd``, ...) through SimpleITK, as nnU-Net reads them.
 
 nnU-Net's ``dataset.json`` names one ``file_ending`` per dataset and its ``SimpleITKIO`` reads every format ITK
-knows. The finetune pipeline works on NIfTI's conventions (``finetune.preprocess.Volume``: ``[Z, Y, X]`` array,
-spacing in the same order, 4x4 affine from voxel ``(i, j, k)`` to RAS world millimetres), so this module returns
-exactly that: ITK's array is already ``[k, j, i]`` = ``[Z, Y, X]``; its geometry (origin, spacing, direction) is in
-LPS, turned into RAS by negating x and y, the same affine nibabel gives for the NIfTI of the same image.
+knows. The result follows the convention of :mod:`meddino_datasets.readers` (``data [i, j, k]``, affine voxel ->
+RAS mm): ITK's numpy array is ``[k, j, i]`` and is transposed back (a view); its geometry (origin, spacing,
+direction) is in LPS, turned into RAS by negating x and y -- the same affine nibabel gives for the NIfTI of the
+same image.
 """
 from __future__ import annotations
 
@@ -12,13 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.tasks.layouts import NIFTI_SUFFIXES
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def is_nifti(path: str | Path) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
+from meddino_datasets.readers.common import LPS_TO_RAS, RawVolume
 
 
 def itk_affine_ras(origin_xyz, spacing_xyz, direction_3x3) -> np.ndarray:
@@ -29,8 +23,9 @@ def itk_affine_ras(origin_xyz, spacing_xyz, direction_3x3) -> np.ndarray:
     return LPS_TO_RAS @ lps
 
 
-def read_sitk_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """One 3-D image -> (``[Z, Y, X]`` array, spacing ``(z, y, x)`` mm, RAS affine); a clear error otherwise."""
+def read_sitk_volume(path: str | Path) -> RawVolume:
+    """One 3-D single-component image -> :class:`RawVolume` (``data [i, j, k]`` in the file's type, RAS affine);
+    a one-line ``ValueError`` naming the file otherwise."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -45,6 +40,6 @@ def read_sitk_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, 
     spacing = tuple(float(s) for s in image.GetSpacing())
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise ValueError(f"{path}: invalid voxel spacing {spacing}")
-    array = sitk.GetArrayFromImage(image)  # [Z, Y, X]
+    array = sitk.GetArrayFromImage(image)  # ITK's numpy order [k, j, i]
     affine = itk_affine_ras(image.GetOrigin(), spacing, image.GetDirection())
-    return array, (spacing[2], spacing[1], spacing[0]), affine
+    return RawVolume(array.transpose(2, 1, 0), affine, info={"format": path.suffix.lstrip(".")})

@@ -1,4 +1,5 @@
-"""NIfTI reader: nibabel, affine kept as-is, HU as int16, read slab by slab so a float64 copy never exists.
+"""NIfTI: the file-name rule both sides use (:data:`NIFTI_SUFFIXES`), and curation's CT reader: nibabel, affine
+kept as-is, HU as int16, read slab by slab so a float64 copy never exists.
 
 nibabel already picks the sform/qform the way the NIfTI standard says; we only reject what cannot be a CT
 volume (not 3-D, singular affine) and convert intensities (int or float, scaled or not; NaN/inf -> fill value).
@@ -22,14 +23,28 @@ try:  # optional speed-up; the project depends on it, but the reader works witho
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
     _igzip = None
 
-from data_curation.readers.common import CurationError, HuCheck, RawVolume, to_int16_hu
 from meddino_datasets.ct_sanity import CtIntensityCheck
+from meddino_datasets.readers.common import HuCheck, ImageRejected, RawVolume, to_int16_hu
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``amos_0001.nii.gz`` -> ``amos_0001`` (other names unchanged)."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
     """Read one NIfTI CT volume -> :class:`RawVolume` (``data`` int16 ``[I,J,K]``, voxel->RAS ``affine``).
 
-    Raises :class:`CurationError` (``unreadable``, ``not_3d``, ``bad_affine``, ``all_nonfinite``, ``hu_out_of_range``,
+    Raises :class:`ImageRejected` (``unreadable``, ``not_3d``, ``bad_affine``, ``all_nonfinite``, ``hu_out_of_range``,
     ``not_ct_intensity``: NIfTI carries no modality, so an MR slipped into a CT folder is caught by its missing air).
     """
     path = str(path)
@@ -37,7 +52,7 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
         try:
             img = _open(path, stack)
         except Exception as exc:  # nibabel raises many types for broken headers; a truncated gzip raises EOFError
-            raise CurationError(path, "unreadable", f"nibabel cannot open it ({type(exc).__name__}: {exc})") from None
+            raise ImageRejected(path, "unreadable", f"nibabel cannot open it ({type(exc).__name__}: {exc})") from None
         return _read(path, img, reading_cfg)
 
 
@@ -62,15 +77,15 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3 or min(shape) < 1:
-        raise CurationError(path, "not_3d", f"shape {tuple(img.shape)}; expected a 3-D CT volume")
+        raise ImageRejected(path, "not_3d", f"shape {tuple(img.shape)}; expected a 3-D CT volume")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise CurationError(path, "bad_affine", "affine is singular or not finite")
+        raise ImageRejected(path, "bad_affine", "affine is singular or not finite")
 
     check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
     fill = int(reading_cfg["nan_fill_hu"])
     out = np.empty(shape, dtype=np.int16, order="F")  # F order: every axial slice [.., .., k] is contiguous
-    slab = max(1, int(reading_cfg.get("nifti_slab_slices", 32)))
+    slab = max(1, int(reading_cfg["nifti_slab_slices"]))
     n_nonfinite = 0
     air = CtIntensityCheck(float(reading_cfg["air_threshold_hu"]), float(reading_cfg["min_air_fraction"]))
     n_air = 0
@@ -88,19 +103,19 @@ def _read(path: str, img, reading_cfg: dict) -> RawVolume:
             if air.min_air_fraction > 0:
                 n_air += air.count_air(out[:, :, k0:k1])
             n_nonfinite += n_bad
-    except CurationError:
+    except ImageRejected:
         raise
     except Exception as exc:  # truncated gzip, short file...
-        raise CurationError(path, "unreadable", f"voxel data cannot be read ({type(exc).__name__}: {exc})") from None
+        raise ImageRejected(path, "unreadable", f"voxel data cannot be read ({type(exc).__name__}: {exc})") from None
     finally:
         img.uncache()
         del proxy
     if n_nonfinite == out.size:
-        raise CurationError(path, "all_nonfinite", f"every one of the {out.size} voxels is NaN or Inf")
+        raise ImageRejected(path, "all_nonfinite", f"every one of the {out.size} voxels is NaN or Inf")
     check.verify(path)
     problem = air.problem(n_air, out.size)
     if problem:
-        raise CurationError(path, "not_ct_intensity", f"{problem}. Set reading.min_air_fraction: 0 to accept it")
+        raise ImageRejected(path, "not_ct_intensity", f"{problem}. Set reading.min_air_fraction: 0 to accept it")
     info = {"format": "nifti", "source_dtype": str(img.get_data_dtype())}
     if n_nonfinite:
         info["nonfinite_voxels"] = n_nonfinite

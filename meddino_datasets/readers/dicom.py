@@ -1,11 +1,18 @@
-"""DICOM reader: files of one folder -> accepted axial CT series as :class:`RawVolume` + logged rejections.
+"""THE DICOM reader: files of one folder -> accepted series as :class:`RawVolume` + logged rejections.
+
+One reader, two policies (:class:`DicomPolicy`): curation's (``DicomPolicy.from_config`` on ``configs/data/ct3m.yaml``)
+takes axial CT in HU only and repairs what it can (de-shears gantry tilt, keeps variable spacing with exact
+positions); prediction's (:data:`PREDICTION`, ``finetune/predict.py``) takes a scan of any orientation and
+modality a user hands a model, keeps the values as float32, keeps gantry tilt in the affine, and refuses a stack it
+cannot describe with one affine (variable spacing, missing slices). :func:`read_dicom_folder` picks the largest
+accepted series of a folder. Everything below follows the policy where it names one.
 
 Pipeline (each step names its rejection reason, see ``FILTERED_REASONS`` for the ones that are by design):
 
 1. Header of every file (each file is read once, and its pixels are decoded right away while the bytes are still
    in the CPU cache -- unless its orientation already dooms its series, step 3). Not a DICOM -> ``unreadable``; cut
    short -> ``truncated``; zero or negative PixelSpacing -> ``bad_geometry``; SEG / RT objects ->
-   ``seg_object`` / ``rt_object``; modality other than CT -> ``not_ct``; colour (RGB screenshots, dose pages) ->
+   ``seg_object`` / ``rt_object``; modality outside ``policy.modalities`` -> ``not_ct``; colour (RGB screenshots, dose pages) ->
    ``not_grayscale``; localizer / scout / surview -> ``localizer``; derived maps (perfusion, MIP...) ->
    ``derived_map``; CT-labelled secondary captures -> ``secondary_capture``; missing geometry -> ``no_geometry``.
    Enhanced (multi-frame) CT is read frame by frame from the functional groups (position, orientation,
@@ -14,13 +21,15 @@ Pipeline (each step names its rejection reason, see ``FILTERED_REASONS`` for the
 3. Orientation: the slice normal must be within ``max_tilt_deg`` of the patient z axis, else ``not_axial``.
 4. Decode pixels (compressed syntaxes through pylibjpeg/gdcm; a missing decoder -> ``no_decoder`` with the pip
    command), apply RescaleSlope/Intercept, mask PixelPaddingValue (and PixelPaddingRangeLimit) to
-   ``padding_fill_hu``, HU sanity check -> ``hu_out_of_range`` for the file.
+   ``padding_fill_hu``, HU sanity check (when the policy has one) -> ``hu_out_of_range`` for the file.
 5. Sort along the normal; identical duplicate positions are dropped (``duplicate_slice``), conflicting ones
    reject the series (``duplicate_position_conflict``); missing slices and variable spacing are detected and
    recorded (policy ``keep``/``reject``), per-slice positions are kept so the spacing stays exact.
-6. Gantry tilt (slice stack sheared relative to its own normal): policy ``resample`` (default) shifts each slice
+6. Gantry tilt (slice stack sheared relative to its own normal): policy ``resample`` (curation) shifts each slice
    in-plane so the stack becomes an orthogonal grid in the tilted frame -- the acquired slice is only moved,
-   never re-sliced, so its pixels stay the scanner's; or ``reject`` (``gantry_tilt``).
+   never re-sliced, so its pixels stay the scanner's; ``affine`` (prediction) keeps the pixels where they are
+   and puts the shear into the affine's slice column (a prediction written with it overlays the series);
+   or ``reject`` (``gantry_tilt``).
 
 No patient-identifying attribute is read into anything that is returned or logged: only geometry, pixel
 encoding, ImageType and SOP class.
@@ -31,12 +40,13 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from data_curation.readers.common import CurationError, HuCheck, RawVolume, Rejection, to_int16_hu
+from meddino_datasets.readers.common import LPS_TO_RAS, HuCheck, ImageRejected, RawVolume, Rejection, to_int16_hu
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -47,6 +57,72 @@ RT_PREFIX = "1.2.840.10008.5.1.4.1.1.481"
 _DECODER_HINT = (
     "install a decoder: pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg (JPEG, JPEG-LS, JPEG 2000) "
     "or pip install python-gdcm"
+)
+
+
+@dataclass(frozen=True)
+class DicomPolicy:
+    """What the reader accepts and how it assembles a series (see the module docstring for each step).
+
+    ``modalities``: accepted Modality tags (``None``: any image modality; SEG/RT objects are never images).
+    ``hu_sanity``: ``(low, high, slack, max_outside_fraction)`` of :class:`HuCheck`, or ``None`` for no check.
+    ``as_int16``: values rounded to int16 (HU) or kept as float32. ``gantry_tilt``: ``resample`` | ``affine`` |
+    ``reject``. ``on_variable_spacing`` / ``on_missing_slices``: ``keep`` | ``reject``.
+    """
+
+    modalities: Optional[tuple[str, ...]]
+    localizer_tokens: tuple[str, ...]
+    reject_image_type_tokens: tuple[str, ...]
+    max_tilt_deg: float
+    gantry_tilt: str
+    shear_tol_px: float
+    duplicate_tol_mm: float
+    spacing_rel_tol: float
+    on_variable_spacing: str
+    on_missing_slices: str
+    min_slices: int
+    padding_fill_hu: int
+    hu_sanity: Optional[tuple[float, float, float, float]]
+    as_int16: bool
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("gantry_tilt", ("resample", "affine", "reject")), ("on_variable_spacing", ("keep", "reject")),
+                              ("on_missing_slices", ("keep", "reject"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"dicom.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
+        if self.gantry_tilt == "resample" and not self.as_int16:
+            raise ValueError("dicom.gantry_tilt=resample moves int16 HU slices; it needs as_int16")
+
+    @classmethod
+    def from_config(cls, dicom_cfg: dict, reading_cfg: dict) -> "DicomPolicy":
+        """Curation's policy: the ``dicom:`` and ``reading:`` sections of ``configs/data/ct3m.yaml`` (CT in HU only)."""
+        hu = reading_cfg["hu_sanity"]
+        return cls(
+            modalities=("CT",),
+            localizer_tokens=tuple(dicom_cfg["localizer_tokens"]),
+            reject_image_type_tokens=tuple(dicom_cfg["reject_image_type_tokens"]),
+            max_tilt_deg=float(dicom_cfg["max_tilt_deg"]),
+            gantry_tilt=str(dicom_cfg["gantry_tilt"]),
+            shear_tol_px=float(dicom_cfg["shear_tol_px"]),
+            duplicate_tol_mm=float(dicom_cfg["duplicate_tol_mm"]),
+            spacing_rel_tol=float(dicom_cfg["spacing_rel_tol"]),
+            on_variable_spacing=str(dicom_cfg["on_variable_spacing"]),
+            on_missing_slices=str(dicom_cfg["on_missing_slices"]),
+            min_slices=int(dicom_cfg["min_slices"]),
+            padding_fill_hu=int(reading_cfg["padding_fill_hu"]),
+            hu_sanity=(float(hu["low"]), float(hu["high"]), float(hu["slack"]), float(hu["max_outside_fraction"])),
+            as_int16=True,
+        )
+
+
+#: Prediction on a user's scan (``finetune/predict.py``): the model's own checks (modality, spacing, memory) come
+#: after reading, so the reader takes any orientation and modality and keeps float values. A stack one affine cannot
+#: describe is refused: gaps may differ by at most 1 % (variable spacing and missing slices would put predicted
+#: labels at the wrong height), positions closer than 1 micrometre are duplicates. Padding becomes -1024 (air).
+PREDICTION = DicomPolicy(
+    modalities=None, localizer_tokens=(), reject_image_type_tokens=(), max_tilt_deg=90.0, gantry_tilt="affine",
+    shear_tol_px=0.05, duplicate_tol_mm=1e-3, spacing_rel_tol=0.01, on_variable_spacing="reject",
+    on_missing_slices="reject", min_slices=1, padding_fill_hu=-1024, hu_sanity=None, as_int16=False,
 )
 
 
@@ -65,7 +141,7 @@ class Frame:
     slope: float
     intercept: float
     dataset: object = None  # the file's pydicom Dataset until its pixels are decoded (then released)
-    hu: np.ndarray | None = None  # [rows, cols] int16 HU once decoded
+    hu: np.ndarray | None = None  # [rows, cols] int16 HU (float32 under a float policy) once decoded
     error: Rejection | None = None  # why the pixels of this frame are unusable (reported if its series is assembled)
 
 
@@ -105,7 +181,7 @@ def _truncation(ds, caught: list) -> str:
     return ""
 
 
-def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
+def _headers(path: str, policy: DicomPolicy) -> list[Frame] | Rejection:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -122,15 +198,15 @@ def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
         return Rejection(path, "seg_object", "DICOM-SEG segmentation, not an image")
     if sop.startswith(RT_PREFIX) or modality.startswith("RT"):
         return Rejection(path, "rt_object", f"radiotherapy object (Modality={modality})")
-    if modality != "CT":
+    if policy.modalities is not None and modality not in policy.modalities:
         return Rejection(path, "not_ct", f"Modality={modality or 'missing'}")
     if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
         return Rejection(path, "not_grayscale", f"SamplesPerPixel={ds.get('SamplesPerPixel')}, "
                          f"PhotometricInterpretation={ds.get('PhotometricInterpretation')} (screenshot / dose page)")
-    localizer = [t for t in image_type if any(k in t for k in cfg["localizer_tokens"])]
+    localizer = [t for t in image_type if any(k in t for k in policy.localizer_tokens)]
     if localizer:
         return Rejection(path, "localizer", f"ImageType={'/'.join(image_type)}")
-    derived = [t for t in image_type if t in set(cfg["reject_image_type_tokens"])]
+    derived = [t for t in image_type if t in set(policy.reject_image_type_tokens)]
     if derived:
         return Rejection(path, "derived_map", f"ImageType={'/'.join(image_type)}: derived map, values are not HU")
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
@@ -140,7 +216,7 @@ def _headers(path: str, cfg: dict) -> list[Frame] | Rejection:
     series = str(ds.get("SeriesInstanceUID", "")) or "no-series-uid"
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if sop in (ENHANCED_CT, LEGACY_ENHANCED_CT) or "PerFrameFunctionalGroupsSequence" in ds:
-        return _enhanced_frames(ds, path, series, rows, cols, cfg)
+        return _enhanced_frames(ds, path, series, rows, cols, policy)
     try:
         iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
         ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
@@ -161,7 +237,7 @@ def _bad_spacing(path: str, spacing: tuple[float, float]) -> Rejection:
     return Rejection(path, "bad_geometry", f"PixelSpacing {spacing[0]:g}\\{spacing[1]:g} mm: must be positive")
 
 
-def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict) -> list[Frame] | Rejection:
+def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, policy: DicomPolicy) -> list[Frame] | Rejection:
     """Per-frame geometry and rescale of an enhanced CT file; values absent from a frame come from the shared groups."""
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
@@ -175,9 +251,9 @@ def _enhanced_frames(ds, path: str, series: str, rows: int, cols: int, cfg: dict
             return val if val is not None else _first(shared, *names)
 
         frame_type = _tokens(look("CTImageFrameTypeSequence", "FrameType"))
-        if [t for t in frame_type if any(k in t for k in cfg["localizer_tokens"])]:
+        if [t for t in frame_type if any(k in t for k in policy.localizer_tokens)]:
             return Rejection(path, "localizer", f"FrameType={'/'.join(frame_type)}")
-        if [t for t in frame_type if t in set(cfg["reject_image_type_tokens"])]:
+        if [t for t in frame_type if t in set(policy.reject_image_type_tokens)]:
             return Rejection(path, "derived_map", f"FrameType={'/'.join(frame_type)}: values are not HU")
         iop, ipp, ps = look("PlaneOrientationSequence", "ImageOrientationPatient"), look("PlanePositionSequence", "ImagePositionPatient"), look("PixelMeasuresSequence", "PixelSpacing")
         if iop is None or ipp is None or ps is None:
@@ -207,13 +283,13 @@ def _decode_file(path: str, ds=None) -> tuple[np.ndarray, "pydicom.Dataset"]:
         except Exception:
             decoder = None
         if decoder is None or not decoder.is_available:
-            raise CurationError(path, "no_decoder", f"transfer syntax {ts.name} ({ts}) is compressed and no decoder is installed; {_DECODER_HINT}")
+            raise ImageRejected(path, "no_decoder", f"transfer syntax {ts.name} ({ts}) is compressed and no decoder is installed; {_DECODER_HINT}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
     except Exception as exc:
-        raise CurationError(path, "decode_error", f"{ts.name}: {type(exc).__name__}: {exc}") from None
+        raise ImageRejected(path, "decode_error", f"{ts.name}: {type(exc).__name__}: {exc}") from None
     return arr, ds
 
 
@@ -263,15 +339,16 @@ def _to_hu(raw: np.ndarray, frame: Frame, ds, fill_hu: int) -> tuple[np.ndarray,
     return hu, bounds
 
 
-def _decode_frames(frames: list[Frame], reading_cfg: dict) -> None:
-    """Decode the pixels of one file's frames into ``Frame.hu`` (int16 HU, HU-checked), or set ``Frame.error``.
+def _decode_frames(frames: list[Frame], policy: DicomPolicy) -> None:
+    """Decode the pixels of one file's frames into ``Frame.hu`` (HU-checked when the policy checks), or set
+    ``Frame.error``.
 
     Runs right after the file's header is read, so the encoded bytes are decoded while still in the CPU cache,
     and the dataset (with its encoded pixel bytes) is released at once."""
-    fill = int(reading_cfg["padding_fill_hu"])
+    fill = policy.padding_fill_hu
     try:
         arr, ds = _decode_file(frames[0].path, frames[0].dataset)
-    except CurationError as err:
+    except ImageRejected as err:
         for f in frames:
             f.error, f.dataset = err.rejection, None
         return
@@ -280,13 +357,14 @@ def _decode_frames(frames: list[Frame], reading_cfg: dict) -> None:
         try:
             raw = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr
             if raw.shape != (f.rows, f.cols):
-                raise CurationError(f.path, "decode_error", f"decoded shape {raw.shape} != Rows x Columns {(f.rows, f.cols)}")
+                raise ImageRejected(f.path, "decode_error", f"decoded shape {raw.shape} != Rows x Columns {(f.rows, f.cols)}")
             hu, bounds = _to_hu(raw, f, ds, fill)
-            check = HuCheck.from_cfg(reading_cfg["hu_sanity"])
-            check.update(hu, bounds)
-            check.verify(where)
-            f.hu = to_int16_hu(hu, fill)[0]
-        except CurationError as err:
+            if policy.hu_sanity is not None:
+                check = HuCheck(*policy.hu_sanity)
+                check.update(hu, bounds)
+                check.verify(where)
+            f.hu = to_int16_hu(hu, fill)[0] if policy.as_int16 else hu.astype(np.float32)
+        except ImageRejected as err:
             f.error = err.rejection
         f.dataset = None  # release the encoded pixel bytes as soon as the slice is decoded
 
@@ -296,18 +374,18 @@ def _series_id(uid: str) -> str:
     return hashlib.sha1(uid.encode()).hexdigest()[:8]
 
 
-def read_dicom_series(paths: list[str], dicom_cfg: dict, reading_cfg: dict) -> tuple[list[RawVolume], list[Rejection]]:
-    """Every accepted axial CT series among ``paths`` -> :class:`RawVolume` (``volume_suffix`` = series tag when
+def read_dicom_series(paths: list[str], policy: DicomPolicy) -> tuple[list[RawVolume], list[Rejection]]:
+    """Every series among ``paths`` the policy accepts -> :class:`RawVolume` (``volume_suffix`` = series tag when
     several series are accepted), plus one :class:`Rejection` per rejected file or series."""
     rejections: list[Rejection] = []
     frames: list[Frame] = []
     for path in sorted(map(str, paths)):
-        got = _headers(path, dicom_cfg)
+        got = _headers(path, policy)
         if isinstance(got, Rejection):
             rejections.append(got)
             continue
-        if _slice_normal(got[0].iop, dicom_cfg)[1] is not None:  # else its series will be rejected: no decoding
-            _decode_frames(got, reading_cfg)
+        if _slice_normal(got[0].iop, policy)[1] is not None:  # else its series will be rejected: no decoding
+            _decode_frames(got, policy)
         frames.extend(got)
     groups: dict[tuple, list[Frame]] = {}
     for f in frames:
@@ -316,8 +394,8 @@ def read_dicom_series(paths: list[str], dicom_cfg: dict, reading_cfg: dict) -> t
     volumes: list[RawVolume] = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
         try:
-            vol = _assemble(groups[key], dicom_cfg, reading_cfg, rejections)
-        except CurationError as err:
+            vol = _assemble(groups[key], policy, rejections)
+        except ImageRejected as err:
             rejections.append(err.rejection)
             continue
         if vol is not None:
@@ -328,7 +406,29 @@ def read_dicom_series(paths: list[str], dicom_cfg: dict, reading_cfg: dict) -> t
     return volumes, rejections
 
 
-def _slice_normal(iop: np.ndarray, dicom_cfg: dict) -> tuple[str, np.ndarray | None, float]:
+def read_dicom_folder(folder: str | Path, policy: DicomPolicy = PREDICTION) -> RawVolume:
+    """The largest accepted series (most slices) among the files below ``folder``; a warning names the others.
+
+    Raises :class:`ImageRejected` (a one-line ``ValueError`` naming the folder) when no series is accepted, with
+    the most frequent reasons the files were refused."""
+    folder = Path(folder)
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    volumes, rejections = read_dicom_series(files, policy)
+    if not volumes:
+        counts: dict[str, int] = {}
+        for r in rejections:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "no files"
+        first = next((r for r in rejections if not r.filtered), rejections[0] if rejections else None)
+        detail = f"{why}" + (f"; e.g. {Path(first.path).name}: {first.detail}" if first is not None else "")
+        raise ImageRejected(str(folder), "no_image_series", f"no DICOM image series could be read ({detail})")
+    best = max(volumes, key=lambda v: v.data.shape[2])
+    if len(volumes) > 1:
+        warnings.warn(f"{folder}: {len(volumes)} image series found; using the one with {best.data.shape[2]} slices")
+    return best
+
+
+def _slice_normal(iop: np.ndarray, policy: DicomPolicy) -> tuple[str, np.ndarray | None, float]:
     """(problem, unit slice normal or None, tilt from the patient z axis in degrees) of an ImageOrientationPatient;
     ``problem`` is a rejection reason (``no_geometry`` / ``not_axial``) or "" when the series can be axial CT."""
     normal = np.cross(iop[:3], iop[3:])
@@ -337,28 +437,28 @@ def _slice_normal(iop: np.ndarray, dicom_cfg: dict) -> tuple[str, np.ndarray | N
         return "no_geometry", None, 0.0
     normal = normal / norm
     tilt_deg = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
-    if tilt_deg > float(dicom_cfg["max_tilt_deg"]):
+    if tilt_deg > policy.max_tilt_deg:
         return "not_axial", None, tilt_deg
     return "", normal, tilt_deg
 
 
-def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejections: list[Rejection]) -> RawVolume | None:
+def _assemble(frames: list[Frame], policy: DicomPolicy, rejections: list[Rejection]) -> RawVolume | None:
     first = frames[0]
     row_dir, col_dir = first.iop[:3], first.iop[3:]
     where = first.path if len(frames) == 1 else f"{Path(first.path).parent} ({len(frames)} images)"
-    problem, normal, tilt_deg = _slice_normal(first.iop, dicom_cfg)
+    problem, normal, tilt_deg = _slice_normal(first.iop, policy)
     if problem == "no_geometry":
-        raise CurationError(where, "no_geometry", "ImageOrientationPatient rows and columns are parallel")
+        raise ImageRejected(where, "no_geometry", "ImageOrientationPatient rows and columns are parallel")
     if problem == "not_axial":
-        raise CurationError(where, "not_axial", f"slice normal is {tilt_deg:.1f} deg from the patient z axis (sagittal/coronal/oblique series)")
+        raise ImageRejected(where, "not_axial", f"slice normal is {tilt_deg:.1f} deg from the patient z axis (sagittal/coronal/oblique series)")
 
     # pixels were decoded, rescaled, padding-masked and HU-checked per file (a corrupt file is dropped, the series
     # survives); a frame whose own orientation was just past max_tilt_deg but rounded into this group is decoded now
-    fill = int(reading_cfg["padding_fill_hu"])
+    fill = policy.padding_fill_hu
     decoded: list[tuple[Frame, np.ndarray]] = []
     for f in sorted(frames, key=lambda f: (f.path, f.frame or 0)):
         if f.hu is None and f.error is None:
-            _decode_frames([f], reading_cfg)
+            _decode_frames([f], policy)
         if f.error is not None:
             rejections.append(f.error)
         else:
@@ -369,18 +469,18 @@ def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejection
 
     # sort along the normal, drop or reject duplicate positions
     decoded.sort(key=lambda item: float(item[0].ipp @ normal))
-    tol = float(dicom_cfg["duplicate_tol_mm"])
+    tol = policy.duplicate_tol_mm
     kept: list[tuple[Frame, np.ndarray]] = []
     for f, img in decoded:
         if kept and abs(float(f.ipp @ normal) - float(kept[-1][0].ipp @ normal)) < tol:
             if np.array_equal(img, kept[-1][1]):
                 rejections.append(Rejection(f.path, "duplicate_slice", f"same position and pixels as {Path(kept[-1][0].path).name}"))
                 continue
-            raise CurationError(where, "duplicate_position_conflict",
+            raise ImageRejected(where, "duplicate_position_conflict",
                                 f"{Path(f.path).name} and {Path(kept[-1][0].path).name} share a slice position but differ in pixels")
         kept.append((f, img))
-    if len(kept) < int(dicom_cfg["min_slices"]):
-        raise CurationError(where, "too_few_slices", f"{len(kept)} slice(s) left, min_slices={dicom_cfg['min_slices']}")
+    if len(kept) < policy.min_slices:
+        raise ImageRejected(where, "too_few_slices", f"{len(kept)} slice(s) left, min_slices={policy.min_slices}")
 
     positions = np.asarray([float(f.ipp @ normal) for f, _ in kept])
     offsets = positions - positions[0]
@@ -389,7 +489,7 @@ def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejection
     spacing_k = float(np.median(gaps)) if len(gaps) else 1.0
     irregular = None
     if len(gaps):
-        rel = float(dicom_cfg["spacing_rel_tol"])
+        rel = policy.spacing_rel_tol
         if np.max(np.abs(gaps - spacing_k)) > rel * spacing_k:
             irregular = offsets
             info["variable_spacing"] = True
@@ -397,29 +497,35 @@ def _assemble(frames: list[Frame], dicom_cfg: dict, reading_cfg: dict, rejection
             missing = _missing_slices(gaps, rel)
             if missing:
                 info["missing_slices"] = missing
-                if dicom_cfg["on_missing_slices"] == "reject":
-                    raise CurationError(where, "missing_slices", f"{missing} slice(s) missing (gaps {info['slice_gaps_mm']} mm)")
-            if dicom_cfg["on_variable_spacing"] == "reject":
-                raise CurationError(where, "variable_spacing", f"slice gaps {info['slice_gaps_mm']} mm")
+                if policy.on_missing_slices == "reject":
+                    raise ImageRejected(where, "missing_slices", f"{missing} slice(s) missing (gaps {info['slice_gaps_mm']} mm)")
+            if policy.on_variable_spacing == "reject":
+                raise ImageRejected(where, "variable_spacing", f"slice gaps {info['slice_gaps_mm']} mm")
 
     stack = np.stack([img for _, img in kept])  # [K, rows, cols]
     # shear (gantry tilt): in-plane drift of each slice origin relative to slice 0
     drift = np.asarray([f.ipp - kept[0][0].ipp for f, _ in kept])
     shift_cols = drift @ row_dir / first.pixel_spacing[1]
     shift_rows = drift @ col_dir / first.pixel_spacing[0]
-    if len(kept) > 1 and max(np.abs(shift_cols).max(), np.abs(shift_rows).max()) > float(dicom_cfg["shear_tol_px"]):
-        if dicom_cfg["gantry_tilt"] == "reject":
-            raise CurationError(where, "gantry_tilt", f"stack sheared by gantry tilt {tilt_deg:.1f} deg (policy: reject)")
-        stack = _deshear(stack, shift_rows, shift_cols, fill)
-        info["resampled"] = "gantry_tilt_deshear"
+    slice_step = normal * (spacing_k if spacing_k > 0 else 1.0)  # LPS mm from one slice to the next
+    if len(kept) > 1 and max(np.abs(shift_cols).max(), np.abs(shift_rows).max()) > policy.shear_tol_px:
+        if policy.gantry_tilt == "reject":
+            raise ImageRejected(where, "gantry_tilt", f"stack sheared by gantry tilt {tilt_deg:.1f} deg (policy: reject)")
         info["max_shear_px"] = round(float(max(np.abs(shift_cols).max(), np.abs(shift_rows).max())), 2)
+        if policy.gantry_tilt == "resample":
+            stack = _deshear(stack, shift_rows, shift_cols, fill)
+            info["resampled"] = "gantry_tilt_deshear"
+        elif irregular is not None:  # "affine": one slice vector must take every slice to its place
+            raise ImageRejected(where, "gantry_tilt", "a sheared stack with variable spacing has no single affine")
+        else:
+            slice_step = (kept[-1][0].ipp - kept[0][0].ipp) / (len(kept) - 1)
 
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * first.pixel_spacing[1]
     affine_lps[:3, 1] = col_dir * first.pixel_spacing[0]
-    affine_lps[:3, 2] = normal * (spacing_k if spacing_k > 0 else 1.0)
+    affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = kept[0][0].ipp
-    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    affine_ras = LPS_TO_RAS @ affine_lps
     return RawVolume(stack.transpose(2, 1, 0), affine_ras, irregular, info)  # view: slices stay contiguous
 
 
