@@ -18,3 +18,23 @@ def link(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def curated_sample(tmp_path_factory, sample_ct):
+    """A build folder after stage 2 (curate) on the embedded real CT -- the MSD spleen and the TotalSegmentator
+    example under one ``folder`` root, shipped settings, curated in this process -> (settings, cases, out). Tests of
+    the later stages copy ``out`` before changing it."""
+    from data_curation.discovery import discover
+    from data_curation.journal import Journal
+    from data_curation.pool import curate
+    from data_curation.settings import load_settings
+
+    root = tmp_path_factory.mktemp("sample_root")
+    for name in ("totalsegmentator", "msd_spleen"):
+        os.symlink(sample_ct / name, root / name)
+    settings = load_settings(roots=[f"folder={root}"], workers=0)
+    cases = discover(settings, ["folder"])["folder"]
+    out = tmp_path_factory.mktemp("curated")
+    curate(cases, settings, Journal(out), progress=False)
+    return settings, cases, out
