@@ -1,6 +1,7 @@
 """Fixtures for the curation tests: the curation config as a plain dict, and helpers to lay out fixture trees."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -38,3 +39,23 @@ def curated_sample(tmp_path_factory, sample_ct):
     out = tmp_path_factory.mktemp("curated")
     curate(cases, settings, Journal(out), progress=False)
     return settings, cases, out
+
+
+@pytest.fixture
+def disk_full_after(monkeypatch):
+    """``disk_full_after(n)``: from the (n+1)-th sample on, the workers' staging writes (``process.write_sample``, run
+    in this process with ``--workers 0``) fail with ENOSPC, as on a full disk. ``monkeypatch.undo()`` frees the space."""
+    import data_curation.process as process
+
+    def arm(n: int) -> None:
+        real_write, calls = process.write_sample, []
+
+        def write_until_full(fd, key, fields):
+            calls.append(key)
+            if len(calls) > n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, key, fields)
+
+        monkeypatch.setattr(process, "write_sample", write_until_full)
+
+    return arm

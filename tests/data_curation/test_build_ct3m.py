@@ -413,7 +413,7 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.parametrize("medium", ["tmpfs", "emulated", "emulated_pack"])
 def test_disk_full_stops_the_build_and_a_rerun_equals_an_uninterrupted_build(tmp_path, repo_root, sample_tree, run_build,
-                                                                               small_tmpfs, monkeypatch, medium):
+                                                                               small_tmpfs, monkeypatch, disk_full_after, medium):
     """Out of space while curating: one line, exit code 3, no case recorded as failed; after space is freed the same
     command finishes with exactly the shards, manifest and stats of a build that never ran out of space. On a real
     6 MiB tmpfs (needs root to mount it), and with ENOSPC raised at the staging write call (curation) or at the
@@ -426,20 +426,8 @@ def test_disk_full_stops_the_build_and_a_rerun_equals_an_uninterrupted_build(tmp
     if medium == "tmpfs":
         out = small_tmpfs / "out"
     elif medium == "emulated":
-        import errno
-
-        import data_curation.process as process
-
         out = tmp_path / "out"
-        real_write, calls = process.write_sample, []
-
-        def write_until_full(fd, key, fields):
-            calls.append(key)
-            if len(calls) > 60:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_write(fd, key, fields)
-
-        monkeypatch.setattr(process, "write_sample", write_until_full)
+        disk_full_after(60)
     else:
         import errno
 

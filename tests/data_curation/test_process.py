@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -104,20 +103,10 @@ def test_min_slice_step_subsamples_thin_slices(tmp_path, sample_ct):
     assert vol["n_subsampled_out"] == 13 and all(i % 2 == 0 for i, _, _ in vol["slices"])
 
 
-def test_full_disk_stops_with_a_staging_error_and_no_partial_file(tmp_path, sample_ct, monkeypatch):
+def test_full_disk_stops_with_a_staging_error_and_no_partial_file(tmp_path, sample_ct, disk_full_after):
     """Out of space while staging: the case is not recorded as bad input (StagingWriteError, an OSError naming the
     staging file) and no half-written file stays behind."""
-    import data_curation.process as process
-
-    real_write, calls = process.write_sample, []
-
-    def write_until_full(fd, key, fields):
-        calls.append(key)
-        if len(calls) > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, key, fields)
-
-    monkeypatch.setattr(process, "write_sample", write_until_full)
+    disk_full_after(3)
     with pytest.raises(StagingWriteError) as err:
         process_case(_spleen_case(sample_ct), SETTINGS, str(tmp_path))
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / f"folder-spleen{STAGING_SUFFIX}")
