@@ -1,7 +1,7 @@
 """One case -> staged slices: read, canonicalise, select, resample, drop near-empty slices, fingerprint.
 
 Runs inside a worker process and holds at most one volume in memory. Output per accepted volume:
-``<staging>/<source>__<case>.samples`` -- the finished samples (tar bytes of image + json, in slice order; the
+``<staging>/<volume id>.samples`` -- the finished samples (tar bytes of image + json, in slice order; the
 packer copies them into shards unchanged) -- and a record (returned to the parent, which appends it to the state
 file) with each sample's slice index and byte range, the dedup fingerprint and an HU histogram. Encoding happens
 here, in the workers, so it scales with ``--workers``. Staging files are written atomically
