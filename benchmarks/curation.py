@@ -34,12 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import nibabel as nib
+import numpy as np
+import pydicom
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 INPUTS = [  # (relative path in shared/data/real, kind); "@512nifti" is made in the run, see make_512_nifti
     ("totalsegmentator/example_ct.nii.gz", "nifti"),
@@ -57,14 +56,12 @@ MADE = {"@512nifti": "example_ct_dicom as 512^2 .nii.gz", "@512dicom": "example_
 def make_512_nifti(real: Path, dst: Path) -> Path:
     """The real 512x512x20 Siemens series as a gzipped int16 NIfTI (real pixels, only the container changes):
     the shared corpus has no 512^2 NIfTI CT, and most CT-3M sources are 512^2 .nii.gz."""
+    from data_curation.settings import load_settings
     from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
 
-    cfg = {"max_tilt_deg": 30, "gantry_tilt": "resample", "shear_tol_px": 0.05, "duplicate_tol_mm": 0.01, "spacing_rel_tol": 0.05,
-           "on_variable_spacing": "keep", "on_missing_slices": "keep", "min_slices": 1, "localizer_tokens": ["LOCALIZER"],
-           "reject_image_type_tokens": []}
-    reading = {"padding_fill_hu": -1024, "hu_sanity": {"low": -1024, "high": 4000, "slack": 2048, "max_outside_fraction": 0.001}}
+    settings = load_settings()  # the shipped reader settings
     files = [str(f) for f in sorted((real / "totalsegmentator" / "example_ct_dicom").iterdir())]
-    vol = read_dicom_series(files, DicomPolicy.from_config(cfg, reading))[0][0]
+    vol = read_dicom_series(files, DicomPolicy.from_config(settings.dicom, settings.reading))[0][0]
     path = dst / "example_ct_512.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(vol.data), vol.affine), path)
     return path
@@ -120,7 +117,7 @@ def decode_only(items: list[tuple[Path, str]], isal: bool = False) -> tuple[int,
         t0 = time.perf_counter()
         if kind == "nifti" and isal:
             with contextlib.ExitStack() as stack:
-                arr = np.asanyarray(nifti._open(str(path), stack).dataobj)
+                arr = np.asanyarray(nifti.open_nifti(str(path), stack).dataobj)
             n += arr.shape[2]
         elif kind == "nifti":
             arr = np.asanyarray(nib.load(path).dataobj)
@@ -139,11 +136,12 @@ def decode_only(items: list[tuple[Path, str]], isal: bool = False) -> tuple[int,
 def measure_encodings(real: Path) -> None:
     """npy vs 16-bit PNG for the image field, on real 512^2 CT slices and their 256^2 resize (the config comment)."""
     from data_curation.geometry import resample_slices
+    from data_curation.settings import load_settings
     from data_curation.shards import decode_image, encode_image
 
     files = sorted((real / "totalsegmentator" / "example_ct_dicom").iterdir())
     native = np.stack([(pydicom.dcmread(f).pixel_array.astype(np.int32) - 1024).astype(np.int16) for f in files])
-    small = resample_slices(native, (256, 256), None, {"interpolation": "linear", "antialias": True})
+    small = resample_slices(native, (256, 256), None, load_settings().geometry)  # the shipped 512 -> 256 resize
     for name, stack in (("512x512", native), ("256x256", small)):
         for fmt, level in (("npy", 0), ("png", 1), ("png", 6)):
             t0 = time.perf_counter()
@@ -164,7 +162,7 @@ def pool_start_seconds() -> float:
     import subprocess
 
     code = ("import time; t = time.perf_counter(); from concurrent.futures import ProcessPoolExecutor; "
-            "from data_curation.build_ct3m import _pool_context; ex = ProcessPoolExecutor(1, mp_context=_pool_context()); "
+            "from data_curation.pool import pool_context; ex = ProcessPoolExecutor(1, mp_context=pool_context()); "
             "ex.submit(int, 1).result(); print(time.perf_counter() - t); ex.shutdown()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     return float(out.stdout.strip().splitlines()[-1])
@@ -179,14 +177,14 @@ def decode_pool(items: list[tuple[Path, str]], workers: int) -> tuple[int, float
     the builder schedules them)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from data_curation.build_ct3m import _pool_context
+    from data_curation.pool import pool_context
 
     def size(item: tuple[Path, str]) -> int:
         files = [item[0]] if item[1] == "nifti" else sorted(item[0].iterdir())
         return os.path.getsize(files[0]) * len(files)
 
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=_pool_context()) as ex:
+    with ProcessPoolExecutor(workers, mp_context=pool_context()) as ex:
         n = sum(ex.map(decode_one, sorted(items, key=size, reverse=True)))
     return n, time.perf_counter() - t0
 

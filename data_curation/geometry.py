@@ -4,7 +4,8 @@ Canonical orientation (``"LPS"``): a volume ``[Z, H, W]`` whose column index inc
 row index towards Posterior and slice index towards Superior. Displayed with row 0 at the top this is the
 radiological convention (anterior up, patient right on the image left), for NIfTI and DICOM alike.
 
-In-plane geometry is driven by three config keys (``configs/data/ct3m.yaml``, block ``geometry``):
+In-plane geometry is driven by the ``geometry`` block of ``configs/data/ct3m.yaml``, parsed into
+:class:`data_curation.settings.GeometrySettings`:
 ``inplane_spacing_mm`` (null = keep native), ``output_size`` ([H, W] or null = keep) and ``fit``:
 ``resize`` rescales the whole field of view to ``output_size`` (a spacing step before it would only change the
 interpolation path, so the two are composed into one interpolation; with ``keep_aspect`` the pixels stay square and
@@ -22,6 +23,7 @@ with the interpolation itself ~2x faster on one core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -29,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from meddino_datasets.readers.common import RawVolume
+
+if TYPE_CHECKING:
+    from data_curation.settings import GeometrySettings
 
 CANONICAL_AXCODES = ("L", "P", "S")
 
@@ -87,17 +92,15 @@ def select_slices(positions_mm: np.ndarray, min_step_mm: float | None) -> np.nda
     return np.asarray(keep)
 
 
-def output_geometry(shape_hw: tuple[int, int], spacing_mm: tuple[float, float], cfg: dict) -> tuple[tuple[int, int], tuple[float, float], tuple[int, int] | None]:
+def output_geometry(shape_hw: tuple[int, int], spacing_mm: tuple[float, float], geo: GeometrySettings) -> tuple[tuple[int, int], tuple[float, float], tuple[int, int] | None]:
     """Plan the in-plane transform: (interpolated shape, its spacing (row, col) mm, crop/pad target or None)."""
     h, w = shape_hw
-    size = cfg.get("output_size")
-    target = cfg.get("inplane_spacing_mm")
-    fit = cfg.get("fit", "resize")
+    size, target, fit = geo.output_size, geo.inplane_spacing_mm, geo.fit
     if fit not in ("resize", "pad_crop"):
         raise ValueError(f"geometry.fit must be 'resize' or 'pad_crop', got {fit!r}")
     if size is not None and fit == "resize":
         oh, ow = int(size[0]), int(size[1])
-        if not cfg.get("keep_aspect", True):
+        if not geo.keep_aspect:
             return (oh, ow), (h * spacing_mm[0] / oh, w * spacing_mm[1] / ow), None
         # square output pixels: the physically longer side fills the output, the other is padded
         s = max(h * spacing_mm[0] / oh, w * spacing_mm[1] / ow)
@@ -111,15 +114,15 @@ def output_geometry(shape_hw: tuple[int, int], spacing_mm: tuple[float, float], 
     return interp[0], interp[1], (tuple(int(s) for s in size) if size is not None else None)
 
 
-def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[int, int] | None, cfg: dict) -> np.ndarray:
+def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[int, int] | None, geo: GeometrySettings) -> np.ndarray:
     """In-plane resample a batch ``[N, H, W]`` int16 HU -> ``[N, h, w]`` int16 HU (then centre crop/pad if asked)."""
     n, h, w = slices.shape
     out = slices
     if (h, w) != tuple(out_hw):
-        mode = cfg.get("interpolation", "linear")
+        mode = geo.interpolation
         down = out_hw[0] <= h and out_hw[1] <= w
         shrinks = out_hw[0] < h or out_hw[1] < w  # with one axis growing (non-square pixels): anti-aliased kernel
-        box = mode == "area" or (down and cfg.get("downsample", "area") == "area" and mode in ("linear", "cubic"))
+        box = mode == "area" or (down and geo.downsample == "area" and mode in ("linear", "cubic"))
         if mode not in ("linear", "cubic", "nearest", "area"):
             raise ValueError(f"geometry.interpolation must be linear|cubic|nearest|area, got {mode!r}")
         if box and (h, w) == (2 * out_hw[0], 2 * out_hw[1]):
@@ -136,11 +139,11 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
                 y = F.avg_pool2d(x, (h // out_hw[0], w // out_hw[1]))
             elif box:
                 y = F.interpolate(x, size=out_hw, mode="area")
-            elif mode == "linear" and not (shrinks and cfg.get("antialias", True)):
+            elif mode == "linear" and not (shrinks and geo.antialias):
                 y = _bilinear_separable(x.squeeze(1), tuple(out_hw))
             else:
                 tmode = "bilinear" if mode == "linear" else "bicubic"
-                y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=bool(cfg.get("antialias", True)) and shrinks)
+                y = F.interpolate(x, size=out_hw, mode=tmode, align_corners=False, antialias=geo.antialias and shrinks)
             y = y.reshape(n, *out_hw).numpy()  # elementwise work in numpy: its rint / int16 casts are several times faster on CPU
         np.rint(y, out=y)  # half to even, as torch.round
         if mode == "cubic":  # the only kernel with negative weights: it can overshoot the int16 range
@@ -148,12 +151,12 @@ def resample_slices(slices: np.ndarray, out_hw: tuple[int, int], crop_to: tuple[
         if crop_to is None:
             return y.astype(np.int16)
         # float -> int16 conversion fused with the crop/pad copy (the values are already integral)
-        out = np.full((n, *crop_to), int(cfg.get("pad_value_hu", -1024)), dtype=np.int16)
+        out = np.full((n, *crop_to), geo.pad_value_hu, dtype=np.int16)
         sy, sx, dy, dx, ch, cw = _crop_pad_windows(tuple(out_hw), crop_to)
         np.copyto(out[:, dy:dy + ch, dx:dx + cw], y[:, sy:sy + ch, sx:sx + cw], casting="unsafe")
         return out
     if crop_to is not None:
-        out = center_crop_pad(out, crop_to, int(cfg.get("pad_value_hu", -1024)))
+        out = center_crop_pad(out, crop_to, geo.pad_value_hu)
     return out
 
 

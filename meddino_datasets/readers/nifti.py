@@ -50,7 +50,7 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
     path = str(path)
     with contextlib.ExitStack() as stack:
         try:
-            img = _open(path, stack)
+            img = open_nifti(path, stack)
         except Exception as exc:  # nibabel raises many types for broken headers; a truncated gzip raises EOFError
             raise ImageRejected(path, "unreadable", f"nibabel cannot open it ({type(exc).__name__}: {exc})") from None
         return _read(path, img, reading_cfg)
@@ -59,8 +59,9 @@ def read_nifti(path: str | Path, reading_cfg: dict) -> RawVolume:
 _NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}  # sizeof_hdr, the first field of the header
 
 
-def _open(path: str, stack: contextlib.ExitStack):
-    """The nibabel image of ``path``; a gzipped NIfTI-1/2 file is read through ISA-L (closed by ``stack``)."""
+def open_nifti(path: str, stack: contextlib.ExitStack):
+    """The nibabel image of ``path``; a gzipped NIfTI-1/2 file is read through ISA-L (closed by ``stack``). Public for
+    ``benchmarks/curation.py``, whose decode-only baseline reads with this reader's decoder."""
     if _igzip is None or not path.endswith(".gz"):
         return nib.load(path, keep_file_open=True)
     fobj = stack.enter_context(_igzip.open(path, "rb"))

@@ -20,7 +20,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_curation.build_ct3m import discover, holdout_cases, load_config, main
+from data_curation.build_ct3m import main
+from data_curation.discovery import discover, holdout_cases
+from data_curation.settings import load_settings
+from meddino_common.config import ConfigError
 
 pytestmark = pytest.mark.slow
 SCRIPT = ["data_curation/build_ct3m.py", "--no-progress"]
@@ -202,7 +205,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, r
     byte, manifest, stats) equals an uninterrupted run made with 2 workers (so 2 threads packing groups in whatever
     order they finish; the resumed run packs with one). The killed build's worker processes
     (children of the pool's forkserver, not of the builder) do not linger."""
-    from data_curation.build_ct3m import _process_alive
+    from data_curation.pool import process_alive
 
     args = ["--root", f"folder={mixed_tree}", "--allow-failures", "output.samples_per_shard=16", "output.volumes_per_group=2"]
     ref = tmp_path / "ref"
@@ -218,9 +221,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, repo_root, mixed_tree, r
         if state_file == "volumes.jsonl":
             assert len(family) >= 2  # forkserver + worker (+ resource tracker)
             t0 = time.time()
-            while any(_process_alive(p) for p in family) and time.time() - t0 < 15:
+            while any(process_alive(p) for p in family) and time.time() - t0 < 15:
                 time.sleep(0.1)
-            assert not [p for p in family if _process_alive(p)], "worker processes outlived the killed build"
+            assert not [p for p in family if process_alive(p)], "worker processes outlived the killed build"
     assert not (out / "manifest.csv").exists()  # really interrupted before the end
     # an OS crash can lose a staging file that the state already lists: it is detected and curated again
     staged = sorted((out / ".state" / "staging").glob("*.samples"))
@@ -323,8 +326,8 @@ def test_holdout_finetune_uses_the_nnunet_split(tmp_path, repo_root, sample_ct, 
     test_img = tmp_path / "btcv/RawData/Testing/img/img0061.nii.gz"
     test_img.parent.mkdir(parents=True)
     os.symlink(nii, test_img)
-    cfg = load_config(repo_root / "configs/data/ct3m.yaml", [f"btcv={tmp_path / 'btcv'}"])
-    held = holdout_cases(cfg, discover(cfg, ["btcv"]))
+    settings = load_settings(repo_root / "configs/data/ct3m.yaml", [f"btcv={tmp_path / 'btcv'}"])
+    held = holdout_cases(settings, discover(settings, ["btcv"]))
     _, val = fold_split(ids, fold=0)
     assert held == {"btcv": [f"btcv/{c}" for c in val]} and len(val) == 3
     proc = run_build(repo_root, "--dry-run", "--holdout-finetune", "--root", f"btcv={tmp_path / 'btcv'}", "--exclude", "btcv/img0061")
@@ -385,11 +388,13 @@ def test_tune_malloc_applies_on_glibc_and_is_optional(repo_root):
     """The workers' malloc settings (config ``run.malloc_*``) apply on glibc; null leaves the C library alone."""
     import platform
 
-    from data_curation.build_ct3m import tune_malloc
+    from dataclasses import replace
 
-    run_cfg = load_config(repo_root / "configs" / "data" / "ct3m.yaml")["run"]
-    assert tune_malloc(run_cfg) == (platform.libc_ver()[0] == "glibc")
-    assert not tune_malloc({**run_cfg, "malloc_mmap_threshold_mb": None, "malloc_trim_threshold_mb": None})
+    from data_curation.pool import tune_malloc
+
+    run = load_settings(repo_root / "configs" / "data" / "ct3m.yaml").run
+    assert tune_malloc(run) == (platform.libc_ver()[0] == "glibc")
+    assert not tune_malloc(replace(run, malloc_mmap_threshold_mb=None, malloc_trim_threshold_mb=None))
 
 
 @pytest.fixture
@@ -408,7 +413,7 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.parametrize("medium", ["tmpfs", "emulated", "emulated_pack"])
 def test_disk_full_stops_the_build_and_a_rerun_equals_an_uninterrupted_build(tmp_path, repo_root, sample_tree, run_build,
-                                                                               small_tmpfs, monkeypatch, medium):
+                                                                               small_tmpfs, monkeypatch, disk_full_after, medium):
     """Out of space while curating: one line, exit code 3, no case recorded as failed; after space is freed the same
     command finishes with exactly the shards, manifest and stats of a build that never ran out of space. On a real
     6 MiB tmpfs (needs root to mount it), and with ENOSPC raised at the staging write call (curation) or at the
@@ -421,20 +426,8 @@ def test_disk_full_stops_the_build_and_a_rerun_equals_an_uninterrupted_build(tmp
     if medium == "tmpfs":
         out = small_tmpfs / "out"
     elif medium == "emulated":
-        import errno
-
-        import data_curation.process as process
-
         out = tmp_path / "out"
-        real_write, calls = process.write_sample, []
-
-        def write_until_full(fd, key, fields):
-            calls.append(key)
-            if len(calls) > 60:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_write(fd, key, fields)
-
-        monkeypatch.setattr(process, "write_sample", write_until_full)
+        disk_full_after(60)
     else:
         import errno
 
@@ -550,16 +543,16 @@ def test_nbia_download_tree_gets_short_stable_keys(tmp_path, repo_root, real_dat
 
 def test_config_typos_and_wrong_types_are_errors(tmp_path, repo_root):
     default = repo_root / "configs/data/ct3m.yaml"
-    with pytest.raises(SystemExit, match=r"unknown config key output.samples_per_shrd \(command line\); did you mean output.samples_per_shard\?"):
-        load_config(default, [], ["output.samples_per_shrd=3"])
-    with pytest.raises(SystemExit, match=r"config key geometry.output_size \(command line\): expected a list"):
-        load_config(default, [], ["geometry.output_size=256"])
+    with pytest.raises(SystemExit, match=r"^error: command line: unknown config key output.samples_per_shrd \(did you mean output.samples_per_shard\?\)$"):
+        main(["--dry-run", "output.samples_per_shrd=3"])
+    with pytest.raises(ConfigError, match=r"command line: geometry.output_size=256 is a number, but geometry.output_size takes a list"):
+        load_settings(default, [], ["geometry.output_size=256"])
     copy = tmp_path / "mine.yaml"
     copy.write_text(default.read_text().replace("  min_slice_step_mm: null", "  min_slice_stepmm: 2.0"))
-    with pytest.raises(SystemExit, match=rf"unknown config key slices.min_slice_stepmm \({copy}\); did you mean slices.min_slice_step_mm\?"):
-        load_config(copy)
-    cfg = load_config(default, [], ["output.samples_per_shard=500", "slices.min_slice_step_mm=2.5", "geometry.output_size=null"])
-    assert cfg["output"]["samples_per_shard"] == 500 and cfg["slices"]["min_slice_step_mm"] == 2.5 and cfg["geometry"]["output_size"] is None
+    with pytest.raises(ConfigError, match=rf"{copy}: unknown config key slices.min_slice_stepmm \(did you mean slices.min_slice_step_mm\?\)"):
+        load_settings(copy)
+    settings = load_settings(default, [], ["output.samples_per_shard=500", "slices.min_slice_step_mm=2.5", "geometry.output_size=null"])
+    assert settings.output.samples_per_shard == 500 and settings.slices.min_slice_step_mm == 2.5 and settings.geometry.output_size is None
 
 
 def test_rerun_rebuilds_a_deleted_or_cut_shard(tmp_path, repo_root, sample_tree, run_build):

@@ -1,6 +1,7 @@
 """NIfTI and DICOM end in the same canonical axial orientation with consistent HU; in-plane geometry is as configured."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +14,9 @@ from data_curation.geometry import _bilinear_separable, center_crop_pad, output_
 from meddino_datasets.readers.common import ImageRejected, RawVolume
 from meddino_datasets.readers.dicom import DicomPolicy, read_dicom_series
 from meddino_datasets.readers.nifti import read_nifti
+from data_curation.settings import load_settings
+
+SHIPPED = load_settings().geometry  # configs/data/ct3m.yaml: 256x256 from 0.45 mm, resize, keep aspect, linear, area
 
 
 def _labels(path: Path) -> np.ndarray:
@@ -99,31 +103,33 @@ def test_nifti_not_hu_rejected(tmp_path, ct3m_cfg, sample_ct):
 
 def test_output_geometry_modes():
     # paper default: whole FOV to 256x256, square pixels (512x512 at 0.78 mm -> 1.5625 mm)
-    cfg = {"inplane_spacing_mm": 0.45, "output_size": [256, 256], "fit": "resize", "keep_aspect": True}
+    cfg = SHIPPED
+    assert (cfg.inplane_spacing_mm, cfg.output_size, cfg.fit, cfg.keep_aspect) == (0.45, (256, 256), "resize", True)
     assert output_geometry((512, 512), (0.78125, 0.78125), cfg) == ((256, 256), (1.5625, 1.5625), None)
     # non-square matrix (716x512 at 0.977 mm): longer side fills, the other is padded; pixels stay square
     shape, spacing, crop = output_geometry((716, 512), (0.9765625, 0.9765625), cfg)
     assert shape == (256, 183) and crop == (256, 256) and spacing[0] == pytest.approx(spacing[1], rel=0.01)
     # pad_crop: uniform 0.45 mm, centre crop to 256 (115 mm field of view)
-    shape, spacing, crop = output_geometry((512, 512), (0.9, 0.9), {**cfg, "fit": "pad_crop"})
+    shape, spacing, crop = output_geometry((512, 512), (0.9, 0.9), replace(cfg, fit="pad_crop"))
     assert shape == (1024, 1024) and spacing == (0.45, 0.45) and crop == (256, 256)
     # native
-    assert output_geometry((512, 512), (0.7, 0.7), {"inplane_spacing_mm": None, "output_size": None}) == ((512, 512), (0.7, 0.7), None)
+    assert output_geometry((512, 512), (0.7, 0.7), replace(cfg, inplane_spacing_mm=None, output_size=None)) == ((512, 512), (0.7, 0.7), None)
 
 
 def test_resample_preserves_hu_and_pads(dicom_axial):
     _, axial = dicom_axial
-    cfg = {"interpolation": "linear", "antialias": True, "pad_value_hu": -1024}
+    cfg = SHIPPED
+    assert (cfg.interpolation, cfg.antialias, cfg.pad_value_hu) == ("linear", True, -1024)
     out = resample_slices(axial.array[:4], (256, 183), (256, 256), cfg)
     assert out.shape == (4, 256, 256) and out.dtype == np.int16
     assert (out[:, :, :36] == -1024).all() and (out[:, :, -37:] == -1024).all()
     # downsampling by 2 (default downsample: area) is the exact 2x2 mean of the real slice
-    half = resample_slices(axial.array[:2], (256, 256), None, {**cfg, "downsample": "area"})
+    half = resample_slices(axial.array[:2], (256, 256), None, replace(cfg, downsample="area"))
     ref = axial.array[:2].astype(np.float64).reshape(2, 256, 2, 256, 2).mean(axis=(2, 4))
     assert np.array_equal(half, np.rint(ref))  # exactly: the mean rounded half to even
-    third = resample_slices(axial.array[:1, :510, :510], (170, 170), None, {**cfg, "downsample": "area"})
+    third = resample_slices(axial.array[:1, :510, :510], (170, 170), None, replace(cfg, downsample="area"))
     assert np.abs(third - axial.array[:1, :510, :510].astype(np.float64).reshape(1, 170, 3, 170, 3).mean(axis=(2, 4))).max() <= 0.5 + 1e-6
-    smooth = resample_slices(axial.array[:2], (256, 256), None, {**cfg, "downsample": "antialias"})
+    smooth = resample_slices(axial.array[:2], (256, 256), None, replace(cfg, downsample="antialias"))
     assert abs(float(smooth.mean()) - float(axial.array[:2].mean())) < 2.0 and not np.array_equal(smooth, half)
     assert center_crop_pad(np.ones((1, 4, 6), np.int16), (6, 2), 0).tolist() == [[[0, 0], [1, 1], [1, 1], [1, 1], [1, 1], [0, 0]]]
 
@@ -141,11 +147,11 @@ def test_linear_upsampling_matches_torch_bilinear_on_real_ct(real_data, ct3m_cfg
     256x244, and a mixed case (rows shrink, columns grow: torch's anti-aliased bilinear). Only float rounding
     order differs, so a pixel may differ by 1 HU at an exact .5 tie: >= 99.9% identical, never more than 1 HU apart."""
     ct = to_canonical_axial(read_nifti(real_data / "totalsegmentator" / "example_ct.nii.gz", ct3m_cfg["reading"]))
-    geo = ct3m_cfg["geometry"]
+    geo = SHIPPED
     out_hw, _, crop_to = output_geometry(ct.array.shape[1:], ct.spacing_mm, geo)
-    assert ct.array.shape[1:] == (101, 122) and out_hw == (212, 256) and crop_to == (256, 256) and geo["interpolation"] == "linear"
+    assert ct.array.shape[1:] == (101, 122) and out_hw == (212, 256) and crop_to == (256, 256) and geo.interpolation == "linear"
     padded = resample_slices(ct.array, out_hw, crop_to, geo)
-    assert padded.shape == (len(ct.array), 256, 256) and (padded[:, :22] == geo["pad_value_hu"]).all()
+    assert padded.shape == (len(ct.array), 256, 256) and (padded[:, :22] == geo.pad_value_hu).all()
     for slices, hw in ((ct.array, out_hw), (ct.array[:, 2:98, 10:110], (256, 244)), (ct.array, (80, 256))):
         mixed = hw[0] < slices.shape[1] and hw[1] > slices.shape[2]
         got, ref = resample_slices(np.ascontiguousarray(slices), hw, None, geo), _torch_bilinear(slices, hw, antialias=mixed)
@@ -162,13 +168,13 @@ def test_bilinear_separable_edges_and_weights():
     antialias keeps torch's point-sampled linear."""
     rows, cols = np.meshgrid(np.arange(16), np.arange(12), indexing="ij")
     ramp = (8 * rows + 8 * cols).astype(np.int16)[None].repeat(2, axis=0)
-    got = resample_slices(ramp, (64, 48), None, {"interpolation": "linear"})
+    got = resample_slices(ramp, (64, 48), None, SHIPPED)
     i, j = np.meshgrid(np.arange(64), np.arange(48), indexing="ij")
     expected = np.clip(2 * i - 3, 0, 8 * 15) + np.clip(2 * j - 3, 0, 8 * 11)
     np.testing.assert_array_equal(got, np.broadcast_to(expected, got.shape))
     np.testing.assert_array_equal(got, _torch_bilinear(ramp, (64, 48)))
     for value in (-1024, 0, 3071):
-        assert (resample_slices(np.full((3, 5, 7), value, np.int16), (13, 17), None, {"interpolation": "linear"}) == value).all()
+        assert (resample_slices(np.full((3, 5, 7), value, np.int16), (13, 17), None, SHIPPED) == value).all()
     x = torch.from_numpy(np.random.default_rng(0).normal(0, 500, size=(3, 9, 11)).astype(np.float32))
     for hw in ((9, 31), (23, 11), (4, 30), (30, 4), (1, 5), (6, 1)):
         ref = F.interpolate(x[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
@@ -196,30 +202,30 @@ def test_mr_nifti_is_not_ct(real_data, ct3m_cfg):
         read_nifti(real_data / rel, ct3m_cfg["reading"])  # every real CT passes
 
 
-def test_resample_reads_flipped_and_transposed_views(real_data, ct3m_cfg):
+def test_resample_reads_flipped_and_transposed_views(real_data):
     """The worker passes canonical views (flips, transposes) straight in: every mode and shape gives what the
     contiguous copy gives."""
     vol = np.asanyarray(nib.load(real_data / "totalsegmentator" / "aorta_report" / "ct_cropped.nii.gz").dataobj).astype(np.int16)
     for view in (vol.transpose(2, 1, 0)[:5, ::-1, ::-1], vol.transpose(2, 0, 1)[5:0:-1, :, ::-1]):
         for out_hw, crop in (((256, 244), (256, 256)), ((60, 63), None), (view.shape[1:], (100, 100)), (view.shape[1:], None)):
             for mode in ("linear", "cubic", "nearest", "area"):
-                cfg = {**ct3m_cfg["geometry"], "interpolation": mode}
+                cfg = replace(SHIPPED, interpolation=mode)
                 got = resample_slices(view, out_hw, crop, cfg)
                 np.testing.assert_array_equal(got, resample_slices(np.ascontiguousarray(view), out_hw, crop, cfg))
 
 
-def test_mixed_shrink_and_grow_is_antialiased(ct3m_cfg):
+def test_mixed_shrink_and_grow_is_antialiased():
     """Non-square pixels: columns shrink 3x while rows grow. Period-2 stripes along the shrinking axis must average
     out (anti-aliasing), not alias into a pattern as point-sampled linear interpolation does; the growing axis is
     untouched by the filter (a row ramp stays a ramp)."""
     stripes = np.zeros((1, 50, 300), dtype=np.int16)
     stripes[:, :, 1::2] = 1000
-    got = resample_slices(stripes, (120, 100), None, ct3m_cfg["geometry"])
+    got = resample_slices(stripes, (120, 100), None, SHIPPED)
     assert got.shape == (1, 120, 100)
     interior = got[:, :, 2:-2].astype(np.float64)
     assert abs(interior.mean() - 500) < 5 and interior.std() < 100  # a tent filter leaves a +-11% ripple at 3x
-    plain = resample_slices(stripes, (120, 100), None, {**ct3m_cfg["geometry"], "antialias": False})
+    plain = resample_slices(stripes, (120, 100), None, replace(SHIPPED, antialias=False))
     assert plain[:, :, 2:-2].std() > 400  # point sampling hits every other stripe: 0 / 1000 -- what the filter prevents
     ramp = np.repeat((np.arange(50, dtype=np.int16) * 10)[None, :, None], 300, axis=2)
-    np.testing.assert_array_equal(resample_slices(ramp, (120, 100), None, ct3m_cfg["geometry"]),
-                                  resample_slices(ramp[:, :, :100], (120, 100), None, ct3m_cfg["geometry"]))
+    np.testing.assert_array_equal(resample_slices(ramp, (120, 100), None, SHIPPED),
+                                  resample_slices(ramp[:, :, :100], (120, 100), None, SHIPPED))

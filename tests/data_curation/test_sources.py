@@ -183,7 +183,8 @@ def test_holdout_excludes_exactly_the_finetune_validation_images(tmp_path, nii, 
     """``--holdout-finetune`` drops the very image files the finetune task validates on in fold 0: the finetune side
     runs its own case discovery and split (as ``finetune/run.py`` ``prepare_fold``), the curation side its adapter
     and ``holdout_cases``; compared by file, so a naming difference that reorders the nnU-Net split fails here."""
-    from data_curation.build_ct3m import discover, holdout_cases, load_config
+    from data_curation.discovery import discover, holdout_cases
+    from data_curation.settings import load_settings
     from finetune.config import load_config as finetune_config
     from meddino_datasets.splits import fold_split
     from finetune.tasks import task_cases
@@ -194,10 +195,10 @@ def test_holdout_excludes_exactly_the_finetune_validation_images(tmp_path, nii, 
     _, val = fold_split(list(by_id), ft_cfg.fold, ft_cfg.get("splits_file"))
     expected = {os.path.abspath(by_id[i].image) for i in val}
 
-    cfg = load_config(repo_root / "configs" / "data" / "ct3m.yaml", [f"{task}={tmp_path}"])
-    found = discover(cfg, [task])
-    held = holdout_cases(cfg, found)
-    source = cfg["holdout"]["tasks"][task]
+    settings = load_settings(repo_root / "configs" / "data" / "ct3m.yaml", [f"{task}={tmp_path}"])
+    found = discover(settings, [task])
+    held = holdout_cases(settings, found)
+    source = settings.holdout.tasks[task]
     paths = {c.uid: os.path.abspath(c.paths[0]) for c in found[source]}
     assert {paths[uid] for uid in held[task]} == expected
     assert 2 <= len(expected) < len(by_id)
