@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   installs into .venv and runs the end-to-end demo on the embedded CT sample
-#   make test   installs into .venv (with dev extras) and runs the whole test suite
+#   make test   installs into .venv (with dev extras) and runs the whole test suite (what CI runs)
+#   make test-fast  the same without the tests marked slow (end-to-end runs): the edit loop
 #   make evidence  runs benchmarks/ssl_signal.py: stage 1 on real CT vs random init (probe + feature health)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 NNUNET_REFERENCE := "nnunetv2>=2.5" "batchgeneratorsv2>=0.3" "batchgenerators>=0.25" "acvl-utils>=0.2" \
                     "dynamic-network-architectures>=0.4"
 
-.PHONY: venv demo test evidence clean
+.PHONY: venv demo test test-fast evidence clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest $(ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 evidence: venv
 	$(PY) benchmarks/ssl_signal.py $(ARGS)

@@ -16,10 +16,9 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from data_curation.sources import REGISTRY
-from meddino_common.config import ConfigError, load_config
+from meddino_common.config import ConfigError, load_config, shipped_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "data" / "ct3m.yaml"
+DEFAULT_CONFIG = shipped_config("data", "ct3m.yaml")
 
 
 @dataclass(frozen=True)

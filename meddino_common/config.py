@@ -24,7 +24,15 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ConfigError", "load_config", "load_yaml", "parse_overrides", "strict_merge"]
+__all__ = ["ConfigError", "load_config", "load_yaml", "parse_overrides", "shipped_config", "strict_merge"]
+
+# the shipped YAMLs: configs/ beside the packages, in a checkout and in site-packages alike (pyproject installs it)
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_config(*parts: str) -> Path:
+    """A path under the shipped ``configs/`` folder: ``shipped_config("pretrain", "base.yaml")``."""
+    return SHIPPED_CONFIGS.joinpath(*parts)
 
 
 class ConfigError(ValueError):

@@ -169,9 +169,12 @@ def test_readme_has_the_commands_we_expect():
 
 def test_make_targets_exist():
     makefile = (REPO_ROOT / "Makefile").read_text()
-    for target in ("demo", "test", "evidence"):
+    for target in ("demo", "test", "test-fast", "evidence"):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
     assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
+    # the full suite is what CI runs; test-fast only deselects the slow end-to-end tests
+    assert re.search(r"^test:.*\n\t\$\(PY\) -m pytest \$\(ARGS\)$", makefile, flags=re.M)
+    assert re.search(r'^test-fast:.*\n\t\$\(PY\) -m pytest -m "not slow" \$\(ARGS\)$', makefile, flags=re.M)
 
 
 def _help_text(entry: str, args: list[str]) -> str:

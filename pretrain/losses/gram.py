@@ -3,29 +3,33 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def resize_patch_grid(patches: Tensor, n_patches: int) -> Tensor:
-    """Resample a square patch-token grid to another square grid.
+def resize_patch_grid(patches: Tensor, n_patches: int, mode: str = "bicubic", antialias: bool = False) -> Tensor:
+    """Resample a square patch-token grid to another square grid (the Gram teacher's tokens onto the student's).
 
     Args:
         patches: [B, P2, D] tokens of a sqrt(P2) x sqrt(P2) grid (row-major, as the ViT emits them).
         n_patches: target token count P (a perfect square).
+        mode, antialias: ``F.interpolate``'s; bicubic, align_corners=False, no antialias is DINOv3's
+            Gram-teacher resize (``gram.resize_method`` / ``gram.resize_antialias``).
 
     Returns:
-        [B, P, D], bicubic interpolation with align_corners=False and no antialias (DINOv3's Gram-teacher resize).
+        [B, P, D] in the input dtype (interpolated in fp32); the input itself when the grids already agree.
     """
     side_in, side_out = math.isqrt(patches.shape[1]), math.isqrt(n_patches)
     if side_in * side_in != patches.shape[1] or side_out * side_out != n_patches:
         raise ValueError(
             f"Gram resize needs square patch grids, got {patches.shape[1]} -> {n_patches} tokens"
         )
+    if side_in == side_out:
+        return patches
     grid = patches.transpose(1, 2).unflatten(-1, (side_in, side_in))  # [B, D, s_in, s_in]
-    grid = F.interpolate(grid, size=(side_out, side_out), mode="bicubic", align_corners=False, antialias=False)
-    return grid.flatten(-2).transpose(1, 2)  # [B, P, D]
+    align = False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
+    grid = F.interpolate(grid.float(), size=(side_out, side_out), mode=mode, align_corners=align, antialias=antialias)
+    return grid.flatten(-2).transpose(1, 2).to(patches.dtype)  # [B, P, D]
 
 
 def gram_loss(

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from meddino_common.atomic import atomic_write_json, atomic_write_text
 from meddino_common.config import ConfigError
 from pretrain.data.transforms import HUTransform
-from pretrain.train.config import BASE_NAME, default_config_dir
+from meddino_common.config import shipped_config
 
 from .checkpoint import load_backbone, read_backbone_checkpoint, save_backbone
 from .checkpoint_files import BackboneCheckpoint, CheckpointError
@@ -71,7 +71,7 @@ def transform_config_path(checkpoint: str | Path, transform_config: str | Path |
     if transform_config is not None:
         return Path(transform_config)
     run = run_config_of(checkpoint)
-    return run if run is not None else default_config_dir() / BASE_NAME
+    return run if run is not None else shipped_config("pretrain", "base.yaml")
 
 
 def preprocessor_config(transform: HUTransform) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from meddino_common.config import ConfigError, load_config as load_strict
+from meddino_common.config import ConfigError, load_config as load_strict, shipped_config
 
 __all__ = ["ConfigError", "default_config_dir", "load_config", "tiny_overrides"]
 
@@ -28,7 +28,7 @@ SIZE_LISTS = {f"crops.{k}": ("list",) for k in ("global_crops_size", "local_crop
 
 def default_config_dir() -> Path:
     """``configs/pretrain`` of the checkout (or installed ``configs`` package) next to this package."""
-    return Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+    return shipped_config("pretrain")
 
 
 def load_config(

@@ -22,11 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meddino_common.precision import autocast
-from pretrain.losses import dino_loss, gram_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from pretrain.losses import dino_loss, gram_loss, ibot_loss, koleo_loss, resize_patch_grid, sinkhorn_knopp
 from pretrain.models import build_backbone
 from pretrain.models.heads import DINOHead
 
@@ -195,19 +194,6 @@ class ForwardModules:
     gram: nn.Module | None
 
 
-def resize_patch_tokens(patches: Tensor, grid_out: int, mode: str = "bicubic", antialias: bool = False) -> Tensor:
-    """``patches [B, g_in*g_in, D]`` of a square grid -> ``[B, grid_out*grid_out, D]`` (align_corners=False)."""
-    g_in = int(round(patches.shape[1] ** 0.5))
-    if g_in * g_in != patches.shape[1]:
-        raise ValueError(f"Gram teacher patch tokens do not form a square grid: {patches.shape[1]} tokens")
-    if g_in == grid_out:
-        return patches
-    grid = patches.transpose(1, 2).unflatten(-1, (g_in, g_in))  # [B, D, g, g]
-    align = False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
-    grid = F.interpolate(grid.float(), size=(grid_out, grid_out), mode=mode, align_corners=align, antialias=antialias)
-    return grid.flatten(-2).transpose(1, 2).to(patches.dtype)
-
-
 @dataclass
 class StepOutput:
     """Total loss (with graph) and detached per-term values for logging."""
@@ -323,8 +309,8 @@ class SSLMetaArch(nn.Module):
             )
         with torch.no_grad():
             patches = self.forwards.gram(gram_crops)
-        return resize_patch_tokens(patches, student_grid, mode=self.losses.gram_resize_method,
-                                   antialias=self.losses.gram_resize_antialias)
+        return resize_patch_grid(patches, student_grid**2, mode=self.losses.gram_resize_method,
+                                 antialias=self.losses.gram_resize_antialias)
 
     def forward_backward(
         self,

@@ -7,11 +7,11 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from meddino_common.config import load_config as load_strict_config
+from meddino_common.config import load_config as load_strict_config, shipped_config
 from meddino_common.config import strict_merge
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "visualize.yaml"
+DEFAULT_CONFIG = shipped_config("visualize.yaml")
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> DictConfig:

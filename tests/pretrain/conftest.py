@@ -76,7 +76,9 @@ def tiny_cfg(shards: Path, output_dir: Path, *overrides: str, stage_files: tuple
     for f in stage_files:
         if f.startswith("stage") and f[5:6].isdigit():
             stage = int(f[5])
-    return shipped_cfg(stage, shards, output_dir, *overrides, gram_teacher_iteration=1 if stage == 2 else None,
+    # stages 2-3 read the Gram teacher from a stage-1 run: the reference run's snapshot at iteration 8
+    return shipped_cfg(stage, shards, output_dir, *overrides,
+                       gram_teacher_iteration=REFERENCE_ITERATIONS if stage > 1 else None,
                        iterations=REFERENCE_ITERATIONS)
 
 
@@ -134,11 +136,16 @@ def reference_overrides():
 
 
 @pytest.fixture(scope="session")
-def reference_cli() -> list[str]:
-    """``python -m pretrain.train`` arguments giving the config of :func:`tiny_reference_run` (the shipped stage 1
-    with sizes shrunk), without the shards and output folder."""
+def reference_cli():
+    """``reference_cli(output_dir, shards, *options)``: ``python -m pretrain.train`` arguments giving the config of
+    :func:`tiny_reference_run` (the shipped stage 1 with sizes shrunk); ``options`` (``--resume auto``) go before
+    the ``key=value`` list, as argparse wants."""
     from pretrain.train.config import load_config, tiny_overrides
 
     path = REPO_ROOT / "configs" / "pretrain" / "stage1.yaml"
-    return ["--config", str(path), *tiny_overrides(load_config(path), iterations=REFERENCE_ITERATIONS),
-            *REFERENCE_OVERRIDES]
+    sizes = tiny_overrides(load_config(path), iterations=REFERENCE_ITERATIONS)
+
+    def argv(output_dir: Path, shards: Path, *options: str) -> list[str]:
+        return ["--config", str(path), "--output-dir", str(output_dir), *options, f"data.shards={shards}", *sizes,
+                *REFERENCE_OVERRIDES]
+    return argv

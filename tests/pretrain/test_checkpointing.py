@@ -65,7 +65,7 @@ def test_reference_run_layout(tiny_reference_run: Path) -> None:
     out = tiny_reference_run
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
     kept = [i for i, _ in ckpt_io.list_checkpoints(out / "checkpoints")]
-    assert kept == [6, 8]  # every 3 iterations + the end, keep_last=2
+    assert kept == [3, 6, 8]  # every 3 iterations + the end, the shipped keep_last=3
     state = ckpt_io.load_checkpoint(out / "checkpoints" / "checkpoint_00000008.pth")
     assert state["iteration"] == 8 and state["loader"]["batches_consumed"] == 8
     assert {"student", "teacher", "optimizer", "rng", "config"} <= state.keys()
@@ -78,16 +78,16 @@ def test_reference_run_layout(tiny_reference_run: Path) -> None:
     assert all(torch.equal(snapshot[k], exported[k]) for k in exported)
     from pretrain.models import load_backbone
 
-    model = load_backbone(out / "teacher_backbone.pth", arch="vitt16", depth=2)
+    model = load_backbone(out / "teacher_backbone.pth", arch="vitb16", embed_dim=64, num_heads=4, depth=2)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
 
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tiny_reference_run: Path, ct3m_shards: Path, tmp_path: Path,
-                                          make_tiny_cfg, metrics_of, reference_overrides, reference_cli, repo_root: Path) -> None:
+                                          make_tiny_cfg, metrics_of, reference_overrides, reference_cli,
+                                          repo_root: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pretrain.train", *reference_cli, "--output-dir", str(out),
-           f"data.shards={ct3m_shards}"]
+    cmd = [sys.executable, "-m", "pretrain.train", *reference_cli(out, ct3m_shards)]
     proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = out / "checkpoints" / "checkpoint_00000003.pth"
     deadline = time.time() + 600

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.losses import dino_loss, gram_loss, ibot_loss, koleo_loss, resize_patch_grid, sinkhorn_knopp
@@ -237,6 +236,12 @@ def test_resize_patch_grid_matches_bicubic_reference(n_in: int, n_out: int) -> N
             grid = teacher[b, :, c].double().numpy().reshape(n_in, n_in)  # row-major token grid
             expected = _bicubic_resize_reference(grid, n_out).reshape(-1)
             np.testing.assert_allclose(got[b, :, c].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_resize_patch_grid_keeps_equal_grids_and_the_dtype() -> None:
+    tokens = torch.randn(2, 25, 3, dtype=torch.bfloat16)
+    assert resize_patch_grid(tokens, 25) is tokens  # same grid: no resampling at all
+    assert resize_patch_grid(tokens, 16).dtype == torch.bfloat16  # interpolated in fp32, returned as given
 
 
 def test_gram_loss_with_2x_teacher_resizes_to_student_grid() -> None:

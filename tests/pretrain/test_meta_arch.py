@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pretrain.models.heads import DINOHead
 from pretrain.train.config import load_config
 from pretrain.train.stage_init import initialise_gram_teacher, initialise_weights
-from pretrain.train.meta_arch import SSLMetaArch, resize_patch_tokens
+from pretrain.train.meta_arch import SSLMetaArch
 
 GOLDEN_ARCH = ["student.arch=vitt16", "student.overrides={embed_dim: 64, num_heads: 4, depth: 4}"]
 
@@ -121,20 +121,6 @@ def test_teacher_ema_update(make_tiny_cfg, tmp_path) -> None:
     for t0, t1, s in zip(before_t, meta.teacher.parameters(), meta.student.parameters()):
         torch.testing.assert_close(t1, 0.99 * t0 + 0.01 * s)
     assert not any(p.requires_grad for p in meta.teacher.parameters())
-
-
-@pytest.mark.parametrize("g_in, g_out", [(8, 4), (6, 4), (5, 5)])
-def test_gram_teacher_grid_resize(g_in: int, g_out: int) -> None:
-    torch.manual_seed(0)
-    tokens = torch.randn(2, g_in * g_in, 3)
-    got = resize_patch_tokens(tokens, g_out)
-    grid = tokens.transpose(1, 2).reshape(2, 3, g_in, g_in)
-    ref = F.interpolate(grid, size=(g_out, g_out), mode="bicubic", align_corners=False, antialias=False)
-    torch.testing.assert_close(got, ref.reshape(2, 3, -1).transpose(1, 2))
-    if g_in == g_out:
-        assert got is tokens
-    # row-major token order: token (r, c) of the output comes from grid position (r, c)
-    assert torch.equal(got.reshape(2, g_out, g_out, 3)[:, 1, 2], ref[:, :, 1, 2])
 
 
 def test_real_ct_step_grads_only_in_the_student(ct3m_shards, make_tiny_cfg, tmp_path) -> None:
