@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from meddino_common.volumes import open_canonical_nifti, ras_to_display, read_voxels
 
 
 # ---------------------------------------------------------------------------------------------- feature health
@@ -78,20 +79,16 @@ class LabelledVolume:
 
 def volume_slices(image_path: str, label_path: str | None = None) -> LabelledVolume:
     """Read a NIfTI CT (and optionally its label map on the same grid), reoriented to RAS, as axial slices."""
-    img = nib.as_closest_canonical(nib.load(str(image_path)))
-    vol = img.get_fdata(dtype=np.float32)
-    if vol.ndim != 3:
-        raise ValueError(f"{image_path}: expected a 3-D CT volume, got shape {vol.shape}")
-    hu = np.ascontiguousarray(vol[::-1, ::-1].transpose(2, 1, 0))  # [X,Y,Z] RAS -> [Z, Y(anterior first), X]
+    img = open_canonical_nifti(image_path, "CT volume")
+    hu = np.ascontiguousarray(ras_to_display(read_voxels(img, image_path)))  # [Z, Y (anterior first), X]
     labels = None
     if label_path is not None:
-        lab = nib.as_closest_canonical(nib.load(str(label_path)))
+        lab = open_canonical_nifti(label_path, "label map")
         if lab.shape[:3] != img.shape[:3] or not np.allclose(lab.affine, img.affine, atol=1e-3):
             raise ValueError(
                 f"{label_path}: label map grid {lab.shape} does not match the image {image_path} {img.shape}"
             )
-        lv = np.asarray(lab.dataobj).reshape(lab.shape[:3])
-        labels = np.ascontiguousarray(lv[::-1, ::-1].transpose(2, 1, 0)).astype(np.int64)
+        labels = np.ascontiguousarray(ras_to_display(read_voxels(lab, label_path, np.int64)))
     return LabelledVolume(hu=hu, labels=labels, source=str(image_path))
 
 

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+from meddino_common.volumes import open_canonical_nifti, ras_to_display, read_voxels
 
 from pretrain.models import build_backbone, load_backbone
 from pretrain.models.input_mapping import load_hu_transform, run_config_of
@@ -35,15 +36,6 @@ class AxialSlice:
     spacing_mm: tuple[float, float]
     index: int
     source: str
-
-
-def ras_to_display(plane: np.ndarray) -> np.ndarray:
-    """RAS in-plane array [X, Y] (+x towards the patient's right, +y anterior) -> display [Y, X].
-
-    Radiological convention: row 0 is the most anterior row, column 0 the patient's right side; the same
-    in-plane orientation as the CT-3M shards (data_curation's canonical LPS [row=P, col=L]).
-    """
-    return plane[::-1, ::-1].T
 
 
 def body_voxel_counts(volume_hu: np.ndarray, threshold_hu: float) -> np.ndarray:
@@ -69,20 +61,8 @@ def load_axial_slice(
     is ``image.default_slice_near_max`` of the config.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-    except Exception as exc:  # nibabel raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable NIfTI image ({exc})") from exc
-    if len(image.shape) < 3 or any(s == 0 for s in image.shape[:3]):
-        raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    if len(image.shape) > 3 and any(s != 1 for s in image.shape[3:]):
-        raise ValueError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    try:  # the voxels are read only here: a truncated .nii.gz fails now (EOFError, zlib.error, ...)
-        volume = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])  # scl_slope applied, never float64
-    except Exception as exc:  # noqa: BLE001 - one line naming the file
-        raise ValueError(f"{path}: cannot read the voxel data (truncated or corrupt?): {exc}") from exc
+    image = open_canonical_nifti(path, "image")
+    volume = read_voxels(image, path)  # scl_slope applied, float32 (never float64)
     depth = volume.shape[2]
     if slice_index is None:
         slice_index = default_slice(body_voxel_counts(volume, body_threshold_hu), near_max)
