@@ -22,10 +22,10 @@ def test_largest_cases_first(sample_ct, tmp_path):
     """Estimated input bytes (first file x number of files): the 20-file DICOM series before the single NIfTI files, the
     bigger NIfTI before the smaller, a missing file last; stable for equal sizes."""
     dicom = tuple(sorted(str(p) for p in (sample_ct / "totalsegmentator_dicom" / "example_ct_dicom").iterdir()))
-    spleen = Case("spleen", Path(sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz"), source="folder")
-    ts = Case("ts", Path(sample_ct / "totalsegmentator" / "example_ct.nii.gz"), source="folder")
+    spleen = Case("spleen", sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz", source="folder")
+    ts = Case("ts", sample_ct / "totalsegmentator" / "example_ct.nii.gz", source="folder")
     series = Case("series", Path(dicom[0]).parent, source="folder", kind="dicom", dicom_files=tuple(dicom))
-    gone = Case("gone", Path(tmp_path / "gone.nii.gz"), source="folder")
+    gone = Case("gone", tmp_path / "gone.nii.gz", source="folder")
     sizes = {c.case_id: os.path.getsize(c.paths[0]) * len(c.paths) for c in (spleen, ts, series)}
     want = [c for c in sorted((spleen, ts, series), key=lambda c: -sizes[c.case_id])] + [gone]
     assert largest_first([gone, spleen, ts, series]) == want

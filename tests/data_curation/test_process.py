@@ -35,7 +35,7 @@ def _resaved(src: Path, dst: Path, zooms=None, data=None) -> Path:
 
 def test_100mm_voxels_are_refused(tmp_path, real_data):
     path = _resaved(real_data / "totalsegmentator" / "example_ct_sm.nii.gz", tmp_path / "huge.nii.gz", zooms=(100.0, 100.0, 3.0))
-    record = process_case(Case("huge", Path(path)), source="folder"), SETTINGS, str(tmp_path)
+    record = process_case(Case("huge", Path(path), source="folder"), SETTINGS, str(tmp_path))
     assert record["volumes"] == []
     [rej] = record["rejections"]
     assert (rej["reason"], rej["filtered"]) == ("implausible_spacing", False)
@@ -49,13 +49,14 @@ def test_volume_without_a_kept_slice_is_reported(tmp_path, real_data):
     air = np.full(nib.load(str(src)).shape, -1000, np.int16)
     air[0, 0, :] = 500  # a few non-air voxels: still a CT by the intensity rule, no slice has a body
     path = _resaved(src, tmp_path / "air.nii.gz", data=air)
-    record = process_case(Case("air", Path(path)), source="folder"), SETTINGS, str(tmp_path)
+    record = process_case(Case("air", Path(path), source="folder"), SETTINGS, str(tmp_path))
     assert record["volumes"][0]["n_slices"] == 0
     assert [(r["reason"], r["filtered"]) for r in record["rejections"]] == [("no_slices_kept", True)]
 
 
 def _spleen_case(sample_ct: Path) -> Case:
-    return Case("spleen", Path(sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz"), source="folder", source_path="spleen.nii.gz")
+    return Case("spleen", sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz", source="folder",
+                source_path="spleen.nii.gz")
 
 
 def _samples(staging: Path, volume: dict) -> dict[str, dict[str, bytes]]:
@@ -120,7 +121,7 @@ def test_unreadable_file_and_reader_bug_are_failures_of_the_case(tmp_path, sampl
     cut.write_bytes((sample_ct / "msd_spleen" / "sub-spleen2_ct.nii.gz").read_bytes()[:3000])
     staging = tmp_path / "staging"
     staging.mkdir()
-    record = process_case(Case("cut", Path(cut)), source="folder"), SETTINGS, str(staging)
+    record = process_case(Case("cut", Path(cut), source="folder"), SETTINGS, str(staging))
     assert record["volumes"] == [] and [(r["reason"], r["filtered"]) for r in record["rejections"]] == [("unreadable", False)]
     import data_curation.process as process
 
@@ -138,7 +139,8 @@ def test_dicom_series_case(tmp_path, sample_ct):
     samples say so in their json."""
     folder = sample_ct / "totalsegmentator_dicom" / "example_ct_dicom"
     files = tuple(sorted(str(p) for p in folder.iterdir()))
-    record = process_case(Case("series", Path(files[0]).parent, source="folder", kind="dicom", dicom_files=tuple(files)), SETTINGS, str(tmp_path))
+    series = Case("series", Path(files[0]).parent, source="folder", kind="dicom", dicom_files=tuple(files))
+    record = process_case(series, SETTINGS, str(tmp_path))
     [vol] = record["volumes"]
     assert record["rejections"] == [] and vol["n_native_slices"] == len(files)
     meta = json.loads(next(iter(_samples(tmp_path, vol).values()))["json"])
