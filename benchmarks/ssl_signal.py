@@ -43,7 +43,7 @@ from meddino_common.config import ConfigError
 from meddino_common.config import load_config as load_strict_config
 from pretrain import evaluation as ev
 from pretrain.models import build_backbone, load_backbone
-from pretrain.train.meta_arch import backbone_kwargs
+from pretrain.train.meta_arch import backbone_overrides
 from pretrain.visualize.config import load_config as load_visualize_config
 from pretrain.visualize.figures import write_pca_png
 from pretrain.visualize.inputs import load_axial_slice, load_input_transform
@@ -121,7 +121,7 @@ def pretrain_stage1(cfg, shards: Path, out: Path) -> Path:
 def random_backbone(run_cfg, seed: int) -> torch.nn.Module:
     """The stage-1 architecture with seeded random weights (the baseline the run started from in kind)."""
     torch.manual_seed(seed)
-    kwargs = {k: v for k, v in backbone_kwargs(run_cfg.student).items() if k != "drop_path_rate"}
+    kwargs = backbone_overrides(run_cfg.student)
     return build_backbone(str(run_cfg.student.arch), **kwargs).eval()
 
 

@@ -18,7 +18,7 @@ from pretrain.models import build_backbone, load_backbone
 from pretrain.train import checkpointing as ckpt_io
 from pretrain.train.config import load_config
 from pretrain.train.loop import train
-from pretrain.train.meta_arch import backbone_kwargs
+from pretrain.train.meta_arch import backbone_overrides
 from pretrain.visualize.inputs import load_input_transform
 
 
@@ -56,7 +56,7 @@ def test_fast_stage1_learns_without_collapse(repo_root, sample_ct, tmp_path):
     vol = ev.volume_slices(str(repo_root / probe_task.image))
     x = ev.slice_batch(vol.hu, load_input_transform(run_dir / "config.yaml"), int(bench.fast.probe_input_size))
     torch.manual_seed(int(bench.seed))
-    kwargs = {k: v for k, v in backbone_kwargs(cfg.student).items() if k != "drop_path_rate"}
+    kwargs = backbone_overrides(cfg.student)
     student = build_backbone(str(cfg.student.arch), **kwargs)
     student_state = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(run_dir / "checkpoints"))["student"]
     student.load_state_dict({k[len("backbone."):]: v for k, v in student_state.items() if k.startswith("backbone.")})
