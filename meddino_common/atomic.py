@@ -21,33 +21,13 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
-    """Call ``write(f)`` on a binary file object of a temporary file next to ``path``, then rename it onto ``path``.
-
-    The file gets the usual ``0666 & ~umask`` mode (``mkstemp`` alone would make it 0600). Any exception from
-    ``write`` or the OS propagates unchanged after the temporary file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=".part")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:  # by name: one place where tests put a full disk
-            write(f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def atomic_write_to_path(path: str | Path, write: Callable[[str], Any]) -> Path:
-    """Like :func:`atomic_write` for writers that want a file name rather than a file object
-    (``safetensors.save_file``, ``nibabel.save``, ``np.savez``, ``fig.savefig``). The temporary name keeps
-    ``path``'s suffixes, so writers that pick a format from the name pick the right one."""
+    """Call ``write(tmp)`` with the name of a temporary file next to ``path``, then rename it onto ``path``.
+
+    For writers that want a file name (``safetensors.save_file``, ``nibabel.save``, ``fig.savefig``): the temporary
+    name keeps ``path``'s suffixes, so writers that pick a format from the name pick the right one. The file gets
+    the usual ``0666 & ~umask`` mode (``mkstemp`` alone would make it 0600). Any exception from ``write`` or the OS
+    propagates unchanged after the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".part"
@@ -61,6 +41,20 @@ def atomic_write_to_path(path: str | Path, write: Callable[[str], Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
+    """:func:`atomic_write_to_path` for writers that take a binary file object; the data is flushed and (by
+    default) fsynced before the rename, so after a crash the target is the old file or the whole new one."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # by name: the one place where tests put a full disk
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+
+    return atomic_write_to_path(path, to_file)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -10,14 +10,22 @@ from pathlib import Path
 import pytest
 
 
-def _imported_packages(package_dir: Path) -> dict[str, set[str]]:
+def _imported_modules(package_dir: Path) -> dict[str, set[str]]:
+    """Dotted module name -> the files of ``package_dir`` that import it (absolute imports)."""
     found: dict[str, set[str]] = {}
     for path in sorted(package_dir.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
             for name in names:
-                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(package_dir.parent)))
+                found.setdefault(name, set()).add(str(path.relative_to(package_dir.parent)))
+    return found
+
+
+def _imported_packages(package_dir: Path) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for name, files in _imported_modules(package_dir).items():
+        found.setdefault(name.split(".")[0], set()).update(files)
     return found
 
 
@@ -36,16 +44,6 @@ def test_no_forbidden_cross_package_import(repo_root, package, forbidden):
     offenders = {name: sorted(imported[name]) for name in forbidden & set(imported)}
     assert offenders == {}
 
-
-def _imported_modules(package_dir: Path) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for path in sorted(package_dir.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
-            for name in names:
-                found.setdefault(name, set()).add(str(path.relative_to(package_dir.parent)))
-    return found
 
 
 def test_finetune_uses_only_the_models_of_pretrain(repo_root):
