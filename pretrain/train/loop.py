@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from meddino_common.atomic import remove_stale_temporaries
 from meddino_common.precision import configure_tf32
@@ -29,7 +28,7 @@ from pretrain.train import distributed as D
 from pretrain.train.flops import FlopCounter, peak_flops
 from pretrain.train.meta_arch import SSLMetaArch
 from pretrain.train.metrics_log import MetricsLogger
-from pretrain.train.optim import apply_schedules, build_optimizer
+from pretrain.train.optim import apply_schedules, build_optimizer, clip_student_gradients
 from pretrain.train.parallel import wrap_model
 from pretrain.train.preemption import PreemptionHandler, in_slurm_job, requeue_slurm_job
 from pretrain.train.schedules import Schedules, build_schedules
@@ -324,26 +323,6 @@ def metrics_record(run: Run, it: int, losses: dict[str, float], sched: dict[str,
         if run.peak_flops:
             record["mfu"] = achieved / (run.peak_flops * world)
     return record
-
-
-def clip_student_gradients(student: nn.ModuleDict, max_norm: float) -> dict[str, float]:
-    """Clip the gradient norm of each part of the student (``backbone``, ``dino_head``, ``ibot_head``) to
-    ``max_norm`` separately, as the official DINOv2/v3 loops do (one ``clip_grad_norm_`` per student module): a
-    large head gradient (e.g. iBOT on near-zero masked tokens at random init) must not shrink the backbone's step.
-
-    Returns the pre-clip norms per part and their root-sum-square (``total``, the norm of the whole student).
-    """
-    norms: dict[str, float] = {}
-    for name, module in student.items():
-        params = [p for p in module.parameters() if p.grad is not None]
-        if not params:
-            continue
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
-            norm = norm.full_tensor()
-        norms[name] = float(norm)
-    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
-    return norms
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

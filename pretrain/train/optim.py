@@ -13,6 +13,7 @@ Parameters with identical multipliers are fused into one group so that the optim
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -101,3 +102,23 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last
         base = last_layer_lr if group["is_last_layer"] else lr
         group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = wd * group["wd_multiplier"]
+
+
+def clip_student_gradients(student: nn.ModuleDict, max_norm: float) -> dict[str, float]:
+    """Clip the gradient norm of each part of the student (``backbone``, ``dino_head``, ``ibot_head``) to
+    ``max_norm`` separately, as the official DINOv2/v3 loops do (one ``clip_grad_norm_`` per student module): a
+    large head gradient (e.g. iBOT on near-zero masked tokens at random init) must not shrink the backbone's step.
+
+    Returns the pre-clip norms per part and their root-sum-square (``total``, the norm of the whole student).
+    """
+    norms: dict[str, float] = {}
+    for name, module in student.items():
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            continue
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
+            norm = norm.full_tensor()
+        norms[name] = float(norm)
+    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms

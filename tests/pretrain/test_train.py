@@ -211,7 +211,7 @@ def test_gradient_accumulation_reaches_the_global_batch(ct3m_shards: Path, tmp_p
 
 def test_gradients_are_clipped_per_student_module_as_the_official_loop() -> None:
     """DINOv2/v3 clip backbone, DINO head and iBOT head separately: a huge head gradient leaves the backbone's alone."""
-    from pretrain.train.loop import clip_student_gradients
+    from pretrain.train.optim import clip_student_gradients
 
     torch.manual_seed(0)
     student = torch.nn.ModuleDict({name: torch.nn.Linear(4, 3) for name in ("backbone", "dino_head", "ibot_head")})
