@@ -119,9 +119,13 @@ def test_per_class_scores_and_spread(tmp_path: Path) -> None:
     assert plots.per_class_scores(nnunet_style, ["dice"]) == {"dice": {"1": 0.8}}
     with pytest.raises(ValueError, match="per-class"):
         plots.per_class_scores({"mean_dice": 0.9}, ["dice"])
-    (tmp_path / "wide.csv").write_text("case,spleen_dice,spleen_nsd\na,0.8,0.7\nb,1.0,0.9\nc,,0.8\n")
-    spread = plots.per_case_spread(tmp_path / "wide.csv", ["dice", "nsd"])
+    (tmp_path / "rows.csv").write_text("case_id,class,dice,nsd_boundary\na,spleen,0.8,0.7\nb,spleen,1.0,0.9\n"
+                                       "c,spleen,,0.8\n")
+    spread = plots.per_case_spread(tmp_path / "rows.csv", ["dice", "nsd"])
     assert spread["dice"]["spleen"] == pytest.approx(0.1) and spread["nsd"]["spleen"] == pytest.approx(np.std([0.7, 0.9, 0.8]))
+    (tmp_path / "wide.csv").write_text("case,spleen_dice,spleen_nsd\na,0.8,0.7\nb,1.0,0.9\n")
+    with pytest.raises(ValueError, match=r"wide.csv: no 'class' column"):   # only finetune's per_case.csv layout
+        plots.per_case_spread(tmp_path / "wide.csv", ["dice"])
     (tmp_path / "long.csv").write_text("case,class,dice,nsd\na,spleen,0.8,0.7\nb,spleen,1.0,0.9\n")
     assert plots.per_case_spread(tmp_path / "long.csv", ["dice"])["dice"]["spleen"] == pytest.approx(0.1)
 
