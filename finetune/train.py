@@ -63,6 +63,37 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def build_optimizer(model: nn.Module, recipe, cfg) -> torch.optim.AdamW:
+    """AdamW over the recipe's parameter groups (each with its ``lr`` and ``base_lr``), betas/eps/wd from ``optim``."""
+    return torch.optim.AdamW(recipe.param_groups(model, cfg), betas=tuple(cfg.optim.betas), eps=float(cfg.optim.eps),
+                             weight_decay=float(cfg.optim.weight_decay))
+
+
+def train_step(model: nn.Module, recipe, batch: dict, loss_fn: Callable, cfg, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, precision: str, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step on ``batch``: the recipe's forward + loss under autocast, backward (loss-scaled for
+    fp16), unscale, clip the norm of every optimised parameter's gradient to ``optim.grad_clip``, AdamW step.
+
+    Returns ``(loss, logits, label, grad_norm)``, loss and logits detached, label the int64 target on ``device``.
+    Under DDP (``model`` wrapped) the gradients are those of the global batch: DDP averages the ranks' gradients and
+    the batch-Dice terms span every rank (`finetune.losses`). A non-finite loss stops before any update."""
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True).long()
+    with autocast(precision, device):
+        loss, logits = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {float(loss)} (cases {batch['case_ids']})")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(cfg.optim.grad_clip))
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach(), label, grad_norm
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -122,9 +153,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     if model is None:
         model = recipe.build_model(cfg, n_classes)
     model = model.to(device)
-    groups = recipe.param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=float(cfg.optim.eps),
-                                  weight_decay=float(cfg.optim.weight_decay))
+    optimizer = build_optimizer(model, recipe, cfg)
     precision = str(cfg.train.precision) if device.type == "cuda" else "fp32"
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     loss_fn = recipe.build_loss(cfg)
@@ -158,8 +187,6 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     share = rank_share(cfg, rank, world)
     sampler = PatchSampler(train_cases, cfg, recipe.sampling, plans.patch_size, int(cfg.seed), rank, share)
     val_sampler = PatchSampler(val_cases, cfg, recipe.sampling, plans.patch_size, int(cfg.seed) + 1, rank, share)
-    trainable = [p for g in groups for p in g["params"]]
-    grad_clip = float(cfg.optim.grad_clip)
 
     progress = None
     if rank == 0 and bool(cfg.train.progress):
@@ -178,20 +205,13 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
         factor = lr_factor(iteration, total, warmup)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True).long()
-        with autocast(precision, device):
-            loss, logits = recipe.training_step(train_model, {**batch, "image": image, "label": label}, loss_fn, cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at iteration {iteration} (cases {batch['case_ids']})")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        epoch_losses.append(float(loss.detach()))
-        train_stats += pseudo_dice_stats(logits.detach(), label)
+        try:
+            loss, logits, label, grad_norm = train_step(train_model, recipe, batch, loss_fn, cfg, optimizer, scaler,
+                                                        precision, device)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"iteration {iteration}: {err}") from None
+        epoch_losses.append(float(loss))
+        train_stats += pseudo_dice_stats(logits, label)
         if progress is not None:
             dices = [d for d in _dice_from_stats(train_stats) if not math.isnan(d)]
             progress.set_postfix(loss=f"{epoch_losses[-1]:.4f}", pseudo_dice=f"{(sum(dices) / len(dices)) if dices else float('nan'):.3f}",

@@ -132,7 +132,7 @@ def test_per_class_scores_and_spread(tmp_path: Path) -> None:
 
 def test_bars_cli(tmp_path: Path, cfg, capsys) -> None:
     _summary(tmp_path / "summary.json")
-    (tmp_path / "cases.csv").write_text("case,spleen_dice,liver_dice\na,0.8,0.9\nb,1.0,1.0\n")
+    (tmp_path / "cases.csv").write_text("case_id,class,dice\na,spleen,0.8\nb,spleen,1.0\na,liver,0.9\nb,liver,1.0\n")
     out = tmp_path / "plots" / "scores.png"
     assert plots.main(["bars", "--summary", str(tmp_path / "summary.json"), "--per-case",
                        str(tmp_path / "cases.csv"), "--out", str(out)]) == 0
