@@ -226,3 +226,17 @@ def test_nsd_is_named_by_its_definition(tmp_path, monkeypatch):
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "nsd_method": "boundary", "nsd_tolerance_mm": 1.0}))
     plots.plot_summary_bars(tmp_path / "summary.json", tmp_path / "scores.png")
     assert any(text.startswith("NSD (boundary, τ = 1 mm)") for text in legends[0]), legends
+
+
+def test_config_file_is_merged_strictly(tmp_path: Path, capsys) -> None:
+    """``--config`` goes through the one strict loader: a partial file changes only its keys, a typo is one line."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("dpi: 50\nfinetune:\n  n_slices: 2\n")
+    cfg = plots.load_config(mine)
+    assert (cfg.dpi, cfg.n_slices, cfg.metrics) == (50, 2, ("dice", "nsd"))
+    mine.write_text("finetune:\n  n_slice: 2\n")
+    _summary(tmp_path / "summary.json")
+    assert plots.main(["bars", "--summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "x.png"),
+                       "--config", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {mine}: unknown config key finetune.n_slice "
+                                               "(did you mean finetune.n_slices?)")
