@@ -143,8 +143,8 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     The classes are ``plans.labels`` and the training patch is ``plans.patch_size`` (the objects prediction reads
     too). ``model`` may be passed in (multi-stage recipes); otherwise ``recipe.build_model(cfg, n_classes)``. Writes
     ``metrics.jsonl``, ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``.
-    ``on_epoch_end(record, model)`` is called on rank 0 after each epoch's validation with the ``metrics.jsonl`` record and the unwrapped
-    model (multi-stage recipes keep their best checkpoint with it).
+    ``on_epoch_end(record, model)`` is called on rank 0 after each epoch's validation with the ``metrics.jsonl``
+    record and the unwrapped model (multi-stage recipes keep their best checkpoint with it).
     """
     n_classes = len(plans.labels)
     output_dir = Path(output_dir)

@@ -537,8 +537,9 @@ def _recipe():
     from finetune.heads import HeadRecipe
 
     return HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d", param_groups=stage2_param_groups,
-                      predict_volume=recipe_predict_volume, fit=fit, description="DINO-Med3D: ICE + proxy task (stage I), frozen+LoRA dual-stream 3-D "
-                                           "network (stage II)")
+                      predict_volume=recipe_predict_volume, fit=fit,
+                      description="DINO-Med3D: ICE + proxy task (stage I), frozen+LoRA dual-stream 3-D "
+                                  "network (stage II)")
 
 
 RECIPE = _recipe()
