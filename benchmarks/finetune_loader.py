@@ -26,13 +26,9 @@ import argparse
 import math
 import pickle
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import numpy as np
 import torch
@@ -52,14 +48,15 @@ N_LABELS = 118                       # TotalSegmentator's 117 classes + backgrou
 
 
 def preprocess(size: int, work: Path):
-    """The finetune config (shipped defaults at ``size`` px) and the two cases preprocessed as a finetune run does."""
+    """The finetune config (shipped defaults at ``size`` px), its plans and the two cases preprocessed as a finetune
+    run does."""
     (work / "Dataset1_Bench").mkdir(parents=True, exist_ok=True)
     cfg = load_config(str(work / "Dataset1_Bench"), "primus", [], [
         f"preprocess.target_slice_px={size}", f"data.patch_size=[{size},{size}]", "preprocess.foreground_samples_total=1e6"])
     labels = ["background", *[f"class_{i}" for i in range(1, N_LABELS)]]
     plans = plan_from_training_cases(CASES, labels, cfg)
     dirs = preprocess_dataset(CASES, plans, work / "cache")
-    return cfg, [load_preprocessed(d) for d in dirs.values()]
+    return cfg, plans, [load_preprocessed(d) for d in dirs.values()]
 
 
 def write_nnunet_dataset(cases, folder: Path) -> list[str]:
@@ -124,9 +121,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cfg, cases = preprocess(args.size, work)
+        cfg, plans, cases = preprocess(args.size, work)
         print(f"{len(cases)} cases at {args.size} px: " + ", ".join(f"{c.case_id} {tuple(c.image.shape)}" for c in cases))
-        ours = PatchSampler(cases, cfg, "slice2d", seed=0)
+        ours = PatchSampler(cases, cfg, "slice2d", plans.patch_size, seed=0)
         ours.batch_size = args.batch
         loader, initial = nnunet_loader(work / "nnunet", write_nnunet_dataset(cases, work / "nnunet"), args.size, args.batch)
         np.random.seed(0)

@@ -28,9 +28,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import torch
 
 import finetune.infer as infer_mod
@@ -74,14 +71,14 @@ def setup(size: int, arch: str, args, image):
     cfg = load_config(str(task_dir), "primus", [], [f"model.arch={arch}", "model.init=random",
                                                     f"data.patch_size=[{size},{size}]", f"infer.mirror={args.mirror}",
                                                     f"infer.batch_size={args.batch}", "infer.precision=fp32"])
-    cfg.task.class_names = ["background", *[f"class_{i}" for i in range(1, args.classes)]]
     recipe = get_recipe("primus")
     torch.manual_seed(0)
     model = recipe.build_model(cfg, args.classes).eval()
     spacing = image.spacing_zyx[1:]
     scale = max(image.array.shape[1:]) / size
     plans = Plans(target_spacing_yx=[spacing[0] * scale, spacing[1] * scale], clip_low=-160.0, clip_high=240.0,
-                  mean=60.0, std=50.0, labels=list(cfg.task.class_names))
+                  mean=60.0, std=50.0, labels=["background", *[f"class_{i}" for i in range(1, args.classes)]],
+                  patch_size=[size, size])
     return cfg, recipe, model, plans
 
 
@@ -92,7 +89,8 @@ def old_predict_case(model, recipe, image, plans: Plans, cfg, device):
     arr, _, props = pre.preprocess_volume(image, plans)
     volume = torch.from_numpy(arr).to(device)
     chunks = [torch.softmax(logits, 0).permute(1, 0, 2, 3).cpu()
-              for _, logits in infer_mod.iter_slicewise_logits(model, volume, cfg)]
+              for _, logits in infer_mod.iter_slicewise_logits(model, volume,
+                                                               infer_mod.SlidingWindow.from_config(cfg, plans))]
     probs = torch.cat(chunks, 0).permute(1, 0, 2, 3).contiguous()
     del chunks
     return pre.restore_geometry(probs, props)

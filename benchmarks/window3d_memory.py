@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.heads.window3d import (  # noqa: E402
+from finetune.heads.window3d import (
     Window3DConfig, Window3DModel, cube_slices, single_graph_backward, two_pass_first, two_pass_second,
 )
-from finetune.losses import dice_ce_loss  # noqa: E402
-from pretrain.models import build_backbone  # noqa: E402
+from finetune.losses import dice_ce_loss
+from pretrain.models import build_backbone
 
 
 def real_crop(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from finetune.augment import augment_sample
+from meddino_common.seeding import seeded_rng
 
 
 @dataclass
@@ -104,10 +105,10 @@ def _window_start(rng: np.random.Generator, size: int, patch: int, voxel: Option
 class PatchSampler:
     """Builds ``slice2d`` / ``slab3d`` batches from preprocessed cases (see module docstring)."""
 
-    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, seed: int, rank: int = 0,
-                 share: Optional[RankBatch] = None) -> None:
-        """``share``: this rank's batch size and oversampling (`rank_batch_plan`); None = the whole configured batch
-        (one process)."""
+    def __init__(self, cases: Sequence[PreprocessedCase], cfg, sampling: str, patch_size: Sequence[int], seed: int,
+                 rank: int = 0, share: Optional[RankBatch] = None) -> None:
+        """``patch_size``: the in-plane window ``[Y, X]`` (the plans' ``patch_size``). ``share``: this rank's batch
+        size and oversampling (`rank_batch_plan`); None = the whole configured batch (one process)."""
         if not cases:
             raise ValueError("no training cases")
         self.cases = list(cases)
@@ -115,9 +116,9 @@ class PatchSampler:
         self.sampling = sampling
         self.seed = int(seed)
         self.rank = int(rank)
-        self.patch = [int(p) for p in cfg.data.patch_size]
-        self.context = int(cfg.data.get("context_slices", 0) or 0)
-        self.slab_depth = int(cfg.data.get("slab_depth", 1) or 1)
+        self.patch = [int(p) for p in patch_size]
+        self.context = int(cfg.data.context_slices)
+        self.slab_depth = int(cfg.data.slab_depth)
         self.batch_size = int(share.batch_size) if share is not None else int(cfg.data.batch_size)
         self.oversample = float(share.oversample) if share is not None else float(cfg.data.oversample_foreground)
 
@@ -159,7 +160,7 @@ class PatchSampler:
     def batch(self, iteration: int, batch_size: Optional[int] = None, stream: int = 0, augment: bool = True) -> dict:
         """Batch number ``iteration`` of ``stream`` (0 = training, 1 = validation)."""
         batch_size = int(batch_size or self.batch_size)
-        rng = np.random.default_rng([self.seed, self.rank, stream, int(iteration)])
+        rng = seeded_rng(self.seed, self.rank, stream, int(iteration))
         n_random = int(round(batch_size * (1 - self.oversample)))
         images, labels, ids = [], [], []
         for i in range(batch_size):

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import nibabel as nib
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from meddino_common.atomic import atomic_write_json, atomic_write_to_path
+from meddino_common.config import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -89,9 +89,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    atomic_write_to_path(path, lambda tmp: nib.save(img, tmp))
 
 
 def _label_on_grid(label_img: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray, label_path: Path) -> np.ndarray:
@@ -149,9 +147,9 @@ def build_demo_dataset(sample_dir: Path, out_dir: Path) -> tuple[Path, Path]:
     meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "spleen": 1},
             "numTraining": len(DEMO_CASES), "file_ending": ".nii.gz",
             "description": "MedDINOv3 demo: spleen, built from the repository's embedded real CT sample"}
-    (dataset / "dataset.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_json(dataset / "dataset.json", meta)
     splits = out_dir / "splits_final.json"
-    splits.write_text(json.dumps([DEMO_SPLIT], indent=2))
+    atomic_write_json(splits, [DEMO_SPLIT])
     return dataset, splits
 
 
@@ -175,11 +173,13 @@ def print_summary(out: Path, outputs: dict, timings: dict, scores: dict) -> None
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config (default configs/demo.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="demo config merged over configs/demo.yaml (strict: only its keys; any curation.roots)")
     parser.add_argument("--out", default=None, help="output folder (default: output_dir in the config)")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides of the demo config, e.g. pretrain.overlay=null")
     args = parser.parse_args(argv)
-    cfg: DictConfig = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(list(args.overrides)))
+    cfg: DictConfig = load_config([DEFAULT_CONFIG], [args.config] if args.config else [], args.overrides,
+                                  open_blocks=["curation.roots"])
     out = _repo_path(args.out or cfg.output_dir).resolve()
     logs = out / "logs"
     py = sys.executable
@@ -198,9 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # 2. pretraining, stages 1 -> 2 -> 3
     pre = out / "pretrain"
     cmd = [py, "-m", "pretrain.pipeline", "--run-dir", pre]
-    if cfg.pretrain.get("overlay"):
+    if cfg.pretrain.overlay:
         cmd += ["--overlay", str(cfg.pretrain.overlay)]
-    if cfg.pretrain.get("init_from"):
+    if cfg.pretrain.init_from:
         cmd += ["--init-from", _repo_path(cfg.pretrain.init_from)]
     cmd += [f"data.shards={ct3m}", *[str(o) for o in cfg.pretrain.overrides]]
     timings["pretrain"] = run_step("pretrain", cmd, logs, 2, total)
@@ -277,9 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     }
     result = {"output_dir": str(out), "outputs": outputs, "timings_s": timings,
               "total_s": time.time() - t_start, "scores": scores}
-    tmp = out / ".demo_summary.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(out / "demo_summary.json")
+    atomic_write_json(out / "demo_summary.json", json.loads(json.dumps(result, default=str)))
     print_summary(out, outputs, timings, scores)
     return result
 
@@ -287,6 +285,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except StepFailed as err:
+    except (StepFailed, ConfigError) as err:
         print(f"\ndemo stopped: {err}", file=sys.stderr)
         sys.exit(1)

@@ -1,7 +1,7 @@
 """Whole-volume prediction: preprocess like training, predict, go back to the original voxel grid.
 
 Slice-wise recipes (the default ``predict_volume``): every axial slice (with its 2.5-D neighbours when
-``data.context_slices`` > 0) goes through in-plane sliding windows of ``data.patch_size`` with step
+``data.context_slices`` > 0) goes through in-plane sliding windows of the plans' ``patch_size`` with step
 ``infer.step`` (0.5 = half-window overlap, nnU-Net's default), Gaussian importance weighting (sigma =
 ``infer.gaussian_sigma_scale`` x window) and optional test-time mirroring over both in-plane axes (logits averaged
 over the 4 flips, as nnU-Net). Predictions stay logits until the end, as nnU-Net's export: they are resampled back
@@ -15,8 +15,8 @@ need them) stores them in float16.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -25,16 +25,28 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from finetune.preprocess import Plans, Volume, preprocess_volume, restore_geometry, restore_geometry_chunks
+from meddino_common.precision import autocast
 
 
-def autocast_context(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; a no-op on CPU (always fp32 there) or for ``fp32``."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"precision must be bf16|fp16|fp32, got {precision!r}")
-    return torch.autocast("cuda", dtype=dtype)
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How the slice-wise predictor reads a volume, built once from the config (``infer.*``,
+    ``data.context_slices``) and the plans (``patch_size``)."""
+
+    patch_size: tuple[int, int]     # in-plane window [Y, X]
+    context_slices: int             # 2.5-D neighbours on each side
+    step: float                     # window step as a fraction of the window (nnU-Net 0.5)
+    gaussian_sigma_scale: float
+    mirror: bool
+    batch_size: int                 # windows per forward, and slices per streamed batch
+    precision: str                  # bf16 | fp16 | fp32 (CPU always fp32)
+
+    @classmethod
+    def from_config(cls, cfg, plans: Plans) -> "SlidingWindow":
+        icfg = cfg.infer
+        return cls(tuple(int(p) for p in plans.patch_size), int(cfg.data.context_slices), float(icfg.step),
+                   float(icfg.gaussian_sigma_scale), bool(icfg.mirror), max(int(icfg.batch_size), 1),
+                   str(icfg.precision))
 
 
 def mirrored_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mirror: bool,
@@ -59,35 +71,31 @@ def context_stack(volume: torch.Tensor, z_indices: torch.Tensor, context: int) -
 
 
 @torch.no_grad()
-def iter_slicewise_logits(model: nn.Module, volume: torch.Tensor, cfg, slices_per_batch: Optional[int] = None
-                          ) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_slicewise_logits(model: nn.Module, volume: torch.Tensor, window: SlidingWindow,
+                          slices_per_batch: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
     """``volume [Z, Y, X]`` (preprocessed, on the model's device) -> ``(z0, logits [K, n, Y, X])`` float32 on the
     device, one batch of ``n`` slices at a time (in-plane Gaussian sliding windows, optional mirroring)."""
     model.eval()
     device = volume.device
-    patch = tuple(int(p) for p in cfg.data.patch_size)
-    context = int(cfg.data.get("context_slices", 0) or 0)
-    icfg = cfg.infer
-    mirror = bool(icfg.mirror)
-    slices_per_batch = int(slices_per_batch or max(int(icfg.batch_size), 1))
-    predictor = lambda x: mirrored_logits(model, x, mirror)
-    with autocast_context(device, str(icfg.precision)):
+    slices_per_batch = int(slices_per_batch or window.batch_size)
+    predictor = lambda x: mirrored_logits(model, x, window.mirror)
+    with autocast(window.precision, device):
         for z0 in range(0, volume.shape[0], slices_per_batch):
             zs = torch.arange(z0, min(z0 + slices_per_batch, volume.shape[0]), device=device)
-            x = context_stack(volume, zs, context).float()
-            logits = sliding_window_inference(x, roi_size=patch, sw_batch_size=int(icfg.batch_size), predictor=predictor,
-                                              overlap=1.0 - float(icfg.step), mode="gaussian",
-                                              sigma_scale=float(icfg.gaussian_sigma_scale), padding_mode="constant",
+            x = context_stack(volume, zs, window.context_slices).float()
+            logits = sliding_window_inference(x, roi_size=window.patch_size, sw_batch_size=window.batch_size,
+                                              predictor=predictor, overlap=1.0 - window.step, mode="gaussian",
+                                              sigma_scale=window.gaussian_sigma_scale, padding_mode="constant",
                                               cval=0.0)
             yield z0, logits.float().permute(1, 0, 2, 3)
 
 
 @torch.no_grad()
-def predict_volume_slicewise(model: nn.Module, volume: torch.Tensor, cfg, slices_per_batch: Optional[int] = None
-                             ) -> torch.Tensor:
+def predict_volume_slicewise(model: nn.Module, volume: torch.Tensor, window: SlidingWindow,
+                             slices_per_batch: Optional[int] = None) -> torch.Tensor:
     """``volume [Z, Y, X]`` -> logits ``[K, Z, Y, X]`` float16 on CPU (half the memory of float32 probabilities)."""
     out = None
-    for z0, logits in iter_slicewise_logits(model, volume, cfg, slices_per_batch):
+    for z0, logits in iter_slicewise_logits(model, volume, window, slices_per_batch):
         if out is None:
             out = torch.empty((logits.shape[0], volume.shape[0], *logits.shape[2:]), dtype=torch.float16)
         out[:, z0:z0 + logits.shape[1]] = logits.to(torch.float16).cpu()
@@ -102,8 +110,9 @@ def predict_case(model: nn.Module, recipe, image: Volume, plans: Plans, cfg, dev
     arr, _, props = preprocess_volume(image, plans)
     volume = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
     if recipe.streams_slices:
-        return restore_geometry_chunks(iter_slicewise_logits(model, volume, cfg), props, len(plans.labels))
-    logits = recipe.predict_volume(model, volume, cfg)
+        window = SlidingWindow.from_config(cfg, plans)
+        return restore_geometry_chunks(iter_slicewise_logits(model, volume, window), props, len(plans.labels))
+    logits = recipe.predict_volume(model, volume, cfg, plans)
     if logits.shape[0] != len(plans.labels) or tuple(logits.shape[1:]) != tuple(arr.shape):
         raise ValueError(f"head {recipe.name}: predict_volume returned {tuple(logits.shape)}, expected "
                          f"({len(plans.labels)}, {', '.join(map(str, arr.shape))})")

@@ -17,59 +17,51 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from meddino_common.config import load_config as load_strict
+from meddino_common.figures import save_png  # selects the Agg backend
+from meddino_common.volumes import open_canonical_nifti, ras_to_display, read_voxels
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
-METRIC_ALIASES = {"dice": ("dice", "dsc"), "nsd": ("nsd", "nsd_boundary", "nsd_surface", "normalized_surface_dice"), "hd95": ("hd95",)}
+# metric -> accepted key names: ours (finetune.metrics: dice, nsd_boundary | nsd_surface, hd95), nnU-Net's "Dice"
+METRIC_ALIASES = {"dice": ("dice",), "nsd": ("nsd", "nsd_boundary", "nsd_surface"), "hd95": ("hd95",)}
 METRIC_LABELS = {"dice": "DSC", "nsd": "NSD", "hd95": "HD95 (mm)"}
 NSD_METHODS = ("boundary", "surface")  # finetune.metrics: voxel-face boundary | area-weighted surfels
 
 
-def load_config(path: str | Path | None = None) -> DictConfig:
-    """The ``finetune`` block of the visualisation config (``configs/visualize.yaml`` by default)."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"visualisation config not found: {path} (pass --config)")
-    cfg = OmegaConf.load(path)
-    if "finetune" not in cfg:
-        raise ValueError(f"{path}: no 'finetune' block")
+@dataclass(frozen=True)
+class PlotSettings:
+    """The ``finetune`` block of ``configs/visualize.yaml`` plus the file's shared figure settings."""
+
+    metrics: tuple[str, ...]
+    n_slices: int
+    max_overlay_cases: int
+    display_window_hu: tuple[float, float]
+    label_alpha: float
+    label_colormap: str
+    dpi: int
+    panel_size_in: float
+
+
+def load_config(path: str | Path | None = None) -> PlotSettings:
+    """Settings from ``configs/visualize.yaml``, with ``path`` (a ``--config`` file) merged over it strictly: a key
+    the defaults do not declare is a one-line error naming it."""
+    cfg = load_strict([DEFAULT_CONFIG], [path] if path is not None else [])
     block = cfg.finetune
-    block.dpi, block.panel_size_in = cfg.dpi, cfg.panel_size_in  # shared figure settings of the file
-    return block
-
-
-def save_png(fig: Figure, path: str | Path, dpi: int) -> Path:
-    """PNG written to a temporary file in the target folder, then renamed (no half-written pictures)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a picture gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return PlotSettings(tuple(str(m) for m in block.metrics), int(block.n_slices), int(block.max_overlay_cases),
+                        (float(block.display_window_hu[0]), float(block.display_window_hu[1])),
+                        float(block.label_alpha), str(block.label_colormap), int(cfg.dpi), float(cfg.panel_size_in))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,11 +102,11 @@ def nsd_definition(summary: Mapping[str, Any]) -> str:
 def per_class_scores(summary: Mapping[str, Any], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
     """``{metric: {class_name: value}}`` from a finetune ``summary.json``.
 
-    Accepts per-class blocks under ``per_class`` / ``classes`` / ``mean`` (nnU-Net), each mapping a class
-    name (or label id) to ``{metric: value}``; metric names match case-insensitively (``Dice``/``dsc``).
+    The per-class block is ``per_class`` (ours, the paper's convention) or ``mean`` (nnU-Net's ``summary.json``),
+    each mapping a class name (or label id) to ``{metric: value}``; metric names match case-insensitively (``Dice``).
     """
     block = None
-    for key in ("per_class", "classes", "class_means", "mean"):
+    for key in ("per_class", "mean"):
         candidate = summary.get(key)
         if isinstance(candidate, Mapping) and candidate and all(isinstance(v, Mapping) for v in candidate.values()):
             block = candidate
@@ -133,44 +125,32 @@ def per_class_scores(summary: Mapping[str, Any], metrics: Sequence[str]) -> dict
 
 
 def per_case_spread(csv_path: str | Path, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Standard deviation over cases ``{metric: {class_name: std}}`` from the per-case CSV.
-
-    Long layout (``finetune.metrics.write_per_case_csv``): columns ``case_id, class, dice, nsd, ...,
-    gt_present``; wide layout: columns ``<class>_<metric>`` (e.g. ``spleen_dice``). Rows with empty/NaN
-    values, or with ``gt_present`` 0, are ignored (as in the summary means).
-    """
+    """Standard deviation over cases ``{metric: {class_name: std}}`` from ``per_case.csv``
+    (`finetune.metrics.write_per_case_csv`: one row per case and class, columns ``case_id, class, dice,
+    nsd_<method>, hd95, gt_present, ...``). Rows with empty/NaN values, or with ``gt_present`` 0, are ignored (as in
+    the summary means)."""
     path = Path(csv_path)
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         raise ValueError(f"{path}: no rows")
-    values: dict[str, dict[str, list[float]]] = {m: {} for m in metrics}
-
-    def _add(metric: str, name: str, raw: str | None) -> None:
-        try:
-            value = float(raw) if raw not in (None, "") else math.nan
-        except ValueError:
-            return
-        if math.isfinite(value):
-            values[metric].setdefault(name, []).append(value)
-
     columns = rows[0].keys()
-    class_column = next((c for c in ("class", "class_name", "label") if c in columns), None)
+    if "class" not in columns:
+        raise ValueError(f"{path}: no 'class' column (expected finetune's per_case.csv)")
+    values: dict[str, dict[str, list[float]]] = {m: {} for m in metrics}
     for row in rows:
         if str(row.get("gt_present", "1")).strip().lower() in ("0", "false"):
             continue  # a class absent from this case's ground truth is not in the means (finetune.metrics)
         for metric in metrics:
-            aliases = METRIC_ALIASES.get(metric, (metric,))
-            if class_column is not None:
-                column = next((c for c in columns if c.lower() in aliases), None)
-                if column is not None:
-                    _add(metric, str(row[class_column]), row[column])
+            column = next((c for c in columns if c.lower() in METRIC_ALIASES.get(metric, (metric,))), None)
+            if column is None:
                 continue
-            for column in columns:
-                for alias in aliases:
-                    suffix = "_" + alias
-                    if column.lower().endswith(suffix):
-                        _add(metric, column[: -len(suffix)], row[column])
+            try:
+                value = float(row[column]) if row[column] not in (None, "") else math.nan
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                values[metric].setdefault(str(row["class"]), []).append(value)
     return {m: {c: float(np.std(v)) for c, v in per.items() if len(v) > 1} for m, per in values.items()}
 
 
@@ -221,7 +201,7 @@ def plot_summary_bars(
     summary_path: str | Path,
     out_path: str | Path,
     per_case_csv: str | Path | None = None,
-    cfg: DictConfig | None = None,
+    cfg: PlotSettings | None = None,
 ) -> Path:
     """Bar chart of per-class DSC/NSD from ``summary.json`` (+ std over cases from the per-case CSV)."""
     cfg = cfg if cfg is not None else load_config()
@@ -248,19 +228,6 @@ def plot_summary_bars(
 # --------------------------------------------------------------------------------------------------
 # overlays
 # --------------------------------------------------------------------------------------------------
-def _load_canonical(path: str | Path, what: str) -> nib.Nifti1Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        image = nib.as_closest_canonical(nib.load(str(path)))
-    except Exception as exc:  # nibabel raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable NIfTI {what} ({exc})") from exc
-    if len(image.shape) != 3 and not (len(image.shape) == 4 and image.shape[3] == 1):
-        raise ValueError(f"{path}: expected a 3-D {what}, got shape {image.shape}")
-    return image
-
-
 def _labels_on_grid(labels: nib.Nifti1Image, reference: nib.Nifti1Image, path: str | Path) -> np.ndarray:
     """Integer label array on ``reference``'s voxel grid [X, Y, Z] (identity when the grids agree).
 
@@ -290,17 +257,12 @@ def _labels_on_grid(labels: nib.Nifti1Image, reference: nib.Nifti1Image, path: s
 def load_case(image_path: str | Path, gt_path: str | Path | None, pred_path: str | Path | None
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[float, float]]:
     """(hu [X,Y,Z], gt [X,Y,Z] | None, pred [X,Y,Z] | None, in-plane (row, col) spacing of displayed slices)."""
-    image = _load_canonical(image_path, "image")
-    hu = image.get_fdata(dtype=np.float32).reshape(image.shape[:3])
-    gt = _labels_on_grid(_load_canonical(gt_path, "ground truth"), image, gt_path) if gt_path else None
-    pred = _labels_on_grid(_load_canonical(pred_path, "prediction"), image, pred_path) if pred_path else None
+    image = open_canonical_nifti(image_path, "image")
+    hu = read_voxels(image, image_path)
+    gt = _labels_on_grid(open_canonical_nifti(gt_path, "ground truth"), image, gt_path) if gt_path else None
+    pred = _labels_on_grid(open_canonical_nifti(pred_path, "prediction"), image, pred_path) if pred_path else None
     zooms = image.header.get_zooms()
     return hu, gt, pred, (float(zooms[1]), float(zooms[0]))
-
-
-def to_display(plane: np.ndarray) -> np.ndarray:
-    """RAS in-plane [X, Y] -> display [Y, X] (row 0 anterior, column 0 the patient's right)."""
-    return plane[::-1, ::-1].T
 
 
 def choose_slices(gt: np.ndarray | None, pred: np.ndarray | None, n_slices: int, depth: int) -> list[int]:
@@ -401,7 +363,7 @@ def plot_case_overlays(
     out_path: str | Path,
     class_names: Mapping[Any, Any] | None = None,
     n_slices: int | None = None,
-    cfg: DictConfig | None = None,
+    cfg: PlotSettings | None = None,
 ) -> Path:
     """Overlay PNG of one case: ``n_slices`` axial slices, CT | ground truth | prediction.
 
@@ -417,9 +379,9 @@ def plot_case_overlays(
         raise ValueError(f"n_slices must be >= 1, got {n}")
     indices = choose_slices(gt, pred, n, hu.shape[2])
     low, high = (float(v) for v in cfg.display_window_hu)
-    displays = [np.clip((to_display(hu[:, :, z]) - low) / (high - low), 0, 1) for z in indices]
-    gts = [to_display(gt[:, :, z]) if gt is not None else None for z in indices]
-    preds = [to_display(pred[:, :, z]) if pred is not None else None for z in indices]
+    displays = [np.clip((ras_to_display(hu[:, :, z]) - low) / (high - low), 0, 1) for z in indices]
+    gts = [ras_to_display(gt[:, :, z]) if gt is not None else None for z in indices]
+    preds = [ras_to_display(pred[:, :, z]) if pred is not None else None for z in indices]
     names = normalise_class_names(class_names)
     fig = overlays_figure(displays, gts, preds, [f"axial slice {z}" for z in indices], spacing, names,
                           str(cfg.label_colormap), float(cfg.label_alpha), float(cfg.panel_size_in),
@@ -445,7 +407,7 @@ def plot_finetune_outputs(
     output_dir: str | Path,
     cases: Sequence[Any],
     class_names: Mapping[Any, Any] | None = None,
-    cfg: DictConfig | None = None,
+    cfg: PlotSettings | None = None,
 ) -> list[Path]:
     """All pictures of a finetune run, written under ``output_dir/plots``.
 
@@ -530,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             out = plot_case_overlays(args.image, args.gt, args.pred, args.out, _class_names(args.labels),
                                      args.slices, cfg)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -27,15 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from meddino_common.config import load_config as load_strict
 from meddino_datasets.ct_sanity import CtIntensityCheck, SpacingCheck
-from finetune.config import DEFAULT_CONFIGS_DIR, strict_merge
+from finetune.config import DEFAULT_CONFIGS_DIR
 from finetune.heads import get_recipe
 from finetune.infer import predict_case
 from finetune.preprocess import Plans, Volume, load_plans, read_volume, resampled_shape_yx, save_label_nifti
@@ -130,8 +128,7 @@ def _name(path: Path) -> str:
 def load_predict_config(config_path: Path, overrides: Sequence[str]) -> DictConfig:
     """The model's config.yaml + ``configs/finetune/predict.yaml`` <- command-line overrides (strict: a typo is an
     error naming the nearest key)."""
-    defaults = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.load(PREDICT_CONFIG))
-    return strict_merge(defaults, ("command line", OmegaConf.from_dotlist(list(overrides))))
+    return load_strict([config_path, PREDICT_CONFIG], [], overrides, alternatives={"fold": ("all",)})
 
 
 def training_modality(cfg: DictConfig) -> str:
@@ -278,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
     from finetune.run import load_trained_model
 
-    model = load_trained_model(cfg, recipe, files.weights, device)
+    model = load_trained_model(cfg, recipe, files.weights, device, len(plans.labels))
     modality = training_modality(cfg)
     written, refused = [], []
     bar = tqdm(items, desc="predict", unit="scan", dynamic_ncols=True, file=sys.stderr)

@@ -46,39 +46,33 @@ def run(out: Path, tiny: bool, head: str, overrides: Sequence[str]) -> dict:
     from finetune.data import PatchSampler, load_preprocessed
     from finetune.demo import build_demo_dataset
     from finetune.heads import get_recipe
-    from finetune.infer import autocast_context
     from finetune.run import prepare_fold
-    from finetune.tasks import task_labels
+    from finetune.train import build_optimizer, train_step
 
     dataset, splits = build_demo_dataset(SAMPLE_DIR, out / "raw")
     cfg = load_config(str(dataset), head, ["tiny.yaml"] if tiny else [],
                       [f"output_dir={out / 'fold_0'}", f"splits_file={splits}", "train.progress=false", *overrides])
-    cfg.task.class_names = task_labels(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_cases, val_cases, _, dirs = prepare_fold(cfg)
+    train_cases, val_cases, plans, dirs = prepare_fold(cfg)
     recipe = get_recipe(head)
     torch.manual_seed(int(cfg.seed))
-    model = recipe.build_model(cfg, len(cfg.task.class_names)).to(device)
-    optimizer = torch.optim.AdamW(recipe.param_groups(model, cfg), betas=tuple(cfg.optim.betas),
-                                  eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay))
+    model = recipe.build_model(cfg, len(plans.labels)).to(device)
+    optimizer = build_optimizer(model, recipe, cfg)
     loss_fn = recipe.build_loss(cfg)
     precision = str(cfg.train.precision) if device.type == "cuda" else "fp32"
     sampler = PatchSampler([load_preprocessed(dirs[c.case_id]) for c in train_cases], cfg, recipe.sampling,
-                           int(cfg.seed))
+                           plans.patch_size, int(cfg.seed))
     batch = sampler.batch(0)
-    image, label = batch["image"].to(device), batch["label"].to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     model.train()
     _sync(device)
     t0 = time.perf_counter()
-    with autocast_context(device, precision):
-        loss, _ = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
-    loss.backward()
-    optimizer.step()
+    loss, _, _, _ = train_step(model, recipe, batch, loss_fn, cfg, optimizer, scaler, precision, device)
     _sync(device)
     train_step_s = time.perf_counter() - t0
-    loss_value = float(loss.detach())
+    loss_value = float(loss)
 
     val_image = load_preprocessed(dirs[val_cases[0].case_id]).image  # memory-mapped [Z, Y, X]
     n_slices = min(int(cfg.infer.batch_size), val_image.shape[0])
@@ -87,12 +81,12 @@ def run(out: Path, tiny: bool, head: str, overrides: Sequence[str]) -> dict:
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        probs = recipe.predict_volume(model, volume, cfg)
+        probs = recipe.predict_volume(model, volume, cfg, plans)
     _sync(device)
     inference_s = time.perf_counter() - t0
     finite = bool(np.isfinite(loss_value)) and bool(torch.isfinite(probs).all())
     return {"ok": finite, "error": None if finite else "non-finite loss or probabilities", "device": str(device),
-            "head": head, "patch_size": [int(p) for p in cfg.data.patch_size], "batch_size": int(image.shape[0]),
+            "head": head, "patch_size": list(plans.patch_size), "batch_size": int(batch["image"].shape[0]),
             "precision": precision, "train_step_s": train_step_s, "loss": loss_value, "loss_finite": finite,
             "inference_s": inference_s, "inference_slices": n_slices, **peak_memory(device)}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -33,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from meddino_common.atomic import atomic_write, atomic_write_json, atomic_write_to_path
+from meddino_common.seeding import seeded_rng
 from meddino_datasets.case import Case
 from meddino_datasets.readers.common import axial_first
 from meddino_datasets.readers.nifti import is_nifti
@@ -54,7 +55,9 @@ class Volume:
 
 @dataclass
 class Plans:
-    """Everything needed to preprocess any new CT the same way (saved next to the trained model)."""
+    """Everything needed to preprocess any new CT the same way and to cut it into network inputs (saved next to the
+    trained model as ``plans.json``). As in nnU-Net's plans, the patch size lives here, so training, validation and
+    ``predict.py`` read one object; it comes from ``data.patch_size`` when the plans are made."""
 
     target_spacing_yx: list[float]
     clip_low: float
@@ -62,6 +65,7 @@ class Plans:
     mean: float
     std: float
     labels: list[str]                       # index = label value, 0 = background
+    patch_size: list[int]                   # in-plane network input [Y, X] (slab heads add data.slab_depth slices)
     normalization: str = "ct"               # ct (nnU-Net CTNormalization) | zscore (ZScoreNormalization, per image)
     crop_to_nonzero: bool = True
     image_order: int = 3
@@ -77,7 +81,10 @@ class Plans:
         return cls(**data)
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Names the preprocessed cache: the preprocessing fields only (the patch size does not change the arrays,
+        so heads with different patches share one cache)."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "patch_size"}
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -240,16 +247,17 @@ def plan_from_training_cases(cases: Sequence[Case], labels: list[str], cfg) -> P
     if pooled.size == 0:
         raise ValueError("no foreground voxels in any training case: cannot compute CT normalisation statistics")
     median_spacing = np.median(np.array(spacings, dtype=np.float64), axis=0)
-    target = np.array(pcfg.target_spacing_mm if pcfg.get("target_spacing_mm") else median_spacing, dtype=np.float64)
+    target = np.array(pcfg.target_spacing_mm if pcfg.target_spacing_mm else median_spacing, dtype=np.float64)
     shapes_at_target = np.array([resampled_shape_yx(s, sp, target) for s, sp in zip(shapes, spacings)], dtype=np.float64)
     median_shape = np.median(shapes_at_target, axis=0)
-    if pcfg.get("target_slice_px"):
+    if pcfg.target_slice_px:
         scale = float(median_shape.max()) / float(pcfg.target_slice_px)
         target = target * scale
         median_shape = median_shape / scale
     low, high = np.percentile(pooled, list(pcfg.clip_percentiles))
     return Plans(target_spacing_yx=[float(t) for t in target], clip_low=float(low), clip_high=float(high),
                  mean=float(pooled.mean()), std=float(pooled.std()), labels=list(labels),
+                 patch_size=[int(p) for p in cfg.data.patch_size],
                  normalization=str(pcfg.normalization), crop_to_nonzero=bool(pcfg.crop_to_nonzero), image_order=int(pcfg.image_order),
                  median_shape_yx=[float(s) for s in median_shape],
                  median_spacing_yx=[float(s) for s in median_spacing], n_training_cases=len(cases))
@@ -311,30 +319,10 @@ def save_label_nifti(label_zyx: np.ndarray, reference: Volume | str | Path, path
     header.set_data_dtype(np.uint8)
     img = nib.Nifti1Image(np.ascontiguousarray(label_zyx.transpose(2, 1, 0)).astype(np.uint8), ref.affine, header)
     img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_to_path(path, lambda tmp: nib.save(img, tmp))
 
 
 # ---------------------------------------------------------------------------------------------------- caching
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def class_locations(label: np.ndarray, n_classes: int, per_class: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Up to ``per_class`` voxel coordinates ``[n, 3]`` (z, y, x) per foreground class, for oversampling."""
     out = {}
@@ -366,17 +354,13 @@ def preprocess_case(case: Case, plans: Plans, case_dir: Path, locations_per_clas
     if label is None:
         raise ValueError(f"case {case.case_id}: no label file, cannot be used for training")
     arr, lab, props = preprocess_volume(image, plans, label)
-    rng = np.random.default_rng(int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16))
+    rng = seeded_rng(int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16))
     locs = class_locations(lab, len(plans.labels), locations_per_class, rng)
-    _atomic_save_npy(case_dir / "image.npy", arr)
-    _atomic_save_npy(case_dir / "label.npy", lab)
-    fd, tmp = tempfile.mkstemp(dir=case_dir, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **locs)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, case_dir / "locations.npz")
+    atomic_write(case_dir / "image.npy", lambda f: np.save(f, arr))
+    atomic_write(case_dir / "label.npy", lambda f: np.save(f, lab))
+    atomic_write(case_dir / "locations.npz", lambda f: np.savez(f, **locs))
     props.update(case_id=case.case_id, source_signature=signature, classes_present=sorted(int(k) for k in locs))
-    _atomic_write_json(props_path, props)
+    atomic_write_json(props_path, props, indent=1)
     return case_dir
 
 
@@ -385,7 +369,7 @@ def preprocess_dataset(cases: Sequence[Case], plans: Plans, cache_root: Path, lo
     """Preprocess (or reuse) every case under ``cache_root/<plans digest>/``; returns ``case_id -> case_dir``."""
     root = Path(cache_root) / plans.digest()
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(root / "plans.json", plans.to_dict())
+    atomic_write_json(root / "plans.json", plans.to_dict(), indent=1)
     iterator = cases
     if progress:
         from tqdm import tqdm
@@ -395,13 +379,19 @@ def preprocess_dataset(cases: Sequence[Case], plans: Plans, cache_root: Path, lo
 
 
 def save_plans(plans: Plans, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, plans.to_dict())
+    atomic_write_json(path, plans.to_dict(), indent=1)
 
 
 def load_plans(path: str | Path) -> Plans:
+    """``plans.json`` as :class:`Plans`. A file written before the plans carried the patch size takes it from the
+    ``config.yaml`` next to it (``data.patch_size``, what that model was trained with), so older runs still predict."""
+    path = Path(path)
     try:
-        return Plans.from_dict(json.loads(Path(path).read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "patch_size" not in data and (path.parent / "config.yaml").is_file():
+            from omegaconf import OmegaConf
+
+            data["patch_size"] = [int(p) for p in OmegaConf.load(path.parent / "config.yaml").data.patch_size]
+        return Plans.from_dict(data)
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"{path}: not a valid plans.json ({err})") from err

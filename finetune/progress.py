@@ -26,6 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from meddino_common.atomic import atomic_write
+
 EMA_MOMENTUM = 0.9  # nnU-Net's moving average of the pseudo-Dice
 
 
@@ -65,12 +67,9 @@ def ema_pseudo_dice(records: list[dict[str, Any]]) -> list[float]:
 
 def plot_progress(records: list[dict[str, Any]], path: Path, dpi: int = 100) -> Path:
     """nnU-Net's ``progress.png`` from the epoch records (three panels sharing the epoch axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from finetune.plots import save_png
+    from meddino_common.figures import save_png  # selects the Agg backend
 
     epochs = [int(r["epoch"]) for r in records]
     fig, (ax_loss, ax_time, ax_lr) = plt.subplots(3, 1, figsize=(10, 12), sharex=True)
@@ -123,7 +122,7 @@ class FoldProgress:
             self.tb = SummaryWriter(str(self.output_dir / "tensorboard"))
         what = f"resumed at iteration {start_iteration}" if start_iteration else "started"
         self.log(f"training {what} of {total_iterations} ({int(cfg.train.epochs)} epochs x "
-                 f"{int(cfg.train.iters_per_epoch)} iterations), task {cfg.task.get('name')}, head {cfg.head.get('name')}")
+                 f"{int(cfg.train.iters_per_epoch)} iterations), task {cfg.task.name}, head {cfg.head.name}")
 
     def log(self, text: str) -> None:
         with open(self.log_path, "a") as f:
@@ -151,10 +150,9 @@ class FoldProgress:
         if improved:
             self.best = ema
             path = self.output_dir / "checkpoint_best.pth"
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save({"model": model.state_dict(), "iteration": int(record["iteration"]),
-                        "epoch": int(record["epoch"]), "ema_pseudo_dice": ema}, tmp)
-            os.replace(tmp, path)
+            state = {"model": model.state_dict(), "iteration": int(record["iteration"]),
+                     "epoch": int(record["epoch"]), "ema_pseudo_dice": ema}
+            atomic_write(path, lambda f: torch.save(state, f))
             self.log(f"new best moving-average pseudo-Dice {ema:.4f}: wrote {path.name}")
         return improved
 

@@ -26,11 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script: import the installed package, not sibling modules as top-level names
-
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import load_config
 from finetune.heads import available_heads, get_recipe
@@ -63,7 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> DictConfig:
     overrides = list(args.overrides)
     if args.checkpoint:
         overrides += [f"model.checkpoint={Path(args.checkpoint).resolve()}", "model.init=pretrained"]
@@ -73,9 +70,7 @@ def build_config(args: argparse.Namespace):
         overrides.append(f"fold={args.fold}")
     if args.output:
         overrides.append(f"output_dir={Path(args.output).resolve()}")
-    cfg = load_config(args.task, args.head, args.config, overrides)
-    cfg.task.class_names = task_labels(cfg)
-    return cfg
+    return load_config(args.task, args.head, args.config, overrides)
 
 
 def fold_case_ids(cfg, case_ids: list[str], write: bool = True) -> tuple[list[str], list[str]]:
@@ -104,9 +99,13 @@ def fold_case_ids(cfg, case_ids: list[str], write: bool = True) -> tuple[list[st
 
 
 def prepare_fold(cfg, rank: int = 0):
-    """Cases, split, plans and the preprocessed cache of one fold. Returns (train cases, val cases, plans, dirs)."""
+    """Cases, split, plans and the preprocessed cache of one fold. Returns (train cases, val cases, plans, dirs).
+
+    The plans (``plans.json``) carry the class names (``task.labels`` or ``dataset.json``) and the patch size
+    (``data.patch_size``); a folder whose plans were made for other ones is refused, not silently reused."""
     output_dir = Path(cfg.output_dir)
-    labels = list(cfg.task.class_names)
+    labels = task_labels(cfg)
+    patch_size = [int(p) for p in cfg.data.patch_size]
     cases = task_cases(cfg)
     by_id = {c.case_id: c for c in cases}
     if rank == 0:
@@ -119,19 +118,27 @@ def prepare_fold(cfg, rank: int = 0):
             if plans.labels != labels:
                 raise ValueError(f"{plans_path} was made for labels {plans.labels}, the task now has {labels}; "
                                  "use a new --output folder")
+            if plans.patch_size != patch_size:
+                raise ValueError(f"{plans_path} was made for data.patch_size={plans.patch_size}, the config now says "
+                                 f"{patch_size}; use a new --output folder")
         else:
             plans = plan_from_training_cases(cases, labels, cfg)   # every training case, as nnU-Net plans
             save_plans(plans, plans_path)
-        cache = Path(cfg.preprocess.cache_dir) if cfg.preprocess.get("cache_dir") else output_dir.parent / "preprocessed"
+        cache = preprocessed_root(cfg)
         dirs = preprocess_dataset([by_id[i] for i in sorted(set(train_ids) | set(val_ids))], plans, cache,
                                   int(cfg.preprocess.class_locations_per_class), progress=bool(cfg.train.progress))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank != 0:
             plans = load_plans(plans_path)
-            cache = Path(cfg.preprocess.cache_dir) if cfg.preprocess.get("cache_dir") else output_dir.parent / "preprocessed"
+            cache = preprocessed_root(cfg)
             dirs = {i: cache / plans.digest() / i for i in sorted(set(train_ids) | set(val_ids))}
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], plans, dirs
+
+
+def preprocessed_root(cfg) -> Path:
+    """``preprocess.cache_dir``, or ``<output_dir>/../preprocessed`` (shared by the folds of one task and plan)."""
+    return Path(cfg.preprocess.cache_dir) if cfg.preprocess.cache_dir else Path(cfg.output_dir).parent / "preprocessed"
 
 
 def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.device) -> dict:
@@ -143,7 +150,7 @@ def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.dev
     classes = evaluation_classes(plans.labels)
     regions = task_eval_regions(cfg)
     tolerance = {"default": float(cfg.metrics.nsd_tolerance_mm),
-                 **{str(k): float(v) for k, v in (cfg.task.get("nsd_tolerance_mm") or {}).items()}}
+                 **{str(k): float(v) for k, v in cfg.task.nsd_tolerance_mm.items()}}
     score = dict(tolerance_mm=tolerance, nsd_method=str(cfg.metrics.nsd_method),
                  compute_hd95=bool(cfg.metrics.compute_hd95))
     per_case, region_cases, files = {}, {}, {}
@@ -169,10 +176,10 @@ def evaluate_fold(cfg, model, recipe, val_cases, plans: Plans, device: torch.dev
     return summary
 
 
-def load_trained_model(cfg, recipe, model_path: Path, device: torch.device):
+def load_trained_model(cfg, recipe, model_path: Path, device: torch.device, n_classes: int):
     """Rebuild the architecture from the config (no backbone weight file needed) and load a trained state dict."""
     build_cfg = OmegaConf.merge(cfg, {"model": {"init": "none"}})
-    model = recipe.build_model(build_cfg, len(cfg.task.class_names))
+    model = recipe.build_model(build_cfg, n_classes)
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # checkpoint_{best,final}.pth, latest.pt
         state = state["model"]
@@ -184,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = build_config(args)
     recipe = get_recipe(str(cfg.head.name))
-    from finetune.train import fit, setup_distributed
+    from finetune.train import atomic_torch_save, fit, setup_distributed
 
     rank, world, device = setup_distributed()
     output_dir = Path(cfg.output_dir)
@@ -192,25 +199,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if rank == 0:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         print(f"task {cfg.task.name}: {len(train_cases)} training / {len(val_cases)} validation cases (fold {cfg.fold}), "
-              f"classes {list(cfg.task.class_names)[1:]}, target spacing {['%.3f' % s for s in plans.target_spacing_yx]} mm, "
+              f"classes {plans.labels[1:]}, target spacing {['%.3f' % s for s in plans.target_spacing_yx]} mm, "
               f"{world} process(es) on {device}",
               flush=True)
     train_dirs = [dirs[c.case_id] for c in train_cases]
     val_dirs = [dirs[c.case_id] for c in val_cases]
     if args.skip_training:
-        model = load_trained_model(cfg, recipe, output_dir / "model_final.pt", device)
+        model = load_trained_model(cfg, recipe, output_dir / "model_final.pt", device, len(plans.labels))
     elif recipe.fit is not None:
         from finetune.data import load_preprocessed
 
         model = recipe.fit(cfg, recipe, [load_preprocessed(d) for d in train_dirs],
-                           [load_preprocessed(d) for d in val_dirs], output_dir)
+                           [load_preprocessed(d) for d in val_dirs], output_dir, plans)
     else:
-        model = fit(cfg, recipe, train_dirs, val_dirs, output_dir)
+        model = fit(cfg, recipe, train_dirs, val_dirs, output_dir, plans)
     model = getattr(model, "module", model)
     summary: dict = {}
     if rank == 0:
         if not (output_dir / "model_final.pt").exists():
-            torch.save(model.state_dict(), output_dir / "model_final.pt")
+            atomic_torch_save(model.state_dict(), output_dir / "model_final.pt")
         summary = evaluate_fold(cfg, model, recipe, val_cases, plans, device)
         print()
         print(format_table({str(cfg.task.name): summary}, f"MedDINOv3 ({cfg.head.name})"))

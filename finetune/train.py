@@ -28,9 +28,12 @@ from torch import nn
 
 from finetune.data import (PatchSampler, PreprocessedCase, RankBatch, batch_stream, format_batch_plan,
                            load_preprocessed, rank_batch_plan)
-from finetune.infer import autocast_context
 from finetune.losses import pseudo_dice_stats
+from finetune.preprocess import Plans
 from finetune.progress import FoldProgress
+from meddino_common.atomic import atomic_write
+from meddino_common.precision import autocast
+from meddino_common.seeding import derive_seed
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -55,11 +58,40 @@ def lr_factor(iteration: int, total: int, warmup: int = 0) -> float:
     return max(0.0, (total - iteration) / max(total - warmup, 1))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: an interrupted save leaves the previous file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def build_optimizer(model: nn.Module, recipe, cfg) -> torch.optim.AdamW:
+    """AdamW over the recipe's parameter groups (each with its ``lr`` and ``base_lr``), betas/eps/wd from ``optim``."""
+    return torch.optim.AdamW(recipe.param_groups(model, cfg), betas=tuple(cfg.optim.betas), eps=float(cfg.optim.eps),
+                             weight_decay=float(cfg.optim.weight_decay))
+
+
+def train_step(model: nn.Module, recipe, batch: dict, loss_fn: Callable, cfg, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, precision: str, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step on ``batch``: the recipe's forward + loss under autocast, backward (loss-scaled for
+    fp16), unscale, clip the norm of every optimised parameter's gradient to ``optim.grad_clip``, AdamW step.
+
+    Returns ``(loss, logits, label, grad_norm)``, loss and logits detached, label the int64 target on ``device``.
+    Under DDP (``model`` wrapped) the gradients are those of the global batch: DDP averages the ranks' gradients and
+    the batch-Dice terms span every rank (`finetune.losses`). A non-finite loss stops before any update."""
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True).long()
+    with autocast(precision, device):
+        loss, logits = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {float(loss)} (cases {batch['case_ids']})")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(cfg.optim.grad_clip))
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach(), label, grad_norm
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -79,7 +111,7 @@ def pseudo_dice(model: nn.Module, recipe, sampler: PatchSampler, cfg, loss_fn, d
     stats, losses = None, []
     for i, batch in enumerate(batch_stream(sampler, epoch * n_batches, (epoch + 1) * n_batches, 0, stream=1, augment=False)):
         image, label = batch["image"].to(device), batch["label"].to(device).long()
-        with autocast_context(device, str(cfg.train.precision)):
+        with autocast(str(cfg.train.precision), device):
             loss, logits = recipe.training_step(model, {**batch, "image": image, "label": label}, loss_fn, cfg)
         losses.append(float(loss))
         s = pseudo_dice_stats(logits.detach(), label)
@@ -103,38 +135,35 @@ def _as_cases(cases: Sequence[PreprocessedCase | str | Path]) -> list[Preprocess
 
 
 def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_cases: Sequence[PreprocessedCase | str | Path],
-        output_dir: Path, n_classes: Optional[int] = None, model: Optional[nn.Module] = None,
+        output_dir: Path, plans: Plans, model: Optional[nn.Module] = None,
         on_epoch_end: Optional[Callable[[dict, nn.Module], None]] = None) -> nn.Module:
     """Train ``recipe``'s model on preprocessed cases (objects with ``.case_id`` or their cache folders); returns the
     trained model (unwrapped, eval mode, on its device).
 
-    ``n_classes`` defaults to ``len(cfg.task.class_names)`` (set by `finetune.run`). ``model`` may be passed in
-    (multi-stage recipes); otherwise ``recipe.build_model(cfg, n_classes)``. Writes ``metrics.jsonl``,
-    ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``. ``on_epoch_end(record,
-    model)`` is called on rank 0 after each epoch's validation with the ``metrics.jsonl`` record and the unwrapped
-    model (multi-stage recipes keep their best checkpoint with it).
+    The classes are ``plans.labels`` and the training patch is ``plans.patch_size`` (the objects prediction reads
+    too). ``model`` may be passed in (multi-stage recipes); otherwise ``recipe.build_model(cfg, n_classes)``. Writes
+    ``metrics.jsonl``, ``checkpoints/latest.pt`` and ``model_final.pt`` (a plain state dict) in ``output_dir``.
+    ``on_epoch_end(record, model)`` is called on rank 0 after each epoch's validation with the ``metrics.jsonl``
+    record and the unwrapped model (multi-stage recipes keep their best checkpoint with it).
     """
-    if n_classes is None:
-        n_classes = len(cfg.task.class_names)
+    n_classes = len(plans.labels)
     output_dir = Path(output_dir)
     rank, world, device = setup_distributed()
     torch.manual_seed(int(cfg.seed))
     if model is None:
         model = recipe.build_model(cfg, n_classes)
     model = model.to(device)
-    groups = recipe.param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=float(cfg.optim.eps),
-                                  weight_decay=float(cfg.optim.weight_decay))
+    optimizer = build_optimizer(model, recipe, cfg)
     precision = str(cfg.train.precision) if device.type == "cuda" else "fp32"
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     loss_fn = recipe.build_loss(cfg)
     iters_per_epoch, epochs = int(cfg.train.iters_per_epoch), int(cfg.train.epochs)
     total = iters_per_epoch * epochs
-    warmup = int(cfg.optim.get("warmup_iters", 0) or 0)
+    warmup = int(cfg.optim.warmup_iters)
 
     ckpt_path = output_dir / "checkpoints" / "latest.pt"
     start = 0
-    resume = str(cfg.train.get("resume", "auto"))
+    resume = str(cfg.train.resume)
     resume_path = ckpt_path if resume == "auto" else (Path(resume) if resume not in ("none", "") else None)
     if resume_path is not None and resume_path.exists():
         state = torch.load(resume_path, map_location=device, weights_only=True)
@@ -150,19 +179,17 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if bool(cfg.train.get("compile", False)):
+    if bool(cfg.train.compile):
         train_model = torch.compile(train_model)
 
     train_cases = _as_cases(train_cases)
     val_cases = _as_cases(val_cases) or train_cases
     share = rank_share(cfg, rank, world)
-    sampler = PatchSampler(train_cases, cfg, recipe.sampling, int(cfg.seed), rank, share)
-    val_sampler = PatchSampler(val_cases, cfg, recipe.sampling, int(cfg.seed) + 1, rank, share)
-    trainable = [p for g in groups for p in g["params"]]
-    grad_clip = float(cfg.optim.grad_clip)
+    sampler = PatchSampler(train_cases, cfg, recipe.sampling, plans.patch_size, int(cfg.seed), rank, share)
+    val_sampler = PatchSampler(val_cases, cfg, recipe.sampling, plans.patch_size, int(cfg.seed) + 1, rank, share)
 
     progress = None
-    if rank == 0 and bool(cfg.train.get("progress", True)):
+    if rank == 0 and bool(cfg.train.progress):
         from tqdm import tqdm
 
         progress = tqdm(total=total, initial=start, desc=f"train {recipe.name}", unit="it", dynamic_ncols=True)
@@ -174,24 +201,17 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     t_epoch = time.time()
     stream = batch_stream(sampler, start, total, int(cfg.data.num_workers), stream=0, augment=True)
     for iteration, batch in zip(range(start, total), stream):
-        torch.manual_seed(int(cfg.seed) * 1_000_003 + rank * 7_919 + iteration)  # drop path etc.: resumable
+        torch.manual_seed(derive_seed(int(cfg.seed), rank, iteration))  # drop path etc.: resumable
         factor = lr_factor(iteration, total, warmup)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True).long()
-        with autocast_context(device, precision):
-            loss, logits = recipe.training_step(train_model, {**batch, "image": image, "label": label}, loss_fn, cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at iteration {iteration} (cases {batch['case_ids']})")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        epoch_losses.append(float(loss.detach()))
-        train_stats += pseudo_dice_stats(logits.detach(), label)
+        try:
+            loss, logits, label, grad_norm = train_step(train_model, recipe, batch, loss_fn, cfg, optimizer, scaler,
+                                                        precision, device)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"iteration {iteration}: {err}") from None
+        epoch_losses.append(float(loss))
+        train_stats += pseudo_dice_stats(logits, label)
         if progress is not None:
             dices = [d for d in _dice_from_stats(train_stats) if not math.isnan(d)]
             progress.set_postfix(loss=f"{epoch_losses[-1]:.4f}", pseudo_dice=f"{(sum(dices) / len(dices)) if dices else float('nan'):.3f}",
@@ -214,9 +234,9 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
                 if progress is not None:
                     progress.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
                                    f"pseudo-Dice {[round(d, 3) for d in val_dice]}")
-                every = int(cfg.train.get("checkpoint_every_epochs", 1) or 1)
+                every = max(int(cfg.train.checkpoint_every_epochs), 1)
                 if (epoch + 1) % every == 0 or iteration + 1 == total:
-                    _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict(), "iteration": iteration + 1}, ckpt_path)
                 fold_progress.end_epoch(record, model)  # training_log.txt, progress.png, checkpoint_best.pth
             epoch_losses, t_epoch = [], time.time()
@@ -224,7 +244,7 @@ def fit(cfg, recipe, train_cases: Sequence[PreprocessedCase | str | Path], val_c
     if progress is not None:
         progress.close()
     if rank == 0:
-        _atomic_torch_save(model.state_dict(), output_dir / "model_final.pt")
+        atomic_torch_save(model.state_dict(), output_dir / "model_final.pt")
         fold_progress.finish(ckpt_path)
     if dist.is_initialized():
         dist.barrier()

@@ -13,7 +13,8 @@ How a head plugs in
    optional dependencies are only needed when it is selected), or call ``register_head`` at run time.
 3. Add `configs/finetune/heads/<name>.yaml`. It is merged over `configs/finetune/base.yaml` + the task config
    by `finetune/run.py --head <name>`, so it may override any key (`data.patch_size`, `optim.*`, `train.*`,
-   `infer.*`) and should hold the head's own hyperparameters under ``head:``.
+   `infer.*`) and should hold the head's own hyperparameters under ``head:``. It declares every key the head reads
+   (the loader refuses others; a head's typed settings refuse a YAML key they do not know).
 
 Data contract (what the common code hands to a recipe)
 ------------------------------------------------------
@@ -23,7 +24,7 @@ batches according to ``recipe.sampling``:
 
 - ``"slice2d"``: ``image [B, 1 + 2*context, H, W]`` float (the axial slice, with ``data.context_slices`` neighbours
   on each side as extra channels — 2.5-D stacking, edge slices replicated), ``label [B, H, W]`` int64 of the
-  centre slice. ``H, W = data.patch_size``.
+  centre slice. ``H, W = plans.patch_size`` (``data.patch_size`` when the plans were made, `finetune.preprocess.Plans`).
 - ``"slab3d"``: ``image [B, 1, D, H, W]``, ``label [B, D, H, W]`` with ``D = data.slab_depth`` consecutive slices.
 
 Both use nnU-Net foreground oversampling (``data.oversample_foreground``) and the nnU-Net default augmentations
@@ -44,13 +45,13 @@ Recipe fields (see ``HeadRecipe``)
 - ``build_loss(cfg) -> loss_fn(logits, label) -> scalar``. Default: nnU-Net Dice + CE (``cfg.loss``).
 - ``training_step(model, batch, loss_fn, cfg) -> (loss, logits)``: forward + loss, no backward (the common loop
   does AMP, backward, clipping, the optimizer step). Default: ``logits = model(batch["image"])``.
-- ``predict_volume(model, volume, cfg) -> logits``: ``volume [Z, Y, X]`` float tensor (preprocessed, on the
+- ``predict_volume(model, volume, cfg, plans) -> logits``: ``volume [Z, Y, X]`` float tensor (preprocessed, on the
   model's device) -> class logits ``[n_classes, Z, Y, X]`` on CPU (any float dtype; a head that fuses
   probabilities returns their log). They are resampled to the original grid as logits, then argmaxed (nnU-Net).
   Default: slice by slice with in-plane Gaussian sliding windows (step ``infer.step``) and optional mirroring
   (`finetune.infer`); with the default, prediction streams slice batches (``HeadRecipe.streams_slices``).
 - ``fit``: optional full replacement of the training loop for multi-stage recipes, called as
-  ``fit(cfg, recipe, train_cases, val_cases, output_dir) -> nn.Module``; it may call
+  ``fit(cfg, recipe, train_cases, val_cases, output_dir, plans) -> nn.Module``; it may call
   ``finetune.train.fit`` several times with different configs/models (e.g. stage I then stage II).
 - ``extra_state(model) / load_extra_state``: not needed — the whole ``model.state_dict()`` is saved and
   `finetune/predict.py` rebuilds the model with ``build_model(cfg, n_classes)`` from the saved config before
@@ -94,10 +95,10 @@ def _default_training_step(model: nn.Module, batch: dict, loss_fn: Callable, cfg
     return loss_fn(logits, batch["label"]), logits
 
 
-def _default_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
-    from finetune.infer import predict_volume_slicewise
+def _default_predict_volume(model: nn.Module, volume: torch.Tensor, cfg, plans) -> torch.Tensor:
+    from finetune.infer import SlidingWindow, predict_volume_slicewise
 
-    return predict_volume_slicewise(model, volume, cfg)
+    return predict_volume_slicewise(model, volume, SlidingWindow.from_config(cfg, plans))
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class HeadRecipe:
     param_groups: Callable[[nn.Module, object], list[dict]] = _default_param_groups
     build_loss: Callable[[object], Callable] = _default_build_loss
     training_step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _default_training_step
-    predict_volume: Callable[[nn.Module, torch.Tensor, object], torch.Tensor] = _default_predict_volume
+    predict_volume: Callable[[nn.Module, torch.Tensor, object, object], torch.Tensor] = _default_predict_volume
     fit: Optional[Callable[..., nn.Module]] = None
     description: str = field(default="")
 

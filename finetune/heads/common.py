@@ -1,17 +1,40 @@
-"""Pieces every head needs: the backbone from the config, encoder/decoder parameter groups, channel LayerNorm."""
+"""Pieces every head needs: the backbone from the config, encoder/decoder parameter groups, freezing, channel
+LayerNorm."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, Collection, Mapping, TypeVar
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from meddino_common.config import ConfigError
+
+Settings = TypeVar("Settings")
+
+
+def head_settings(settings: type[Settings], block: Mapping[str, Any], recipe_keys: Collection[str] = ("name",)
+                  ) -> Settings:
+    """A head's typed settings from its ``head:`` block (a plain mapping), strictly: every field must be declared in
+    the head's YAML, and every YAML key must be a field or one of ``recipe_keys`` (keys the recipe reads itself,
+    such as stage schedules). Nothing is dropped or filled in silently."""
+    fields = [f.name for f in dataclasses.fields(settings)]
+    unknown = sorted(set(block) - set(fields) - set(recipe_keys))
+    if unknown:
+        raise ConfigError(f"head.{unknown[0]}: not a setting of {settings.__name__} "
+                          f"(settings: {', '.join(fields)}; recipe keys: {', '.join(recipe_keys)})")
+    missing = [f for f in fields if f not in block]
+    if missing:
+        raise ConfigError(f"head.{missing[0]}: missing from the head's YAML (every {settings.__name__} field is "
+                          "declared there, the one home of its default)")
+    return settings(**{f: block[f] for f in fields})
+
 
 def _backbone_overrides(cfg) -> dict:
     """Constructor overrides for `pretrain.models.build_backbone` from ``cfg.model`` (drop path, LayerScale, ...)."""
-    raw = cfg.model.get("backbone_overrides")
-    overrides = dict(OmegaConf.to_container(raw, resolve=True)) if raw else {}
+    overrides = dict(OmegaConf.to_container(cfg.model.backbone_overrides, resolve=True))
     overrides.setdefault("drop_path_rate", float(cfg.model.drop_path_rate))
     overrides.setdefault("layerscale_init", float(cfg.model.layerscale_init))
     rescale = cfg.model.rope_rescale_coords
@@ -32,7 +55,7 @@ def build_backbone_from_cfg(cfg) -> nn.Module:
     init = str(cfg.model.init)
     overrides = _backbone_overrides(cfg)
     if init == "pretrained":
-        checkpoint = cfg.model.get("checkpoint")
+        checkpoint = cfg.model.checkpoint
         if not checkpoint:
             raise ValueError("model.init=pretrained needs a backbone checkpoint: pass --checkpoint PATH "
                              "(or model.init=random for a randomly initialised encoder)")
@@ -49,7 +72,7 @@ def build_backbone_from_cfg(cfg) -> nn.Module:
 
 def encoder_lr(cfg) -> float:
     """Encoder lr: ``optim.encoder_lr`` if set, else by weight origin (``optim.encoder_lr_by_weights``)."""
-    if cfg.optim.get("encoder_lr") is not None:
+    if cfg.optim.encoder_lr is not None:
         return float(cfg.optim.encoder_lr)
     weights = "random" if str(cfg.model.init) == "random" else str(cfg.model.weights)
     table = cfg.optim.encoder_lr_by_weights
@@ -59,22 +82,21 @@ def encoder_lr(cfg) -> float:
 
 
 def encoder_decoder_param_groups(model: nn.Module, cfg) -> list[dict]:
-    """AdamW groups: ``model.backbone`` at the encoder lr, the rest at ``optim.decoder_lr``; frozen params dropped.
+    """AdamW groups: ``model.backbone`` at the encoder lr, the rest at ``optim.decoder_lr``; frozen params dropped."""
+    return split_param_groups(model, encoder_lr(cfg), float(cfg.optim.decoder_lr), float(cfg.optim.weight_decay))
 
-    Each group carries ``base_lr`` so the schedule can scale every group by the same factor.
-    """
+
+def split_param_groups(model: nn.Module, encoder_lr: float, decoder_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: trainable ``model.backbone`` parameters at ``encoder_lr``, the other trainable ones at
+    ``decoder_lr``. Each group carries ``base_lr`` so the schedule can scale every group by the same factor."""
     backbone = getattr(model, "backbone", None)
     encoder_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     encoder = [p for p in model.parameters() if p.requires_grad and id(p) in encoder_ids]
     decoder = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
-    weight_decay = float(cfg.optim.weight_decay)
     groups = []
-    if encoder:
-        lr = encoder_lr(cfg)
-        groups.append({"name": "encoder", "params": encoder, "lr": lr, "base_lr": lr, "weight_decay": weight_decay})
-    if decoder:
-        lr = float(cfg.optim.decoder_lr)
-        groups.append({"name": "decoder", "params": decoder, "lr": lr, "base_lr": lr, "weight_decay": weight_decay})
+    for name, params, lr in (("encoder", encoder, float(encoder_lr)), ("decoder", decoder, float(decoder_lr))):
+        if params:
+            groups.append({"name": name, "params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay})
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups
@@ -95,7 +117,10 @@ class ChannelLayerNorm(nn.Module):
         return y.movedim(-1, 1)
 
 
-def freeze(module: nn.Module) -> None:
-    """Stop gradients into ``module`` (its ``train()`` state is managed by the owner)."""
+def freeze(module: nn.Module) -> nn.Module:
+    """A frozen encoder: eval mode (no drop path, LayerScale/dropout in inference mode) and ``requires_grad=False``
+    on every parameter. Returns ``module``; owners keep it in eval mode in their ``train()``."""
+    module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    return module

@@ -14,7 +14,7 @@ Inference slides slabs along depth (:func:`predict_volume`).
 """
 from __future__ import annotations
 
-import copy
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.heads.lora import apply_lora
-from finetune.heads.readout_utils import freeze, pad_to_multiple, crop_to, resolve_layers
+from finetune.heads.common import freeze
+from finetune.heads.readout_utils import crop_to, pad_to_multiple, resolve_layers
 
 
 # ---------------------------------------------------------------- configuration
@@ -52,15 +53,20 @@ class Med3DConfig:
 
     @classmethod
     def from_cfg(cls, head_cfg: dict, arch: str | None = None) -> "Med3DConfig":
-        """Build from the (plain-dict) ``head`` block; ``variants[arch]`` (Small/Base/Large) overrides defaults.
+        """From the (plain-dict) ``head`` block, strictly (`finetune.heads.common.head_settings`);
+        ``variants[arch]`` (Small/Base/Large) overrides the widths. The stage schedules and inference keys are the
+        recipe's (``RECIPE_KEYS``)."""
+        from finetune.heads.common import head_settings
 
-        Keys that are not model hyperparameters (the stage schedules) are ignored here.
-        """
         d = dict(head_cfg)
         variants = d.pop("variants", None) or {}
         if arch is not None and arch in variants:
             d.update(dict(variants[arch]))
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        return head_settings(cls, d, RECIPE_KEYS)
+
+
+# keys of the med3d head block read by the recipe, not by the network
+RECIPE_KEYS = ("name", "stage1", "stage2", "infer_overlap", "infer_gaussian", "stage1_weights")
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -372,11 +378,6 @@ class Med3DModel(nn.Module):
         return crop_to(self.logits(self.refine(y)), sizes)
 
 
-def stage1_backbone_state(stage1: Med3DStage1Model) -> dict[str, torch.Tensor]:
-    """Backbone weights (incl. the ICE) learned in stage I, to initialise stage II."""
-    return copy.deepcopy(stage1.backbone.state_dict())
-
-
 # ---------------------------------------------------------------- inference
 @torch.no_grad()
 def predict_volume(model: nn.Module, volume: torch.Tensor, slab_depth: int, patch_size: Sequence[int],
@@ -422,21 +423,22 @@ def build_model(cfg, n_classes: int) -> Med3DModel:
 
     head = _head_cfg(cfg)
     backbone = install_inter_slice_embedding(build_backbone_from_cfg(cfg), head.context_slices, head.embedding)
-    weights = cfg.head.get("stage1_weights")
+    weights = cfg.head.stage1_weights
     if weights and str(cfg.model.init) != "none":
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
         backbone.load_state_dict(state, strict=True)
     return Med3DModel(backbone, n_classes, head, install_embedding=False)
 
 
-def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
+def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg, plans) -> torch.Tensor:
     return predict_volume(getattr(model, "module", model), volume, int(cfg.data.slab_depth),
-                          [int(s) for s in cfg.data.patch_size], float(cfg.head.infer_overlap),
+                          plans.patch_size, float(cfg.head.infer_overlap),
                           bool(cfg.head.infer_gaussian), logits=True)
 
 
 def stage_configs(cfg, output_dir):
-    """(stage I config, stage II config) derived from the merged config: per-stage epochs, batch size and lrs."""
+    """(stage I config, stage II config) derived from the merged config: per-stage epochs, batch size, sampler.
+    The stage learning rates stay in ``head.stage1`` / ``head.stage2``, read by the stages' parameter groups."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -447,15 +449,29 @@ def stage_configs(cfg, output_dir):
         "output_dir": str(Path(output_dir) / "stage1"),
         "data": {"context_slices": k // 2, "batch_size": int(s1.batch_size)},
         "train": {"epochs": int(s1.epochs), "iters_per_epoch": int(s1.iters_per_epoch)},
-        "optim": {"encoder_lr": float(s1.encoder_lr), "decoder_lr": float(s1.decoder_lr)},
         "model": {"freeze_encoder": False},
     })
     cfg2 = OmegaConf.merge(cfg, {
         "data": {"slab_depth": int(s2.slab_depth), "batch_size": int(s2.batch_size)},
         "train": {"epochs": int(s2.epochs), "iters_per_epoch": int(s2.iters_per_epoch)},
-        "optim": {"encoder_lr": float(s2.lr), "decoder_lr": float(s2.lr)},  # LoRA lives under model.backbone
     })
     return cfg1, cfg2
+
+
+def stage1_param_groups(model: nn.Module, cfg) -> list[dict]:
+    """Stage I: backbone + ICE at ``head.stage1.encoder_lr``, proxy head at ``head.stage1.decoder_lr``."""
+    from finetune.heads.common import split_param_groups
+
+    s1 = cfg.head.stage1
+    return split_param_groups(model, float(s1.encoder_lr), float(s1.decoder_lr), float(cfg.optim.weight_decay))
+
+
+def stage2_param_groups(model: nn.Module, cfg) -> list[dict]:
+    """Stage II: one lr (``head.stage2.lr``) for LoRA (under ``model.backbone``), adapter, detail stream, decoder."""
+    from finetune.heads.common import split_param_groups
+
+    lr = float(cfg.head.stage2.lr)
+    return split_param_groups(model, lr, lr, float(cfg.optim.weight_decay))
 
 
 class BestStage1Backbone:
@@ -464,7 +480,6 @@ class BestStage1Backbone:
     ``stage1_best.pth``, not from the last epoch. The score file makes a resumed stage I keep an earlier best."""
 
     def __init__(self, path) -> None:
-        import json
         from pathlib import Path
 
         self.path = Path(path)
@@ -473,21 +488,18 @@ class BestStage1Backbone:
             and self.path.exists() else -math.inf
 
     def __call__(self, record: dict, model: nn.Module) -> None:
-        import json
+        from meddino_common.atomic import atomic_write, atomic_write_json
 
         score = float(record["mean_pseudo_dice"])
         if not math.isfinite(score) or score <= self.best:
             return
         self.best = score
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu() for k, v in getattr(model, "module", model).backbone.state_dict().items()}, tmp)
-        tmp.replace(self.path)
-        tmp_json = self.score_path.with_suffix(".json.tmp")
-        tmp_json.write_text(json.dumps({"mean_pseudo_dice": score, "epoch": int(record["epoch"])}))
-        tmp_json.replace(self.score_path)
+        state = {k: v.detach().cpu() for k, v in getattr(model, "module", model).backbone.state_dict().items()}
+        atomic_write(self.path, lambda f: torch.save(state, f))
+        atomic_write_json(self.score_path, {"mean_pseudo_dice": score, "epoch": int(record["epoch"])}, indent=None)
 
 
-def fit(cfg, recipe, train_cases, val_cases, output_dir):
+def fit(cfg, recipe, train_cases, val_cases, output_dir, plans):
     """Stage I (ICE + proxy task, whole backbone trainable) then stage II (frozen + LoRA dual-stream network).
 
     Stage II starts from the stage-I epoch with the best validation pseudo-Dice (`BestStage1Backbone`,
@@ -503,12 +515,13 @@ def fit(cfg, recipe, train_cases, val_cases, output_dir):
 
     cfg1, cfg2 = stage_configs(cfg, output_dir)
     if bool(cfg.head.stage1.enabled):
-        stage1_recipe = HeadRecipe(name="med3d_stage1", build_model=build_stage1_model, sampling="slice2d")
+        stage1_recipe = HeadRecipe(name="med3d_stage1", build_model=build_stage1_model, sampling="slice2d",
+                                   param_groups=stage1_param_groups)
         stage1_dir = Path(cfg1.output_dir)
         weights = stage1_dir / STAGE1_WEIGHTS
         stage1_dir.mkdir(parents=True, exist_ok=True)
         best = BestStage1Backbone(weights)
-        stage1 = common_fit(cfg1, stage1_recipe, train_cases, val_cases, stage1_dir, on_epoch_end=best)
+        stage1 = common_fit(cfg1, stage1_recipe, train_cases, val_cases, stage1_dir, plans, on_epoch_end=best)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not weights.exists() and (not distributed or torch.distributed.get_rank() == 0):
             best({"mean_pseudo_dice": 0.0, "epoch": -1}, stage1)    # no finite pseudo-Dice: the last epoch
@@ -516,16 +529,17 @@ def fit(cfg, recipe, train_cases, val_cases, output_dir):
             torch.distributed.barrier()
         cfg2 = OmegaConf.merge(cfg2, {"head": {"stage1_weights": str(weights)}})
     stage2_recipe = HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d",
-                               predict_volume=recipe_predict_volume)
-    return common_fit(cfg2, stage2_recipe, train_cases, val_cases, output_dir)
+                               param_groups=stage2_param_groups, predict_volume=recipe_predict_volume)
+    return common_fit(cfg2, stage2_recipe, train_cases, val_cases, output_dir, plans)
 
 
 def _recipe():
     from finetune.heads import HeadRecipe
 
-    return HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d", predict_volume=recipe_predict_volume,
-                      fit=fit, description="DINO-Med3D: ICE + proxy task (stage I), frozen+LoRA dual-stream 3-D "
-                                           "network (stage II)")
+    return HeadRecipe(name="med3d", build_model=build_model, sampling="slab3d", param_groups=stage2_param_groups,
+                      predict_volume=recipe_predict_volume, fit=fit,
+                      description="DINO-Med3D: ICE + proxy task (stage I), frozen+LoRA dual-stream 3-D "
+                                  "network (stage II)")
 
 
 RECIPE = _recipe()

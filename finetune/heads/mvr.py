@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from finetune.heads.readout_utils import crop_to, freeze, pad_to_multiple, to_three_channels
+from finetune.heads.common import freeze
+from meddino_common.seeding import seeded_rng
+from finetune.heads.readout_utils import crop_to, pad_to_multiple, to_three_channels
 
 
 @dataclass
@@ -53,7 +55,10 @@ class MVRConfig:
 
     @classmethod
     def from_cfg(cls, head_cfg: dict) -> "MVRConfig":
-        return cls(**{k: v for k, v in dict(head_cfg).items() if k in cls.__dataclass_fields__})
+        """From the (plain-dict) ``head`` block, strictly (`finetune.heads.common.head_settings`)."""
+        from finetune.heads.common import head_settings
+
+        return head_settings(cls, head_cfg)
 
 
 class MVRProbeModel(nn.Module):
@@ -209,7 +214,7 @@ def few_shot_subset(case_ids: Sequence[str], k: int, seed: int) -> list[str]:
     ids = sorted(case_ids)
     if not 1 <= k <= len(ids):
         raise ValueError(f"few_shot_k={k} but the training split has {len(ids)} cases")
-    order = np.random.default_rng(seed).permutation(len(ids))
+    order = seeded_rng(seed).permutation(len(ids))
     return sorted(ids[i] for i in order[:k])
 
 
@@ -262,21 +267,21 @@ def build_model(cfg, n_classes: int) -> MVRProbeModel:
     return MVRProbeModel(build_backbone_from_cfg(cfg), n_classes, _head_cfg(cfg))
 
 
-def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
+def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg, plans) -> torch.Tensor:
     """The fused probabilities' log: the common pipeline resamples logits, and log-probabilities are the logits of
     the fused distribution."""
     return predict_volume(getattr(model, "module", model), volume, _head_cfg(cfg)).clamp_min(1e-8).log()
 
 
-def fit(cfg, recipe, train_cases, val_cases, output_dir):
+def fit(cfg, recipe, train_cases, val_cases, output_dir, plans):
     """Common training loop; with ``head.few_shot_k`` only k seeded training cases are used."""
     from finetune.train import fit as common_fit
 
-    k = cfg.head.get("few_shot_k")
+    k = cfg.head.few_shot_k
     if k is not None:
         keep = set(few_shot_subset([c.case_id for c in train_cases], int(k), int(cfg.head.few_shot_seed)))
         train_cases = [c for c in train_cases if c.case_id in keep]
-    return common_fit(cfg, recipe, train_cases, val_cases, output_dir)
+    return common_fit(cfg, recipe, train_cases, val_cases, output_dir, plans)
 
 
 def _recipe():

@@ -66,7 +66,6 @@ class PrimusSegmenter(nn.Module):
                                      int(math.log2(patch)), norm_eps)
         if freeze_encoder:
             freeze(self.backbone)
-            self.backbone.eval()
 
     def train(self, mode: bool = True) -> "PrimusSegmenter":
         super().train(mode)
@@ -91,7 +90,7 @@ class PrimusSegmenter(nn.Module):
 def build_model(cfg, n_classes: int) -> PrimusSegmenter:
     """From ``cfg.model`` (backbone) and ``cfg.head`` (block_indices, last_block_only, freeze_encoder, norm_eps)."""
     backbone = build_backbone_from_cfg(cfg)
-    if bool(cfg.head.get("last_block_only", False)):
+    if bool(cfg.head.last_block_only):
         blocks = [int(backbone.n_blocks) - 1]
     else:
         blocks = list(cfg.head.block_indices)

@@ -1,6 +1,6 @@
 """Small pieces shared by the companion readouts (``mvr``, ``med3d``, ``window3d``).
 
-Plain functions on tensors: which backbone blocks to read, freezing, slice-wise encoding through
+Plain functions on tensors: which backbone blocks to read, slice-wise encoding through
 ``get_intermediate_layers``, and padding to patch multiples. (Losses, sampling and foreground-aware crops
 are the common ones in ``finetune.losses`` / ``finetune.data``.)
 """
@@ -33,14 +33,6 @@ def resolve_layers(layers: Sequence[int], n_blocks: int, reference_depth: int = 
             raise ValueError(f"block index {layer} is outside a backbone with {n_blocks} blocks")
         out.append(idx)
     return out
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Put ``module`` in eval mode with ``requires_grad=False`` on every parameter (returns it)."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 def to_three_channels(x: torch.Tensor) -> torch.Tensor:

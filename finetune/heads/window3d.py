@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.heads.readout_utils import encode_slices, freeze, resolve_layers
+from finetune.heads.common import freeze
+from finetune.heads.readout_utils import encode_slices, resolve_layers
 
 
 @dataclass
 class Window3DConfig:
-    """Model hyperparameters (``configs/finetune/heads/window3d.yaml``, block ``model``)."""
+    """Model hyperparameters (``configs/finetune/heads/window3d.yaml``, block ``head``)."""
 
     layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
     reference_depth: int = 12
@@ -39,7 +40,12 @@ class Window3DConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Window3DConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        """From the (plain-dict) ``head`` block, strictly (`finetune.heads.common.head_settings`); the sub-cube and
+        sliding-window keys are the recipe's."""
+        from finetune.heads.common import head_settings
+
+        return head_settings(cls, d, ("name", "cubes_per_axis", "reuse_encoder_features", "infer_overlap",
+                                      "infer_gaussian"))
 
 
 def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -330,8 +336,8 @@ def training_step(model: nn.Module, batch: dict, loss_fn: LossFn, cfg) -> tuple[
                          bool(cfg.head.reuse_encoder_features))
 
 
-def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg) -> torch.Tensor:
-    crop = (int(cfg.data.slab_depth), *[int(s) for s in cfg.data.patch_size])
+def recipe_predict_volume(model: nn.Module, volume: torch.Tensor, cfg, plans) -> torch.Tensor:
+    crop = (int(cfg.data.slab_depth), *[int(s) for s in plans.patch_size])
     return predict_volume(getattr(model, "module", model), volume, crop, list(cfg.head.cubes_per_axis),
                           float(cfg.head.infer_overlap), bool(cfg.head.infer_gaussian), logits=True)
 

@@ -187,8 +187,17 @@ def test_ablation_switches_change_the_computation(spleen_slab) -> None:
         assert not torch.allclose(outputs[name], outputs["full"]), name
 
 
+def _shipped_head() -> dict:
+    from omegaconf import OmegaConf
+
+    from finetune.config import DEFAULT_CONFIGS_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIGS_DIR / "heads" / "med3d.yaml").head)
+
+
 def test_variants_follow_the_backbone() -> None:
-    head = {"pyramid_channels": [1, 2, 3, 4], "variants": {"vitl16": {"pyramid_channels": [128, 256, 512, 1024]}}}
+    head = {**_shipped_head(), "pyramid_channels": [1, 2, 3, 4],
+            "variants": {"vitl16": {"pyramid_channels": [128, 256, 512, 1024]}}}
     assert Med3DConfig.from_cfg(head, "vitl16").pyramid_channels == [128, 256, 512, 1024]
     assert Med3DConfig.from_cfg(head, "vitb16").pyramid_channels == [1, 2, 3, 4]
     model = Med3DModel(tiny_backbone(), 2, tiny_cfg())
@@ -254,12 +263,31 @@ def test_stage2_starts_from_the_best_stage1_epoch(tmp_path: Path) -> None:
 
 
 def test_stage_lrs_and_clip_follow_the_public_code(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
     from finetune.config import load_config
-    from finetune.heads.med3d import stage_configs
+    from finetune.heads.med3d import (RECIPE, build_model, build_stage1_model, stage1_param_groups,
+                                      stage2_param_groups, stage_configs)
 
     (tmp_path / "Dataset1_X").mkdir()
-    cfg = load_config(str(tmp_path / "Dataset1_X"), "med3d")
+    cfg = load_config(str(tmp_path / "Dataset1_X"), "med3d", [], TINY + TINY_HEAD)
     cfg1, cfg2 = stage_configs(cfg, tmp_path)
-    assert (cfg1.optim.encoder_lr, cfg1.optim.decoder_lr) == (1e-5, 1e-5)      # configs/base.py s1_lr
-    assert (cfg2.optim.encoder_lr, cfg2.optim.decoder_lr) == (1e-4, 1e-4)      # s2_lr
-    assert cfg1.optim.grad_clip == cfg2.optim.grad_clip == 1.0                 # max_grad_norm
+    torch.manual_seed(0)
+    stage1 = build_stage1_model(cfg1, 2)
+    groups1 = {g["name"]: g for g in stage1_param_groups(stage1, cfg1)}
+    assert (groups1["encoder"]["lr"], groups1["decoder"]["lr"]) == (1e-5, 1e-5)    # configs/base.py s1_lr
+    assert sum(len(g["params"]) for g in groups1.values()) == len(list(stage1.parameters()))   # all trainable
+    stage2 = build_model(OmegaConf.merge(cfg2, {"model": {"init": "random"}}), 2)
+    groups2 = stage2_param_groups(stage2, cfg2)
+    assert {g["lr"] for g in groups2} == {1e-4}                                      # s2_lr: LoRA and the rest
+    assert RECIPE.param_groups is stage2_param_groups                                # the saved model is stage II
+    assert cfg1.optim.grad_clip == cfg2.optim.grad_clip == 1.0                       # max_grad_norm
+    assert cfg1.optim == cfg.optim == cfg2.optim      # the stage lrs stay in head.stage1/2, optim is not rewritten
+
+
+def test_head_settings_are_strict() -> None:
+    from meddino_common.config import ConfigError
+
+    assert Med3DConfig.from_cfg(_shipped_head(), "vitb16").pyramid_channels == [64, 128, 256, 384]
+    with pytest.raises(ConfigError, match=r"^head.lora_rnak: not a setting of Med3DConfig"):
+        Med3DConfig.from_cfg({**_shipped_head(), "lora_rnak": 4})

@@ -214,13 +214,14 @@ def test_few_shot_fit_trains_on_k_cases_only(monkeypatch) -> None:
     from finetune.heads import mvr
 
     seen = {}
-    monkeypatch.setattr(finetune.train, "fit", lambda cfg, recipe, tr, va, out: seen.update(train=tr, val=va))
+    monkeypatch.setattr(finetune.train, "fit",
+                        lambda cfg, recipe, tr, va, out, plans: seen.update(train=tr, val=va, plans=plans))
     cases = [SimpleNamespace(case_id=f"c{i}") for i in range(6)]
     cfg = OmegaConf.create({"head": {"few_shot_k": 2, "few_shot_seed": 3}})
-    mvr.fit(cfg, mvr.RECIPE, cases, cases[:1], "unused")
+    mvr.fit(cfg, mvr.RECIPE, cases, cases[:1], "unused", "the plans")
     assert [c.case_id for c in seen["train"]] == few_shot_subset([c.case_id for c in cases], 2, 3)
-    assert seen["val"] == cases[:1]
-    mvr.fit(OmegaConf.create({"head": {"few_shot_k": None}}), mvr.RECIPE, cases, cases[:1], "unused")
+    assert seen["val"] == cases[:1] and seen["plans"] == "the plans"
+    mvr.fit(OmegaConf.create({"head": {"few_shot_k": None}}), mvr.RECIPE, cases, cases[:1], "unused", "the plans")
     assert seen["train"] == cases
 
 
@@ -231,3 +232,19 @@ def test_probes_train_at_the_native_slice_size(tmp_path) -> None:
     (tmp_path / "Dataset1_X").mkdir()
     cfg = load_config(str(tmp_path / "Dataset1_X"), "mvr")
     assert list(cfg.data.patch_size) == [512, 512] and cfg.preprocess.target_slice_px is None
+
+
+def test_head_settings_are_strict() -> None:
+    """The shipped head block maps onto MVRConfig exactly: no YAML key is dropped, none filled in by the class."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import DEFAULT_CONFIGS_DIR
+    from meddino_common.config import ConfigError
+
+    block = OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIGS_DIR / "heads" / "mvr.yaml").head)
+    assert MVRConfig.from_cfg(block).n_last_blocks == 3
+    with pytest.raises(ConfigError, match=r"^head.hiden_dim: not a setting of MVRConfig"):
+        MVRConfig.from_cfg({**block, "hiden_dim": 8})
+    del block["dropout"]
+    with pytest.raises(ConfigError, match=r"^head.dropout: missing from the head's YAML"):
+        MVRConfig.from_cfg(block)

@@ -217,3 +217,5 @@ def test_slices_resized_to_native_dinov3_resolution_by_default(tmp_path) -> None
     (tmp_path / "Dataset1_X").mkdir()
     cfg = load_config(str(tmp_path / "Dataset1_X"), "window3d")
     assert cfg.head.slice_size == 224 and Window3DConfig.from_dict(dict(cfg.head)).slice_size == 224
+    with pytest.raises(ValueError, match=r"^head.fusion_channel: not a setting of Window3DConfig"):
+        Window3DConfig.from_dict({**cfg.head, "fusion_channel": 8})

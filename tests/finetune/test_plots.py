@@ -119,16 +119,20 @@ def test_per_class_scores_and_spread(tmp_path: Path) -> None:
     assert plots.per_class_scores(nnunet_style, ["dice"]) == {"dice": {"1": 0.8}}
     with pytest.raises(ValueError, match="per-class"):
         plots.per_class_scores({"mean_dice": 0.9}, ["dice"])
-    (tmp_path / "wide.csv").write_text("case,spleen_dice,spleen_nsd\na,0.8,0.7\nb,1.0,0.9\nc,,0.8\n")
-    spread = plots.per_case_spread(tmp_path / "wide.csv", ["dice", "nsd"])
+    (tmp_path / "rows.csv").write_text("case_id,class,dice,nsd_boundary\na,spleen,0.8,0.7\nb,spleen,1.0,0.9\n"
+                                       "c,spleen,,0.8\n")
+    spread = plots.per_case_spread(tmp_path / "rows.csv", ["dice", "nsd"])
     assert spread["dice"]["spleen"] == pytest.approx(0.1) and spread["nsd"]["spleen"] == pytest.approx(np.std([0.7, 0.9, 0.8]))
+    (tmp_path / "wide.csv").write_text("case,spleen_dice,spleen_nsd\na,0.8,0.7\nb,1.0,0.9\n")
+    with pytest.raises(ValueError, match=r"wide.csv: no 'class' column"):   # only finetune's per_case.csv layout
+        plots.per_case_spread(tmp_path / "wide.csv", ["dice"])
     (tmp_path / "long.csv").write_text("case,class,dice,nsd\na,spleen,0.8,0.7\nb,spleen,1.0,0.9\n")
     assert plots.per_case_spread(tmp_path / "long.csv", ["dice"])["dice"]["spleen"] == pytest.approx(0.1)
 
 
 def test_bars_cli(tmp_path: Path, cfg, capsys) -> None:
     _summary(tmp_path / "summary.json")
-    (tmp_path / "cases.csv").write_text("case,spleen_dice,liver_dice\na,0.8,0.9\nb,1.0,1.0\n")
+    (tmp_path / "cases.csv").write_text("case_id,class,dice\na,spleen,0.8\nb,spleen,1.0\na,liver,0.9\nb,liver,1.0\n")
     out = tmp_path / "plots" / "scores.png"
     assert plots.main(["bars", "--summary", str(tmp_path / "summary.json"), "--per-case",
                        str(tmp_path / "cases.csv"), "--out", str(out)]) == 0
@@ -222,3 +226,17 @@ def test_nsd_is_named_by_its_definition(tmp_path, monkeypatch):
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "nsd_method": "boundary", "nsd_tolerance_mm": 1.0}))
     plots.plot_summary_bars(tmp_path / "summary.json", tmp_path / "scores.png")
     assert any(text.startswith("NSD (boundary, τ = 1 mm)") for text in legends[0]), legends
+
+
+def test_config_file_is_merged_strictly(tmp_path: Path, capsys) -> None:
+    """``--config`` goes through the one strict loader: a partial file changes only its keys, a typo is one line."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("dpi: 50\nfinetune:\n  n_slices: 2\n")
+    cfg = plots.load_config(mine)
+    assert (cfg.dpi, cfg.n_slices, cfg.metrics) == (50, 2, ("dice", "nsd"))
+    mine.write_text("finetune:\n  n_slice: 2\n")
+    _summary(tmp_path / "summary.json")
+    assert plots.main(["bars", "--summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "x.png"),
+                       "--config", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {mine}: unknown config key finetune.n_slice "
+                                               "(did you mean finetune.n_slices?)")

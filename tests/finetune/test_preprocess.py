@@ -2,19 +2,23 @@
 clear errors for mismatched image/label pairs."""
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.preprocess import (Plans, foreground_samples, normalize, nonzero_bbox, plan_from_training_cases, preprocess_dataset,
-                                 preprocess_volume, read_case, read_volume, restore_geometry)
+from finetune.preprocess import (Plans, foreground_samples, load_plans, normalize, nonzero_bbox, plan_from_training_cases,
+                                 preprocess_dataset, preprocess_volume, read_case, read_volume, restore_geometry,
+                                 save_plans)
 from meddino_datasets.case import Case
 
 PCFG = OmegaConf.create({"preprocess": {"crop_to_nonzero": True, "target_spacing_mm": None, "target_slice_px": None,
                                         "image_order": 3, "foreground_samples_total": 1.0e6,
-                                        "clip_percentiles": [0.5, 99.5], "normalization": "ct"}})
+                                        "clip_percentiles": [0.5, 99.5], "normalization": "ct"},
+                         "data": {"patch_size": [896, 896]}})
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,7 @@ def test_plans_follow_nnunet_ct_normalisation(spleen_case):
     assert plans.clip_low == pytest.approx(np.percentile(fg, 0.5), abs=10)
     assert plans.clip_high == pytest.approx(np.percentile(fg, 99.5), abs=10)
     assert plans.target_spacing_yx == pytest.approx([0.7949, 0.7949], abs=1e-3)
+    assert plans.patch_size == [896, 896]                      # the plans carry the network input, as nnU-Net's
     norm = normalize(image.array, plans)
     assert norm.max() == pytest.approx((plans.clip_high - plans.mean) / plans.std, rel=1e-5)
     # paper-style 896 px slices: spacing scaled so the median slice (166 px at 0.795 mm) becomes 896 px
@@ -69,7 +74,7 @@ def test_zscore_normalisation_is_per_image(spleen_case):
     """amos22_ct_mri: nnU-Net's ZScoreNormalization (this image's mean/std, no clipping) for a CT-or-MR channel."""
     image = read_volume(spleen_case.image)
     plans = Plans(target_spacing_yx=[1.0, 1.0], clip_low=-100, clip_high=300, mean=80, std=40,
-                  labels=["background", "spleen"], normalization="zscore")
+                  labels=["background", "spleen"], patch_size=[64, 64], normalization="zscore")
     out = normalize(image.array, plans)
     assert out.mean() == pytest.approx(0.0, abs=1e-4) and out.std() == pytest.approx(1.0, abs=1e-4)
     x = image.array.astype(np.float64)
@@ -81,7 +86,7 @@ def test_zscore_normalisation_is_per_image(spleen_case):
 def test_preprocess_then_restore_reproduces_the_label(spleen_case):
     image, label = read_case(spleen_case, 2)
     plans = Plans(target_spacing_yx=[1.3, 1.1], clip_low=-100, clip_high=300, mean=80, std=40,
-                  labels=["background", "spleen"])
+                  labels=["background", "spleen"], patch_size=[64, 64])
     arr, lab, props = preprocess_volume(image, plans, label)
     assert arr.shape[1:] == (round(166 * 0.7949 / 1.3), round(164 * 0.7949 / 1.1))
     onehot = torch.nn.functional.one_hot(torch.from_numpy(lab.astype(np.int64)), 2).permute(3, 0, 1, 2).float()
@@ -116,20 +121,40 @@ def test_mismatched_pairs_name_the_case(spleen_case, tmp_path):
 
 def test_cache_is_reused(spleen_case, tmp_path):
     plans = Plans(target_spacing_yx=[2.0, 2.0], clip_low=-100, clip_high=300, mean=80, std=40,
-                  labels=["background", "spleen"])
+                  labels=["background", "spleen"], patch_size=[64, 64])
     dirs = preprocess_dataset([spleen_case], plans, tmp_path)
     case_dir = dirs["spleen2"]
     stamp = (case_dir / "image.npy").stat().st_mtime_ns
     assert preprocess_dataset([spleen_case], plans, tmp_path)["spleen2"] == case_dir
     assert (case_dir / "image.npy").stat().st_mtime_ns == stamp
     assert (tmp_path / plans.digest() / "plans.json").exists()
+    # the patch size is not a preprocessing setting: heads with other patches reuse the same cache
+    other_patch = Plans(**{**plans.to_dict(), "patch_size": [128, 128]})
+    assert other_patch.digest() == plans.digest()
+    assert preprocess_dataset([spleen_case], other_patch, tmp_path)["spleen2"] == case_dir
+    assert (case_dir / "image.npy").stat().st_mtime_ns == stamp
+
+
+def test_plans_round_trip_and_older_plans_take_the_patch_from_their_config(tmp_path):
+    plans = Plans(target_spacing_yx=[2.0, 2.0], clip_low=-100, clip_high=300, mean=80, std=40,
+                  labels=["background", "spleen"], patch_size=[160, 128])
+    save_plans(plans, tmp_path / "new" / "plans.json")
+    assert load_plans(tmp_path / "new" / "plans.json") == plans
+    old = tmp_path / "old"                                     # a run folder written before plans had patch_size
+    old.mkdir()
+    (old / "plans.json").write_text(json.dumps({k: v for k, v in plans.to_dict().items() if k != "patch_size"}))
+    (old / "config.yaml").write_text("data:\n  patch_size: [160, 128]\n")
+    assert load_plans(old / "plans.json") == plans
+    (old / "config.yaml").unlink()
+    with pytest.raises(ValueError, match=r"old/plans.json: not a valid plans.json .*patch_size"):
+        load_plans(old / "plans.json")
 
 
 def test_resampled_image_stays_in_the_input_range(spleen_case):
     """Cubic splines overshoot at sharp edges; the resampled image is clipped to the input's range."""
     image = read_volume(spleen_case.image)
     plans = Plans(target_spacing_yx=[0.35, 0.35], clip_low=-1000, clip_high=1500, mean=0, std=1,
-                  labels=["background", "spleen"], crop_to_nonzero=False)
+                  labels=["background", "spleen"], patch_size=[64, 64], crop_to_nonzero=False)
     arr, _, _ = preprocess_volume(image, plans)
     assert arr.max() <= image.array.max() and arr.min() >= image.array.min()
     assert arr.max() == pytest.approx(image.array.max(), abs=1.0)          # clipped, not shrunk

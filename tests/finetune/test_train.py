@@ -14,28 +14,29 @@ from finetune.train import fit
 from meddino_datasets.case import Case
 
 
+PLANS = Plans(target_spacing_yx=[2.0, 2.0], clip_low=-100, clip_high=250, mean=90, std=40,
+              labels=["background", "spleen"], patch_size=[32, 32])
+
+
 @pytest.fixture(scope="module")
 def spleen_dirs(real_data, tmp_path_factory):
     d = real_data / "ivadomed_msd_spleen"
     case = Case("spleen2", d / "sub-spleen2_ct.nii.gz", d / "sub-spleen2_ct_seg-manual.nii.gz")
-    plans = Plans(target_spacing_yx=[2.0, 2.0], clip_low=-100, clip_high=250, mean=90, std=40,
-                  labels=["background", "spleen"])
-    return list(preprocess_dataset([case], plans, tmp_path_factory.mktemp("cache")).values())
+    return list(preprocess_dataset([case], PLANS, tmp_path_factory.mktemp("cache")).values())
 
 
 def _cfg(tmp_path: Path, **over):
     (tmp_path / "Dataset7_Spleen").mkdir(exist_ok=True)
     cfg = load_config(str(tmp_path / "Dataset7_Spleen"), "primus", ["tiny.yaml"],
                       ["train.epochs=2", "train.iters_per_epoch=2", "train.val_iters=1",
-                       "model.backbone_overrides.depth=2", "head.block_indices=[0,1]", "data.patch_size=[32,32]",
+                       "model.backbone_overrides.depth=2", "head.block_indices=[0,1]",
                        *[f"{k}={v}" for k, v in over.items()]])
-    cfg.task.class_names = ["background", "spleen"]
     return cfg
 
 
 def test_resume_is_bit_identical(spleen_dirs, tmp_path):
     recipe = get_recipe("primus")
-    ref = fit(_cfg(tmp_path), recipe, spleen_dirs, spleen_dirs, tmp_path / "ref")
+    ref = fit(_cfg(tmp_path), recipe, spleen_dirs, spleen_dirs, tmp_path / "ref", PLANS)
 
     calls = {"n": 0}
 
@@ -48,9 +49,9 @@ def test_resume_is_bit_identical(spleen_dirs, tmp_path):
 
     crashing = HeadRecipe(name="primus", build_model=recipe.build_model, training_step=failing_step)
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tmp_path), crashing, spleen_dirs, spleen_dirs, tmp_path / "run")
+        fit(_cfg(tmp_path), crashing, spleen_dirs, spleen_dirs, tmp_path / "run", PLANS)
     assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["iteration"] == 2
-    resumed = fit(_cfg(tmp_path), recipe, spleen_dirs, spleen_dirs, tmp_path / "run")
+    resumed = fit(_cfg(tmp_path), recipe, spleen_dirs, spleen_dirs, tmp_path / "run", PLANS)
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -63,7 +64,7 @@ def test_frozen_encoder_is_unchanged(spleen_dirs, tmp_path):
     model = get_recipe("primus").build_model(cfg, 2)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     dec_before = model.decoder.classifier.weight.clone()
-    fit(cfg, get_recipe("primus"), spleen_dirs, spleen_dirs, tmp_path / "frozen", model=model)
+    fit(cfg, get_recipe("primus"), spleen_dirs, spleen_dirs, tmp_path / "frozen", PLANS, model=model)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(model.decoder.classifier.weight, dec_before)
@@ -76,7 +77,7 @@ def test_fold_folder_like_nnunet(spleen_dirs, tmp_path):
     recipe = get_recipe("primus")
     out = tmp_path / "fold"
     cfg = _cfg(tmp_path, **{"train.tensorboard": "true"})
-    model = fit(cfg, recipe, spleen_dirs, spleen_dirs, out)
+    model = fit(cfg, recipe, spleen_dirs, spleen_dirs, out, PLANS)
     log = (out / "training_log.txt").read_text().splitlines()
     assert "training started of 4" in log[0] and [line for line in log if ": epoch 1: train loss" in line]
     assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -90,7 +91,7 @@ def test_fold_folder_like_nnunet(spleen_dirs, tmp_path):
     assert [e.step for e in events.Scalars("finetune/train_loss")] == [2, 4]
     assert "finetune/ema_pseudo_dice" in events.Tags()["scalars"]
     cfg = _cfg(tmp_path, **{"train.epochs": 3})  # resume to a longer schedule: the log and curves continue
-    fit(cfg, recipe, spleen_dirs, spleen_dirs, out)
+    fit(cfg, recipe, spleen_dirs, spleen_dirs, out, PLANS)
     log = (out / "training_log.txt").read_text()
     assert "training resumed at iteration 4 of 6" in log and ": epoch 2: train loss" in log
     assert torch.load(final, weights_only=True)["iteration"] == 6

@@ -52,7 +52,7 @@ def test_sampler_oversamples_foreground_and_is_deterministic(tmp_path):
     rng = np.random.default_rng(0)
     case = _case(rng)
     cfg = _cfg(tmp_path, **{"data.oversample_foreground": 1.0, "data.batch_size": 6})
-    sampler = PatchSampler([case], cfg, "slice2d", seed=3)
+    sampler = PatchSampler([case], cfg, "slice2d", cfg.data.patch_size, seed=3)
     batch = sampler.batch(7)
     assert batch["image"].shape == (6, 1, 64, 64) and batch["label"].shape == (6, 64, 64)
     assert all((batch["label"][i] == 1).any() for i in range(6))   # spatial aug may not lose a centred structure
@@ -60,7 +60,7 @@ def test_sampler_oversamples_foreground_and_is_deterministic(tmp_path):
     assert torch.equal(batch["image"], again["image"]) and torch.equal(batch["label"], again["label"])
     assert not torch.equal(sampler.batch(8)["image"], batch["image"])
     cfg0 = _cfg(tmp_path, **{"data.oversample_foreground": 0.0, "data.batch_size": 20})
-    hits = sum(int((PatchSampler([case], cfg0, "slice2d", 0).batch(i)["label"] == 1).any()) for i in range(3))
+    hits = sum(int((PatchSampler([case], cfg0, "slice2d", cfg0.data.patch_size, 0).batch(i)["label"] == 1).any()) for i in range(3))
     assert hits < 20 * 3 // 4                                  # random slices rarely contain the structure
 
 
@@ -79,9 +79,9 @@ def test_forced_foreground_window_is_nnunet_get_bbox():
 def test_slab_and_context_shapes(tmp_path):
     case = _case(np.random.default_rng(1))
     cfg = _cfg(tmp_path, **{"data.slab_depth": 4, "data.context_slices": 1})
-    slab = PatchSampler([case], cfg, "slab3d", 0).batch(0)
+    slab = PatchSampler([case], cfg, "slab3d", cfg.data.patch_size, 0).batch(0)
     assert slab["image"].shape == (2, 1, 4, 64, 64) and slab["label"].shape == (2, 4, 64, 64)
-    ctx = PatchSampler([case], cfg, "slice2d", 0).batch(0)
+    ctx = PatchSampler([case], cfg, "slice2d", cfg.data.patch_size, 0).batch(0)
     assert ctx["image"].shape == (2, 3, 64, 64) and ctx["label"].shape == (2, 64, 64)
 
 
