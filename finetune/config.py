@@ -13,10 +13,10 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from finetune.tasks import resolve_task
-from meddino_common.config import ConfigError, load_config as load_strict
+from meddino_common.config import ConfigError, load_config as load_strict, shipped_config
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS_DIR = PACKAGE_ROOT / "configs" / "finetune"
+DEFAULT_CONFIGS_DIR = shipped_config("finetune")
 # fold is 0..4 or "all" (train and validate on every case, as nnU-Net's fold "all")
 ALTERNATIVES = {"fold": ("all",)}
 

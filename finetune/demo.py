@@ -31,10 +31,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from meddino_common.atomic import atomic_write_json, atomic_write_to_path
-from meddino_common.config import ConfigError, load_config
+from meddino_common.config import ConfigError, load_config, shipped_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEFAULT_CONFIG = shipped_config("demo.yaml")
 DEMO_TASK = "demo_spleen"
 TOTALSEG_SPLEEN_ID = 1  # TotalSegmentator "total" class map: 1 = spleen (class_map_total.json)
 

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from meddino_common.config import shipped_config
+
 NSD_METHODS = ("boundary", "surface")
 
 
@@ -325,7 +327,7 @@ def format_table(summaries: Mapping[str, dict], method_name: str = "MedDINOv3 (o
 
 
 # ------------------------------------------------------------------------------------------------ vs the paper
-PAPER_TABLE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "paper_table2.yaml"
+PAPER_TABLE = shipped_config("finetune", "paper_table2.yaml")
 
 
 def read_summary(path: str | Path) -> dict:

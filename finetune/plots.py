@@ -29,11 +29,11 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from meddino_common.config import load_config as load_strict
+from meddino_common.config import load_config as load_strict, shipped_config
 from meddino_common.figures import save_png  # selects the Agg backend
 from meddino_common.volumes import open_canonical_nifti, ras_to_display, read_voxels
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "visualize.yaml"
+DEFAULT_CONFIG = shipped_config("visualize.yaml")
 # metric -> accepted key names: ours (finetune.metrics: dice, nsd_boundary | nsd_surface, hd95), nnU-Net's "Dice"
 METRIC_ALIASES = {"dice": ("dice",), "nsd": ("nsd", "nsd_boundary", "nsd_surface"), "hd95": ("hd95",)}
 METRIC_LABELS = {"dice": "DSC", "nsd": "NSD", "hd95": "HD95 (mm)"}
