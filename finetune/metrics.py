@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from meddino_common.atomic import atomic_write_text
 from meddino_common.config import shipped_config
 
 NSD_METHODS = ("boundary", "surface")
@@ -278,28 +280,22 @@ def build_summary(per_case: Mapping[str, Mapping[str, dict]], classes: Mapping[s
 
 def write_per_case_csv(per_case: Mapping[str, Mapping[str, dict]], path: str | Path) -> None:
     """One row per (case, class); the NSD column is named by its definition (``nsd_boundary`` / ``nsd_surface``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = nsd_key(_method_of(per_case))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case_id", "class", "dice", key, "hd95", "gt_present", "gt_voxels", "pred_voxels",
-                         "nsd_tolerance_mm"])
-        for case_id, classes in per_case.items():
-            for name, m in classes.items():
-                writer.writerow([case_id, name, m["dice"], m["nsd"], m["hd95"], int(m["gt_present"]), m["gt_voxels"],
-                                 m["pred_voxels"], m["nsd_tolerance_mm"]])
-    tmp.replace(path)
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["case_id", "class", "dice", key, "hd95", "gt_present", "gt_voxels", "pred_voxels",
+                     "nsd_tolerance_mm"])
+    for case_id, classes in per_case.items():
+        for name, m in classes.items():
+            writer.writerow([case_id, name, m["dice"], m["nsd"], m["hd95"], int(m["gt_present"]), m["gt_voxels"],
+                             m["pred_voxels"], m["nsd_tolerance_mm"]])
+    atomic_write_text(path, rows.getvalue())
 
 
 def write_summary_json(summary: dict, path: str | Path, extra: Optional[dict] = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(summary, **(extra or {}))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2,
+                                       default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
 
 
 def _nsd_value(scores: Mapping[str, float]) -> float:
@@ -376,11 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     table = compare_with_paper([read_summary(r) for r in args.runs], paper)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(table + "\n")
-        tmp.replace(out)
+        atomic_write_text(args.out, table + "\n")
     return table
 
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from meddino_common.atomic import atomic_write
+from meddino_common.atomic import atomic_write, atomic_write_to_path
 
 EMA_MOMENTUM = 0.9  # nnU-Net's moving average of the pseudo-Dice
 
@@ -93,14 +93,14 @@ def plot_progress(records: list[dict[str, Any]], path: Path, dpi: int = 100) -> 
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes the same file as ``src`` (hard link; a copy where links are impossible), atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    def link(tmp: str) -> None:
+        os.unlink(tmp)  # the placeholder: os.link needs a free name
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    atomic_write_to_path(dst, link)
 
 
 class FoldProgress:

@@ -51,3 +51,12 @@ class Case:
     def uid(self) -> str:
         """``source/case_id``: unique across the datasets of one curation run."""
         return f"{self.source}/{self.case_id}"
+
+
+def require_unique_ids(ids: list[str], where: str) -> None:
+    """One case id per case: the split and the cache are keyed by it (``where`` names the folder in the error)."""
+    seen: set[str] = set()
+    duplicates = sorted({i for i in ids if i in seen or seen.add(i)})
+    if duplicates:
+        raise ValueError(f"{where}: duplicate case ids {duplicates[:5]} (names that collide once made safe "
+                         f"for file names count too)")

@@ -21,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from meddino_common.atomic import atomic_write_to_path
 from pretrain.train import checkpointing as ckpt_io
 from pretrain.train.config import default_config_dir, load_config
 from pretrain.train.distributed import barrier, destroy, is_main_process
@@ -122,9 +123,7 @@ def main(argv=None) -> int:
             exported = run_stage(args, stage, run_dir)
         if exported is not None and stages[-1] == 3 and is_main_process():
             final = run_dir / "teacher_backbone.pth"
-            tmp = final.with_name(".teacher_backbone.pth.tmp")
-            shutil.copyfile(exported, tmp)
-            tmp.replace(final)
+            atomic_write_to_path(final, lambda tmp: shutil.copyfile(exported, tmp))
             print(f"[pipeline] MedDINOv3 teacher backbone: {final}", flush=True)
         barrier()
     except NonFiniteLossError as err:

@@ -17,10 +17,7 @@ Files are written atomically, so an interrupted conversion never leaves a half-w
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from PIL import Image
+
+from meddino_common.atomic import atomic_write_json, atomic_write_to_path
+from meddino_datasets.case import require_unique_ids
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -62,9 +62,7 @@ def find_cases(src: Path, classes: dict[str, str], image_dir: str = "images", ma
         cases.append(Folder2DCase(sanitize_case_id(image.stem), image, masks))
     if not cases:
         raise FileNotFoundError(f"{images_root}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{images_root}: image names collide after sanitising: {sorted(set(i for i in ids if ids.count(i) > 1))}")
+    require_unique_ids([c.case_id for c in cases], str(images_root))
     return cases
 
 
@@ -95,15 +93,7 @@ def _save_nifti_atomic(array_yx: np.ndarray, spacing_mm: tuple[float, float], pa
     """Write ``[Y, X]`` as a one-slice NIfTI ``[X, Y, 1]`` (nibabel index order) with a diagonal affine."""
     data = np.ascontiguousarray(array_yx.T[:, :, None])
     affine = np.diag([float(spacing_mm[1]), float(spacing_mm[0]), 1.0, 1.0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(data, affine), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_to_path(path, lambda tmp: nib.save(nib.Nifti1Image(data, affine), tmp))
 
 
 def convert_folder2d(
@@ -129,9 +119,7 @@ def convert_folder2d(
         "source": str(Path(src).resolve()),
         "converted_by": "finetune.tasks.folder2d",
     }
-    tmp = dst / "dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, dst / "dataset.json")
+    atomic_write_json(dst / "dataset.json", meta)
     return dst
 
 

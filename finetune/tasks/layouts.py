@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from meddino_datasets.case import Case
+from meddino_datasets.case import Case, require_unique_ids
 from meddino_datasets.layouts import amos22, btcv, kits23, lits, nnunet
 
 LAYOUTS = {"nnunet": nnunet.labelled_cases, "amos22": amos22.labelled_cases, "btcv": btcv.labelled_cases,
@@ -33,9 +33,7 @@ def discover_cases(root: str | Path, layout: str = "auto", task_name: str = "") 
     cases = LAYOUTS[layout](root)
     if not cases:
         raise FileNotFoundError(f"{root}: no cases found in the {layout} layout")
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{root}: duplicate case ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+    require_unique_ids([c.case_id for c in cases], str(root))
     return cases
 
 
