@@ -112,6 +112,17 @@ def test_ddp_batch_dice_is_the_global_batch_dice(tmp_path):
 def _one_step(cfg, batch: dict, rank: int, world: int) -> dict:
     """One ``finetune.train.train_step`` of the primus recipe on this rank's share of ``batch`` (world 1: all of it):
     the same model (seeded), optimizer, loss and clipping as ``fit``. Reports loss, gradients, updated weights."""
+    # one thread in the test process and in the spawned ranks alike: earlier tests may have changed this process's
+    # thread count, and a reduction split over another number of threads rounds differently
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _step(cfg, batch, rank, world)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _step(cfg, batch: dict, rank: int, world: int) -> dict:
     from finetune.heads import get_recipe
     from finetune.train import build_optimizer, train_step
 
@@ -126,7 +137,7 @@ def _one_step(cfg, batch: dict, rank: int, world: int) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     loss, _, _, grad_norm = train_step(wrapped, recipe, mine, loss_fn, cfg, optimizer, scaler, "fp32",
                                        torch.device("cpu"))
-    return {"loss": float(loss), "grad_norm": float(grad_norm),
+    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": max(g["lr"] for g in optimizer.param_groups),
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
@@ -173,14 +184,15 @@ def test_two_processes_take_the_single_process_step(real_data: Path, tmp_path: P
             torch.testing.assert_close(rank["grads"][name], grad, atol=1e-4 * float(grad.abs().max()) + 1e-12,
                                        rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
         agree = total = 0
+        step_tol = 0.05 * single["lr"]  # 5 % of one AdamW step
         for name, weight in single["weights"].items():
-            # AdamW's first step is lr * g / (|g| + eps), about lr * sign(g): where the gradient sums of the two
-            # layouts round to opposite signs (elements at float noise) the steps differ by design; elsewhere the
-            # updated weights must agree, and such elements must be rare
+            # AdamW's first step is lr * g / (|g| + eps), about lr * sign(g), and steep where |g| is near eps: where
+            # the gradient sums of the two layouts round to opposite signs (elements at float noise) the steps
+            # differ by design, so those (required rare) are left out; elsewhere the steps agree within 5 %
             grad = single["grads"].get(name)
             same = torch.sign(grad) == torch.sign(rank["grads"][name]) if grad is not None \
                 else torch.ones_like(weight, dtype=torch.bool)
-            torch.testing.assert_close(rank["weights"][name][same], weight[same], atol=1e-6, rtol=1e-5,
+            torch.testing.assert_close(rank["weights"][name][same], weight[same], atol=step_tol, rtol=0,
                                        msg=lambda m, name=name: f"{name}: {m}")
             agree, total = agree + int(same.sum()), total + same.numel()
         assert agree >= 0.999 * total, (agree, total)
