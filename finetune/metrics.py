@@ -170,8 +170,9 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], cl
     out = {}
     for name, ids in classes.items():
         p, g = np.isin(pred, ids), np.isin(gt, ids)
-        tol = float(tolerance_mm.get(name, tolerance_mm.get("default", 1.0))) if isinstance(tolerance_mm, Mapping) \
-            else float(tolerance_mm)
+        # a mapping holds per-class overrides and the "default" (metrics.nsd_tolerance_mm): no hidden fallback here
+        tol = float(tolerance_mm[name] if name in tolerance_mm else tolerance_mm["default"]) \
+            if isinstance(tolerance_mm, Mapping) else float(tolerance_mm)
         tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
         out[name] = {"dice": dice(p, g), "nsd": nsd(p, g, spacing, tol, nsd_method), "nsd_method": nsd_method,
                      "hd95": hd95(p, g, spacing) if compute_hd95 else float("nan"),

@@ -132,6 +132,11 @@ _verified: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) hashed by
 _warned: set[str] = set()  # shard folders without shards.csv already warned about
 
 
+def forget_verified_shards() -> None:
+    """Make this process hash every shard again on its next read (a benchmark timing the verification)."""
+    _verified.clear()
+
+
 def verify_shard(path: Path) -> None:
     """Check a shard against ``shards.csv`` before reading it: its size (free), then its SHA-256 once per process
     (``benchmarks/shard_verify.py``, same run: hashing costs 0.67x reading + decoding the shard's samples, 0.03x of

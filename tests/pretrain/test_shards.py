@@ -97,3 +97,25 @@ def test_build_without_shards_csv_is_read_after_a_warning(copy: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _read_all(copy)  # warned once per folder
+
+
+def test_forgetting_the_verified_shards_hashes_them_again(copy: Path):
+    """A shard is hashed once per process (keyed on path, size, mtime); ``forget_verified_shards`` (the verification
+    benchmark's reset) makes the next read hash it again, so bytes overwritten behind an unchanged mtime are caught."""
+    import os
+
+    from pretrain.data.shards import forget_verified_shards
+
+    shard = copy / "ct3m-000001.tar"
+    next(iter_shard(shard))  # hashed and remembered
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        npy = next(m for m in tar.getmembers() if m.name.endswith(".npy"))
+    data[npy.offset_data + 200:npy.offset_data + 1200] = b"\xff" * 1000  # same size, garbage pixels
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: the cache still trusts it
+    next(iter_shard(shard))
+    forget_verified_shards()
+    with pytest.raises(CorruptShardError, match=r"ct3m-000001.tar: SHA-256 differs from shards.csv"):
+        next(iter_shard(shard))
