@@ -63,14 +63,13 @@ def time_read(paths: list[Path]) -> tuple[float, int]:
 def time_batches(paths: list[Path], batch_size: int) -> float:
     """The loader's batch building (multi-crop + masks) over every sample of ``paths``, one thread."""
     import torch
-    from omegaconf import OmegaConf
-
     from pretrain.data.loader import SSLBatchSettings, build_batch
+    from pretrain.train.config import default_config_dir, load_config
 
     torch.set_num_threads(1)
-    cfg = OmegaConf.load(REPO / "configs" / "pretrain" / "base.yaml")
-    cfg.data.shards = [str(p) for p in paths]
-    cfg.data.batch_size_per_rank = batch_size
+    cfg = load_config(default_config_dir() / "base.yaml", [  # one rank, one micro-batch of batch_size
+        f"data.shards=[{','.join(str(p) for p in paths)}]", f"train.global_batch_size={batch_size}",
+        f"data.max_batch_size_per_rank={batch_size}"])
     settings = SSLBatchSettings.from_config(cfg)
     slices = [shard_io.decode_hu(s) for p in paths for s in shard_io.iter_shard(p)]
     t0 = time.perf_counter()

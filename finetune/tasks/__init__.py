@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.tasks.layouts import discover_cases, filter_modality
+from meddino_common.config import load_yaml
 from meddino_datasets.case import Case
 from meddino_datasets.layouts.nnunet import read_dataset_json
 
@@ -26,7 +27,7 @@ def _load_task_yaml(configs_dir: Path, name: str, seen: tuple[str, ...] = ()) ->
     path = configs_dir / f"{name}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such task config" + (f" (extended by {seen[-1]})" if seen else ""))
-    fragment = OmegaConf.load(path)
+    fragment = load_yaml(path)  # one line naming the file when it is not a readable YAML mapping
     parent = fragment.pop("extends", None)
     if parent is None:
         return fragment
