@@ -7,8 +7,6 @@ Python ``random`` module are seeded from the same derivation, so a run is reprod
 from __future__ import annotations
 
 import random
-from typing import Any
-
 import numpy as np
 
 
@@ -25,16 +23,8 @@ def derive_seed(*key: int) -> int:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global stream and torch (CPU and every GPU) from ``seed``."""
+    import torch  # here, not at the top: curation imports this module for seeded_rng alone
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch = _torch()
-    if torch is not None:
-        torch.manual_seed(seed)
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:  # curation runs without torch
-        return None
-    return torch
+    torch.manual_seed(seed)

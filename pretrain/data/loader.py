@@ -20,10 +20,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from meddino_common.config import ConfigError
+from meddino_common.seeding import seeded_rng
 from pretrain.data.augment import MultiCropParams, multi_crop
 from pretrain.data.collate import collate_ssl_batch
 from pretrain.data.plan import plan_from_config
-from meddino_common.seeding import seeded_rng
 from pretrain.data.shards import decode_hu, expand_shards, slot_stream
 from pretrain.data.transforms import HUTransform
 
@@ -55,10 +56,10 @@ class CropSizeSampler:
             sizes = tuple(int(s) for s in _as_list(crops[name]))
             probs = _as_list(crops[f"{name}_probs"])
             if not sizes:
-                raise ValueError(f"crops.{name} must be an int or a non-empty list")
+                raise ConfigError(f"crops.{name} must be an int or a non-empty list")
             probs = tuple(float(p) for p in probs) if probs else tuple([1.0 / len(sizes)] * len(sizes))
             if len(probs) != len(sizes) or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
-                raise ValueError(f"crops.{name}_probs must be {len(sizes)} non-negative numbers summing to 1")
+                raise ConfigError(f"crops.{name}_probs must be {len(sizes)} non-negative numbers summing to 1")
             return sizes, probs
 
         g, gp = sizes_and_probs("global_crops_size")
@@ -67,12 +68,12 @@ class CropSizeSampler:
         if len(gram) == 1 and len(g) > 1:
             gram = gram * len(g)
         if gram and len(gram) != len(g):
-            raise ValueError("crops.gram_teacher_crops_size must be one size or one per crops.global_crops_size")
+            raise ConfigError("crops.gram_teacher_crops_size must be one size or one per crops.global_crops_size")
         paired = bool(crops.paired_crop_sizes)
         if paired and len(l) != len(g):
-            raise ValueError("crops.paired_crop_sizes needs as many local_crops_size as global_crops_size entries")
+            raise ConfigError("crops.paired_crop_sizes needs as many local_crops_size as global_crops_size entries")
         if paired and _as_list(crops.local_crops_size_probs) and lp != gp:
-            raise ValueError("with crops.paired_crop_sizes the pair is drawn with global_crops_size_probs; "
+            raise ConfigError("with crops.paired_crop_sizes the pair is drawn with global_crops_size_probs; "
                              "local_crops_size_probs must be null or equal to it")
         return cls(g, gp, l, lp, gram, paired)
 
@@ -104,7 +105,7 @@ class SSLBatchSettings:
         """``world_size`` decides the per-rank micro-batch through the batch plan."""
         data, crops, augment, masking = cfg.data, cfg.crops, cfg.augment, cfg.masking
         if data.shards is None:
-            raise ValueError("data.shards is not set: give a shard directory, file, brace pattern or list")
+            raise ConfigError("data.shards is not set: give a shard directory, file, brace pattern or list")
         shards = OmegaConf.to_container(data.shards) if OmegaConf.is_list(data.shards) else data.shards
         return cls(
             shards=tuple(expand_shards(shards)),

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from meddino_common.atomic import remove_stale_temporaries
+from meddino_common.config import ConfigError
 from meddino_common.precision import configure_tf32
 from meddino_common.seeding import derive_seed, seed_everything
 from pretrain.data.plan import BatchPlan, plan_from_config
@@ -186,7 +187,7 @@ def setup(cfg, *, output_dir, init_from: str | None, resume: str | None) -> Run:
     seed_everything(seed)  # identical initial weights on every rank
     meta = SSLMetaArch.from_config(cfg)
     if int(cfg.crops.patch_size) != meta.patch_size:
-        raise ValueError(f"crops.patch_size={cfg.crops.patch_size} differs from the backbone patch size "
+        raise ConfigError(f"crops.patch_size={cfg.crops.patch_size} differs from the backbone patch size "
                          f"{meta.patch_size}: the iBOT mask grid would not match the patch tokens")
     initialise_weights(meta, cfg, init_from)
     initialise_gram_teacher(meta, cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from meddino_common.config import ConfigError
 from meddino_common.precision import autocast_dtype
 from pretrain.train.distributed import Comm
 from pretrain.train.meta_arch import SSLMetaArch
@@ -17,7 +18,7 @@ def compile_enabled(setting, device: torch.device) -> bool:
     """``compute.compile``: ``auto`` compiles on GPU only; ``true`` / ``false`` force it either way."""
     if isinstance(setting, str):
         if setting != "auto":
-            raise ValueError(f"compute.compile must be auto, true or false, got {setting!r}")
+            raise ConfigError(f"compute.compile must be auto, true or false, got {setting!r}")
         return device.type == "cuda"
     return bool(setting)
 
@@ -29,7 +30,7 @@ def wrap_model(meta: SSLMetaArch, compute, device: torch.device, comm: Comm) -> 
         meta.student["backbone"].set_grad_checkpointing(True)
     mode = str(compute.distributed) if comm.distributed else "none"
     if mode not in ("none", "ddp", "fsdp"):
-        raise ValueError(f"compute.distributed must be 'ddp' or 'fsdp', got {mode!r}")
+        raise ConfigError(f"compute.distributed must be 'ddp' or 'fsdp', got {mode!r}")
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 

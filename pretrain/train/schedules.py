@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meddino_common.config import ConfigError
+
 
 def warmup_cosine(
     start: float,
@@ -61,7 +63,7 @@ def scaled_lr(base_lr: float, global_batch_size: int, scaling_rule: str | None) 
         return float(base_lr)
     if scaling_rule == "sqrt_wrt_1024":
         return float(base_lr) * 4.0 * math.sqrt(global_batch_size / 1024.0)
-    raise ValueError(f"unknown optim.scaling_rule {scaling_rule!r}; use 'none' or 'sqrt_wrt_1024'")
+    raise ConfigError(f"unknown optim.scaling_rule {scaling_rule!r}; use 'none' or 'sqrt_wrt_1024'")
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _keys(name: str, block, keys: tuple[str, ...]) -> dict:
     null in base.yaml, so their keys are not checked at merge) must name every key."""
     missing = [k for k in keys if k not in block]
     if missing:
-        raise ValueError(f"schedules.{name} lacks {', '.join(missing)} (a schedule block names {', '.join(keys)})")
+        raise ConfigError(f"schedules.{name} lacks {', '.join(missing)} (a schedule block names {', '.join(keys)})")
     return {k: block[k] for k in keys}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from meddino_common.config import ConfigError
 from pretrain.train import checkpointing as ckpt_io
 from pretrain.train.meta_arch import SSLMetaArch, backbone_overrides
 
@@ -45,14 +46,14 @@ def initialise_weights(meta: SSLMetaArch, cfg, init_from: str | None) -> None:
     init = cfg.init
     backbone_path = init_from or init.backbone
     if backbone_path and init.checkpoint:
-        raise ValueError("give either init.backbone (--init-from) or init.checkpoint, not both")
+        raise ConfigError("give either init.backbone (--init-from) or init.checkpoint, not both")
     if backbone_path:
         meta.load_backbone_weights(load_backbone_state(backbone_path, cfg), str(backbone_path))
         meta.sync_teacher_from_student()
     elif init.checkpoint:
         mode = str(init.mode)
         if mode not in INIT_MODES:
-            raise ValueError(f"init.mode must be one of {', '.join(INIT_MODES)}, got {mode!r}")
+            raise ConfigError(f"init.mode must be one of {', '.join(INIT_MODES)}, got {mode!r}")
         state = ckpt_io.load_checkpoint(init.checkpoint)
         meta.student.load_state_dict(state["student" if mode == "continue" else "teacher"])
         meta.teacher.load_state_dict(state["teacher"])
@@ -73,11 +74,11 @@ def initialise_gram_teacher(meta: SSLMetaArch, cfg) -> None:
     source = gt.source
     if source == "checkpoint":
         if not gt.checkpoint:
-            raise ValueError("gram.teacher.source=checkpoint needs gram.teacher.checkpoint=PATH")
+            raise ConfigError("gram.teacher.source=checkpoint needs gram.teacher.checkpoint=PATH")
         meta.load_gram_teacher(load_backbone_state(gt.checkpoint, cfg), str(gt.checkpoint))
     elif source == "stage1_iteration":
         if not gt.run_dir:
-            raise ValueError("gram.teacher.source=stage1_iteration needs gram.teacher.run_dir (the stage-1 output dir)")
+            raise ConfigError("gram.teacher.source=stage1_iteration needs gram.teacher.run_dir (the stage-1 output dir)")
         n = int(gt.iteration)
         snap = gram_snapshot_path(gt.run_dir, n)
         full = ckpt_io.checkpoint_path(Path(gt.run_dir) / "checkpoints", n)
@@ -93,7 +94,7 @@ def initialise_gram_teacher(meta: SSLMetaArch, cfg) -> None:
     elif source == "ema":
         meta.refresh_gram_teacher_from_ema()
     else:
-        raise ValueError(f"gram.use_loss=true needs gram.teacher.source in ({', '.join(GRAM_SOURCES)}), "
+        raise ConfigError(f"gram.use_loss=true needs gram.teacher.source in ({', '.join(GRAM_SOURCES)}), "
                          f"got {source!r}")
 
 

@@ -362,3 +362,18 @@ def test_missing_or_unreadable_checkpoints_are_one_line(ct3m_shards: Path, tmp_p
                         f"data.shards={ct3m_shards}", timeout=300)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_config_values_refused_at_set_up_are_one_line(ct3m_shards: Path, tmp_path: Path) -> None:
+    """Values the loader cannot type-check (a schedule block given without all its keys, a patch size the backbone
+    does not have, an unknown init.mode) are refused where they are read, as one line with exit 2."""
+    sizes = tiny_overrides(load_config(STAGES[1]), iterations=1)
+    for extra, expected in ((["schedules.gram_weight={start: 0, peak: 2}"],
+                             "schedules.gram_weight lacks end, warmup_epochs, cosine_epochs"),
+                            (["crops.patch_size=14"], "crops.patch_size=14 differs from the backbone patch size 16"),
+                            ([f"init.checkpoint={tmp_path / 'any.pth'}", "init.mode=sideways"],
+                             "init.mode must be one of continue, from_teacher, got 'sideways'")):
+        done = _run_cli("--config", str(STAGES[1]), "--output-dir", str(tmp_path / "run"), *sizes,
+                        f"data.shards={ct3m_shards}", *extra, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -41,8 +41,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 ) -> None:
     from pretrain.data import build_ssl_loader
 
-    cfg = make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=4", "checkpointing.period=1",
-                        "logging.flops=false")
+    cfg = make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=4", "checkpointing.period=1")
 
     def poisoned():
         for i, batch in enumerate(build_ssl_loader(cfg, 0, 1, 0)):
@@ -105,7 +104,7 @@ def test_signal_during_setup_is_caught_and_checkpointed(ct3m_shards: Path, tmp_p
 
     monkeypatch.setattr(loop, "build_optimizer", build_then_signal)
     try:
-        result = train(make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=4", "logging.flops=false"))
+        result = train(make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=4"))
         after = signal.getsignal(signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, previous)
@@ -195,7 +194,7 @@ def test_stage3_starts_student_and_teacher_from_the_stage2_teacher(
 
 def test_gradient_accumulation_reaches_the_global_batch(ct3m_shards: Path, tmp_path: Path, make_tiny_cfg) -> None:
     cfg = make_tiny_cfg(ct3m_shards, tmp_path, "train.iterations=2", "train.global_batch_size=8",
-                        "data.max_batch_size_per_rank=4", "logging.flops=false")
+                        "data.max_batch_size_per_rank=4")
     result = train(cfg)
     assert result.finished
     assert (result.plan.batch_size_per_rank, result.plan.grad_accum_steps) == (4, 2)
@@ -205,7 +204,7 @@ def test_gradient_accumulation_reaches_the_global_batch(ct3m_shards: Path, tmp_p
     assert result.history[0]["samples_per_s"] > 0 and math.isfinite(result.history[-1]["total_loss"])
     # 6 images with a cap of 4 per rank: 3 per micro-batch, 2 micro-batches (the old rule demanded a multiple of 4)
     odd = make_tiny_cfg(ct3m_shards, tmp_path / "odd", "train.iterations=1", "train.global_batch_size=6",
-                        "data.max_batch_size_per_rank=4", "logging.flops=false")
+                        "data.max_batch_size_per_rank=4")
     assert (train(odd).plan.batch_size_per_rank, 2) == (3, 2)
 
 
