@@ -21,3 +21,11 @@ def test_bad_cases_are_refused_by_name():
         Case("x", Path("x.mha"), kind="mha")
     with pytest.raises(ValueError, match="case y: a DICOM case needs its files"):
         Case("y", Path("/folder"), kind="dicom")
+
+
+def test_case_ids_must_be_unique_naming_the_folder():
+    from meddino_datasets.case import require_unique_ids
+
+    require_unique_ids(["a", "b"], "/data/x")
+    with pytest.raises(ValueError, match=r"^/data/x: duplicate case ids \['a'\]"):
+        require_unique_ids(["a", "b", "a"], "/data/x")
